@@ -1,1 +1,398 @@
-fn main() {}
+//! `capstan`: one binary for the daemons (dev, master, agent, the per-task supervisor) and the
+//! client commands (job, task, agent list). Client commands talk HTTP/JSON to a master.
+
+mod bench;
+mod output;
+
+use anyhow::{bail, Context as _};
+use capstan_api::Client;
+use clap::{Args, Parser, Subcommand};
+use output::Output;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "capstan", version, about = "Capstan keeps services, batch and cron jobs running on a pool of Linux hosts")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// The master(s) to talk to.
+    #[arg(long, env = "CAPSTAN_ADDR", default_value = "http://127.0.0.1:7070", global = true)]
+    addr: String,
+    /// How to print results.
+    #[arg(long, value_enum, default_value = "table", global = true)]
+    output: Output,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// A whole one-host cluster (master, agent, embedded store) in one process.
+    Dev(DevArgs),
+    /// The control plane.
+    Master(MasterArgs),
+    /// Run an agent (with flags), or list agents (`capstan agent list`).
+    Agent(AgentCmdArgs),
+    /// Jobs: create, kill, status, list, validate.
+    Job {
+        #[command(subcommand)]
+        cmd: JobCmd,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Tasks: list, status, logs, kill.
+    Task {
+        #[command(subcommand)]
+        cmd: TaskCmd,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Benchmarks that print their figures.
+    Bench {
+        #[command(subcommand)]
+        cmd: bench::BenchCmd,
+    },
+    /// The per-task supervisor (started by the agent, not by people).
+    #[command(hide = true)]
+    Supervise { sandbox: PathBuf },
+}
+
+#[derive(Args)]
+struct DevArgs {
+    /// Where state, sandboxes and logs live (default: the user's data directory).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    bind: SocketAddr,
+    /// `cpus=N,mem=SIZE,disk=SIZE,ports=LO-HI` instead of what is detected.
+    #[arg(long)]
+    resources: Option<String>,
+    /// `k=v,…` attributes of the agent.
+    #[arg(long)]
+    attributes: Option<String>,
+    /// Let tasks run as root.
+    #[arg(long)]
+    allow_root_tasks: bool,
+    /// Cgroup path under which tasks get their cgroups.
+    #[arg(long, default_value = "capstan")]
+    cgroup_root: String,
+}
+
+#[derive(Args)]
+struct MasterArgs {
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    bind: SocketAddr,
+    /// `etcd://host:port[,…]`; default: the embedded store in the data directory.
+    #[arg(long)]
+    store: Option<String>,
+    #[arg(long)]
+    allow_root_tasks: bool,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct AgentCmdArgs {
+    #[command(subcommand)]
+    cmd: Option<AgentCmd>,
+    /// The master(s): `URL[,URL…]`.
+    #[arg(long, required = true)]
+    master: Option<String>,
+    #[arg(long, required = true)]
+    data_dir: Option<PathBuf>,
+    /// Where the agent's own API (logs) listens.
+    #[arg(long, default_value = "0.0.0.0:7071")]
+    bind: SocketAddr,
+    /// The URL the master uses to reach this agent (default: from --bind and the hostname).
+    #[arg(long)]
+    advertise: Option<String>,
+    #[arg(long)]
+    attributes: Option<String>,
+    #[arg(long)]
+    resources: Option<String>,
+    #[arg(long)]
+    allow_root_tasks: bool,
+    #[arg(long, default_value = "capstan")]
+    cgroup_root: String,
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    /// List the agents.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobCmd {
+    /// Create a job from a job file.
+    Create { file: PathBuf },
+    /// Update a job (rolling update).
+    Update { file: PathBuf },
+    /// Kill every task of a job and remove it.
+    Kill { key: String },
+    /// A job's status.
+    Status { key: String },
+    /// All jobs.
+    List,
+    /// Check a job file without submitting it.
+    Validate { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum TaskCmd {
+    /// Tasks, optionally of one job or in one state.
+    List {
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// One task in full.
+    Status { id: String },
+    /// A task's output, from the agent that ran it.
+    Logs {
+        id: String,
+        #[arg(long)]
+        stderr: bool,
+        #[arg(long, short)]
+        follow: bool,
+        #[arg(long)]
+        tail: Option<u64>,
+    },
+    /// Kill a task (a service instance gets a fresh task).
+    Kill { id: String },
+}
+
+fn parse_attributes(text: Option<&str>) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for item in text.unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (k, v) = item.split_once('=').with_context(|| format!("--attributes: `{item}` is not key=value"))?;
+        if k.trim().is_empty() {
+            bail!("--attributes: `{item}` has an empty key");
+        }
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(out)
+}
+
+fn default_data_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("/var/lib"));
+    base.join("capstan").join("dev")
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAPSTAN_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Cmd::Supervise { sandbox } = &cli.command {
+        // Single-threaded on purpose: the supervisor forks.
+        std::process::exit(capstan_containerizer::supervise_main(sandbox));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    if let Err(e) = runtime.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn wait_for_shutdown() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Dev(a) => {
+            init_tracing();
+            let data_dir = a.data_dir.unwrap_or_else(default_data_dir);
+            let dev = start_dev(&data_dir, a.bind, a.resources, parse_attributes(a.attributes.as_deref())?, a.allow_root_tasks, a.cgroup_root).await?;
+            println!("capstan dev cluster serving at {} (data in {})", dev.url(), data_dir.display());
+            println!("try: capstan job create examples/hello.toml && capstan task list");
+            wait_for_shutdown().await;
+            eprintln!("stopping; tasks keep running and are found again when capstan dev starts on the same data directory");
+            Ok(())
+        }
+        Cmd::Master(a) => {
+            init_tracing();
+            let m = capstan_master::start(capstan_master::MasterConfig {
+                bind: a.bind,
+                data_dir: a.data_dir,
+                store_url: a.store,
+                allow_root_tasks: a.allow_root_tasks,
+            })
+            .await?;
+            println!("capstan master serving at {}", m.url());
+            wait_for_shutdown().await;
+            Ok(())
+        }
+        Cmd::Agent(a) => match a.cmd {
+            Some(AgentCmd::List { client }) => cmd_agent_list(&client).await,
+            None => {
+                init_tracing();
+                let (Some(master), Some(data_dir)) = (a.master, a.data_dir) else {
+                    bail!("capstan agent needs --master URL and --data-dir DIR")
+                };
+                let h = capstan_agent::start(capstan_agent::AgentConfig {
+                    masters: master,
+                    data_dir,
+                    bind: a.bind,
+                    advertise: a.advertise,
+                    attributes: parse_attributes(a.attributes.as_deref())?,
+                    resources: a.resources,
+                    allow_root_tasks: a.allow_root_tasks,
+                    cgroup_root: a.cgroup_root,
+                    supervisor_cmd: None,
+                })
+                .await?;
+                println!("capstan agent {} running; API at http://{}", h.agent.id, h.addr);
+                wait_for_shutdown().await;
+                Ok(())
+            }
+        },
+        Cmd::Job { cmd, client } => cmd_job(cmd, &client).await,
+        Cmd::Task { cmd, client } => cmd_task(cmd, &client).await,
+        Cmd::Bench { cmd } => bench::run(cmd).await,
+        Cmd::Supervise { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+pub struct Dev {
+    pub master: capstan_master::MasterHandle,
+    pub agent: capstan_agent::AgentHandle,
+}
+
+impl Dev {
+    pub fn url(&self) -> String {
+        self.master.url()
+    }
+}
+
+/// Master + agent in this process, each with its own directory under `data_dir`.
+pub async fn start_dev(
+    data_dir: &std::path::Path,
+    bind: SocketAddr,
+    resources: Option<String>,
+    attributes: BTreeMap<String, String>,
+    allow_root_tasks: bool,
+    cgroup_root: String,
+) -> anyhow::Result<Dev> {
+    let master = capstan_master::start(capstan_master::MasterConfig {
+        bind,
+        data_dir: data_dir.join("master"),
+        store_url: None,
+        allow_root_tasks,
+    })
+    .await?;
+    let agent = capstan_agent::start(capstan_agent::AgentConfig {
+        masters: master.url(),
+        data_dir: data_dir.join("agent"),
+        bind: "127.0.0.1:0".parse().expect("literal address"),
+        advertise: None,
+        attributes,
+        resources,
+        allow_root_tasks,
+        cgroup_root,
+        supervisor_cmd: None,
+    })
+    .await?;
+    Ok(Dev { master, agent })
+}
+
+fn read_job_file(file: &std::path::Path) -> anyhow::Result<capstan_model::JobSpec> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    // The master applies its own policy (root or not); here only the file itself is checked.
+    let policy = capstan_model::ValidationPolicy { allow_root: true };
+    let parse = if file.extension().is_some_and(|e| e == "json") { capstan_model::parse_json } else { capstan_model::parse_toml };
+    parse(&text, &policy).map_err(|problems| anyhow::anyhow!("{} is not a valid job file:\n{problems}", file.display()))
+}
+
+async fn cmd_job(cmd: JobCmd, c: &ClientArgs) -> anyhow::Result<()> {
+    let client = Client::new(&c.addr);
+    match cmd {
+        JobCmd::Validate { file } => {
+            let spec = read_job_file(&file)?;
+            c.output.print(&spec, || format!("{}: valid job {} ({} × {})", file.display(), spec.job, spec.instances, spec.job_type.as_str()));
+        }
+        JobCmd::Create { file } => {
+            let spec = read_job_file(&file)?;
+            let created = client.create_job(&serde_json::to_value(&spec)?).await?;
+            c.output.print(&created, || format!("job {} created with {} tasks", created.job, created.tasks.len()));
+        }
+        JobCmd::Update { file } => {
+            read_job_file(&file)?;
+            bail!("capstan job update is not yet supported by this version of Capstan; kill the job and create it again")
+        }
+        JobCmd::Kill { key } => {
+            let v = client.kill_job(&key).await?;
+            c.output.print(&v, || format!("job {key}: {}", v["status"].as_str().unwrap_or("killing")));
+        }
+        JobCmd::Status { key } => {
+            let job = client.job(&key).await?;
+            let tasks = client.tasks(Some(&key), None).await?;
+            c.output.print(&serde_json::json!({"job": job, "tasks": tasks}), || output::job_status(&job, &tasks));
+        }
+        JobCmd::List => {
+            let jobs = client.jobs().await?;
+            c.output.print(&jobs, || output::job_table(&jobs));
+        }
+    }
+    Ok(())
+}
+
+fn parse_task_id(id: &str) -> anyhow::Result<capstan_model::TaskId> {
+    id.parse().map_err(|e: String| anyhow::anyhow!(e))
+}
+
+async fn cmd_task(cmd: TaskCmd, c: &ClientArgs) -> anyhow::Result<()> {
+    let client = Client::new(&c.addr);
+    match cmd {
+        TaskCmd::List { job, state } => {
+            let tasks = client.tasks(job.as_deref(), state.as_deref()).await?;
+            c.output.print(&tasks, || output::task_table(&tasks));
+        }
+        TaskCmd::Status { id } => {
+            let t = client.task(parse_task_id(&id)?).await?;
+            c.output.print(&t, || output::task_detail(&t));
+        }
+        TaskCmd::Kill { id } => {
+            let t = client.kill_task(parse_task_id(&id)?).await?;
+            c.output.print(&t, || format!("task {}: {} ({})", t.id, t.state, t.reason));
+        }
+        TaskCmd::Logs { id, stderr, follow, tail } => {
+            use futures::StreamExt;
+            use std::io::Write;
+            let resp = client.logs(parse_task_id(&id)?, stderr, follow, tail).await?;
+            let mut body = resp.bytes_stream();
+            let mut out = std::io::stdout().lock();
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.context("the log stream broke off")?;
+                out.write_all(&chunk)?;
+                out.flush()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn cmd_agent_list(c: &ClientArgs) -> anyhow::Result<()> {
+    let agents = Client::new(&c.addr).agents().await?;
+    c.output.print(&agents, || output::agent_table(&agents));
+    Ok(())
+}

@@ -1,1 +1,77 @@
-//! capstan-master
+//! The Capstan master: loads the state from the store, runs the writer, the scheduler and the
+//! HTTP API. `start` returns once it serves.
+
+pub mod core;
+pub mod http;
+pub mod metrics;
+pub mod scheduler;
+
+use anyhow::Context as _;
+use capstan_model::ValidationPolicy;
+use capstan_store::{EmbeddedStore, Store};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Clone, Debug)]
+pub struct MasterConfig {
+    pub bind: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `None`: the embedded store in `data_dir`.
+    pub store_url: Option<String>,
+    /// Tasks may run as root.
+    pub allow_root_tasks: bool,
+}
+
+pub struct MasterHandle {
+    pub addr: SocketAddr,
+    pub core: Arc<core::Core>,
+    pub server: tokio::task::JoinHandle<()>,
+    pub scheduler: tokio::task::JoinHandle<()>,
+}
+
+impl MasterHandle {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+pub fn open_store(config: &MasterConfig) -> anyhow::Result<Arc<dyn Store>> {
+    match config.store_url.as_deref() {
+        None | Some("embedded") => {
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
+            Ok(Arc::new(EmbeddedStore::open(&config.data_dir)?))
+        }
+        Some(url) if url.starts_with("etcd://") => {
+            anyhow::bail!("--store {url}: the etcd store is not yet supported by this version of Capstan; leave --store out to use the embedded store")
+        }
+        Some(url) => anyhow::bail!("--store {url}: unknown store; use etcd://host:port[,host:port…] or leave it out for the embedded store"),
+    }
+}
+
+pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
+    let store = open_store(&config)?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let core = core::Core::start(store, metrics)?;
+    let listener = tokio::net::TcpListener::bind(config.bind)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.bind))?;
+    let addr = listener.local_addr()?;
+    let unplaced = scheduler::Unplaced::default();
+    let app = http::AppState {
+        core: core.clone(),
+        unplaced: unplaced.clone(),
+        policy: Arc::new(ValidationPolicy { allow_root: config.allow_root_tasks }),
+        http: reqwest::Client::new(),
+    };
+    let router = http::router(app);
+    let server = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!("HTTP server stopped: {e}");
+        }
+    });
+    let scheduler = tokio::spawn(scheduler::run(core.clone(), unplaced));
+    tracing::info!("master serving on http://{addr}");
+    Ok(MasterHandle { addr, core, server, scheduler })
+}

@@ -77,7 +77,26 @@ pub fn parse_toml(text: &str, policy: &ValidationPolicy) -> Result<JobSpec, Prob
             .unwrap_or_default();
         Problems(vec![Problem { path: at, message: format!("not valid TOML: {message}"), hint: None }])
     })?;
-    decode_value(&toml_to_json(toml::Value::Table(table)), policy)
+    // JSON has no NaN or infinity: such a float would become null and read as "absent" (so
+    // `instances = nan` would mean the default). Refuse it at its path instead.
+    let mut non_finite = Vec::new();
+    let value = toml_to_json(toml::Value::Table(table), "", &mut non_finite);
+    let result = decode_value(&value, policy);
+    if non_finite.is_empty() {
+        return result;
+    }
+    let mut problems: Vec<Problem> = non_finite
+        .iter()
+        .map(|path| Problem {
+            path: path.clone(),
+            message: "is not a finite number".into(),
+            hint: Some("nan and inf are not allowed here".into()),
+        })
+        .collect();
+    if let Err(Problems(rest)) = result {
+        problems.extend(rest.into_iter().filter(|p| !non_finite.contains(&p.path) && !p.path.is_empty()));
+    }
+    Err(Problems(problems))
 }
 
 /// Parses and validates an API body.
@@ -99,15 +118,23 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-fn toml_to_json(v: toml::Value) -> Value {
+/// Converts a TOML tree; the paths of non-finite floats (which JSON cannot hold) go to `non_finite`.
+fn toml_to_json(v: toml::Value, path: &str, non_finite: &mut Vec<String>) -> Value {
     match v {
         toml::Value::String(s) => Value::String(s),
         toml::Value::Integer(i) => Value::from(i),
-        toml::Value::Float(f) => serde_json::Number::from_f64(f).map(Value::Number).unwrap_or(Value::Null),
+        toml::Value::Float(f) => serde_json::Number::from_f64(f).map(Value::Number).unwrap_or_else(|| {
+            non_finite.push(path.to_string());
+            Value::Null
+        }),
         toml::Value::Boolean(b) => Value::Bool(b),
         toml::Value::Datetime(d) => Value::String(d.to_string()),
-        toml::Value::Array(a) => Value::Array(a.into_iter().map(toml_to_json).collect()),
-        toml::Value::Table(t) => Value::Object(t.into_iter().map(|(k, v)| (k, toml_to_json(v))).collect()),
+        toml::Value::Array(a) => Value::Array(
+            a.into_iter().enumerate().map(|(i, v)| toml_to_json(v, &format!("{path}[{i}]"), non_finite)).collect(),
+        ),
+        toml::Value::Table(t) => {
+            Value::Object(t.into_iter().map(|(k, v)| (k.clone(), toml_to_json(v, &join(path, &k), non_finite))).collect())
+        }
     }
 }
 

@@ -1,13 +1,18 @@
 //! How a task's process ended, as observed on its agent, and the words a person reads about it.
 
-use serde::{Deserialize, Serialize};
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
 use std::fmt;
 
 /// The end of one task process, as the agent's supervisor observed it.
 ///
 /// Every variant renders to a reason a person understands (`Display`).
+///
+/// In JSON it is tagged by `kind` (`{"kind": "exited", "code": 3}`). Compact binary forms such as
+/// the stored log (postcard) cannot read serde's tagged enums (they need `deserialize_any`), so
+/// there the same fields are read back in order: see `Deserialize` below.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(remote = "Self", tag = "kind", rename_all = "snake_case")]
 pub enum TaskExit {
     /// The process exited by itself with this status.
     Exited { code: i32 },
@@ -58,6 +63,54 @@ impl fmt::Display for TaskExit {
             TaskExit::LaunchFailed { message } => write!(f, "failed to launch: {message}"),
             TaskExit::SupervisorLost { message } => write!(f, "supervisor lost: {message}"),
         }
+    }
+}
+
+impl Serialize for TaskExit {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // The derived (tagged) form: a struct whose first field is `kind`, in every format.
+        TaskExit::serialize(self, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for TaskExit {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            TaskExit::deserialize(d)
+        } else {
+            d.deserialize_struct("TaskExit", &["kind", "field1", "field2"], CompactTaskExit)
+        }
+    }
+}
+
+/// Reads the derived tagged form from a format that is not self-describing: `kind`, then the
+/// variant's fields in declaration order.
+struct CompactTaskExit;
+
+impl<'de> Visitor<'de> for CompactTaskExit {
+    type Value = TaskExit;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a task exit: kind, then its fields")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TaskExit, A::Error> {
+        fn next<'de, A: SeqAccess<'de>, T: Deserialize<'de>>(seq: &mut A, i: usize) -> Result<T, A::Error> {
+            seq.next_element()?.ok_or_else(|| de::Error::invalid_length(i, &CompactTaskExit))
+        }
+        const KINDS: &[&str] =
+            &["exited", "signaled", "out_of_memory", "over_disk", "killed", "launch_failed", "supervisor_lost"];
+        let kind: String = next(&mut seq, 0)?;
+        Ok(match kind.as_str() {
+            "exited" => TaskExit::Exited { code: next(&mut seq, 1)? },
+            "signaled" => TaskExit::Signaled { signal: next(&mut seq, 1)? },
+            "out_of_memory" => TaskExit::OutOfMemory { limit_bytes: next(&mut seq, 1)? },
+            "over_disk" => TaskExit::OverDisk { limit_bytes: next(&mut seq, 1)?, used_bytes: next(&mut seq, 2)? },
+            "killed" => TaskExit::Killed { by: next(&mut seq, 1)? },
+            "launch_failed" => TaskExit::LaunchFailed { message: next(&mut seq, 1)? },
+            "supervisor_lost" => TaskExit::SupervisorLost { message: next(&mut seq, 1)? },
+            other => return Err(de::Error::unknown_variant(other, KINDS)),
+        })
     }
 }
 

@@ -70,9 +70,17 @@ impl fmt::Display for ByteSize {
     }
 }
 
+/// The stored and JSON form: exact, unlike `Display` (which rounds `1025B` to `1.0KiB`), so that a
+/// spec read back is the spec written.
 impl From<ByteSize> for String {
     fn from(s: ByteSize) -> String {
-        s.to_string()
+        let b = s.0;
+        for (unit, size) in [("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
+            if b >= size && b % size == 0 {
+                return format!("{}{unit}", b / size);
+            }
+        }
+        format!("{b}B")
     }
 }
 

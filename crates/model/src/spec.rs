@@ -131,7 +131,9 @@ pub struct TaskSpec {
     pub command: String,
     /// The Unix user the task runs as; never root unless the operator allows it.
     pub user: String,
-    /// Millicpus: `cpus = 0.25` is 250.
+    /// Millicpus: `cpus = 0.25` is 250. Serialized as `cpus` (a number of cpus), the job file's
+    /// key, so that a spec as JSON is a valid API body.
+    #[serde(rename = "cpus", with = "cpus_as_number")]
     pub cpus_milli: u32,
     pub mem: ByteSize,
     pub disk: ByteSize,
@@ -157,6 +159,20 @@ impl TaskSpec {
     /// `http` → `PORT_HTTP`.
     pub fn port_env_name(port: &str) -> String {
         format!("PORT_{}", port.to_ascii_uppercase())
+    }
+}
+
+/// Millicpus in, cpus out (`250` ↔ `0.25`); exact for every value `cpus_to_milli` returns.
+mod cpus_as_number {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(milli: &u32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(crate::resources::milli_to_cpus(*milli))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        let cpus = f64::deserialize(d)?;
+        crate::resources::cpus_to_milli(cpus).map_err(serde::de::Error::custom)
     }
 }
 

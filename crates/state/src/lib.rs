@@ -1,1 +1,12 @@
-//! capstan-state
+//! Cluster state: the typed commands that change it, the one deterministic `apply`, queries for
+//! the API and the scheduler, and the versioned encoding of commands and snapshots. Pure: no I/O.
+
+pub mod agent;
+pub mod codec;
+pub mod command;
+pub mod state;
+
+pub use agent::{Agent, AgentInfo};
+pub use codec::{decode_command, decode_snapshot, encode_command, encode_snapshot, CodecError};
+pub use command::{Command, Placement, Report, Stamped, StatusUpdate};
+pub use state::{Applied, ClusterState, Job, Rejection, Task, TaskEventRecord};

@@ -1,0 +1,177 @@
+//! An HTTP client for the master's API. Tries each address in turn; the first that answers serves.
+
+use crate::wire::*;
+use capstan_model::{AgentId, TaskId};
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The master answered with an error body.
+    #[error("{message}")]
+    Api { status: u16, code: String, message: String, details: Vec<serde_json::Value> },
+    /// No master could be reached.
+    #[error("cannot reach a Capstan master at {addrs}: {detail}")]
+    Unreachable { addrs: String, detail: String },
+    #[error("unexpected answer from {url}: {detail}")]
+    Protocol { url: String, detail: String },
+}
+
+impl ApiError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ApiError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Client {
+    addrs: Vec<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// `addrs`: `http://host:port[,http://host:port…]`.
+    pub fn new(addrs: &str) -> Client {
+        let addrs = addrs
+            .split(',')
+            .map(|a| a.trim().trim_end_matches('/').to_string())
+            .filter(|a| !a.is_empty())
+            .map(|a| if a.contains("://") { a } else { format!("http://{a}") })
+            .collect();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .expect("building an HTTP client cannot fail with these settings");
+        Client { addrs, http }
+    }
+
+    pub fn addrs(&self) -> &[String] {
+        &self.addrs
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>, timeout: Duration) -> Result<reqwest::Response, ApiError> {
+        let mut last = String::from("no address given");
+        for base in &self.addrs {
+            let url = format!("{base}{path}");
+            let mut req = self.http.request(method.clone(), &url).timeout(timeout);
+            if let Some(b) = &body {
+                req = req.json(b);
+            }
+            match req.send().await {
+                Ok(resp) => return Ok(resp),
+                Err(e) if e.is_connect() => last = format!("{url}: {e}"),
+                Err(e) => return Err(ApiError::Unreachable { addrs: self.addrs.join(","), detail: format!("{url}: {e}") }),
+            }
+        }
+        Err(ApiError::Unreachable { addrs: self.addrs.join(","), detail: last })
+    }
+
+    async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, ApiError> {
+        let url = resp.url().to_string();
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| ApiError::Protocol { url: url.clone(), detail: e.to_string() })?;
+        if !status.is_success() {
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(b) => ApiError::Api { status: status.as_u16(), code: b.error.code, message: b.error.message, details: b.error.details },
+                Err(_) => ApiError::Api {
+                    status: status.as_u16(),
+                    code: "http".into(),
+                    message: format!("{status}: {}", String::from_utf8_lossy(&bytes)),
+                    details: vec![],
+                },
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::Protocol { url, detail: e.to_string() })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
+        Self::decode(self.send(reqwest::Method::GET, path, None, Duration::from_secs(30)).await?).await
+    }
+
+    pub async fn health(&self) -> Result<serde_json::Value, ApiError> {
+        self.get("/v1/health").await
+    }
+
+    /// Creates a job from its JSON spec (as `JobSpec` serializes, or as a job file reads).
+    pub async fn create_job(&self, spec: &serde_json::Value) -> Result<CreatedJob, ApiError> {
+        Self::decode(self.send(reqwest::Method::POST, "/v1/jobs", Some(spec.clone()), Duration::from_secs(30)).await?).await
+    }
+
+    pub async fn jobs(&self) -> Result<Vec<JobView>, ApiError> {
+        self.get("/v1/jobs").await
+    }
+
+    pub async fn job(&self, key: &str) -> Result<JobView, ApiError> {
+        self.get(&format!("/v1/jobs/{key}")).await
+    }
+
+    pub async fn kill_job(&self, key: &str) -> Result<serde_json::Value, ApiError> {
+        Self::decode(self.send(reqwest::Method::DELETE, &format!("/v1/jobs/{key}"), None, Duration::from_secs(30)).await?).await
+    }
+
+    pub async fn tasks(&self, job: Option<&str>, state: Option<&str>) -> Result<Vec<TaskView>, ApiError> {
+        let mut q = vec![];
+        if let Some(j) = job {
+            q.push(format!("job={j}"));
+        }
+        if let Some(s) = state {
+            q.push(format!("state={s}"));
+        }
+        let qs = if q.is_empty() { String::new() } else { format!("?{}", q.join("&")) };
+        self.get(&format!("/v1/tasks{qs}")).await
+    }
+
+    pub async fn task(&self, id: TaskId) -> Result<TaskView, ApiError> {
+        self.get(&format!("/v1/tasks/{id}")).await
+    }
+
+    pub async fn kill_task(&self, id: TaskId) -> Result<TaskView, ApiError> {
+        Self::decode(self.send(reqwest::Method::DELETE, &format!("/v1/tasks/{id}"), None, Duration::from_secs(30)).await?).await
+    }
+
+    pub async fn agents(&self) -> Result<Vec<AgentView>, ApiError> {
+        self.get("/v1/agents").await
+    }
+
+    /// A task's log as a byte stream (follows when asked).
+    pub async fn logs(&self, id: TaskId, stderr: bool, follow: bool, tail: Option<u64>) -> Result<reqwest::Response, ApiError> {
+        let mut path = format!("/v1/tasks/{id}/logs?stream={}&follow={follow}", if stderr { "stderr" } else { "stdout" });
+        if let Some(n) = tail {
+            path.push_str(&format!("&tail={n}"));
+        }
+        let timeout = if follow { Duration::from_secs(365 * 24 * 3600) } else { Duration::from_secs(60) };
+        let resp = self.send(reqwest::Method::GET, &path, None, timeout).await?;
+        if resp.status().is_success() {
+            Ok(resp)
+        } else {
+            Err(Self::decode::<serde_json::Value>(resp).await.expect_err("a failed status decodes to an error"))
+        }
+    }
+
+    pub async fn metrics(&self) -> Result<String, ApiError> {
+        let resp = self.send(reqwest::Method::GET, "/metrics", None, Duration::from_secs(30)).await?;
+        resp.text().await.map_err(|e| ApiError::Protocol { url: "/metrics".into(), detail: e.to_string() })
+    }
+
+    // ---- agent protocol
+
+    pub async fn register(&self, req: &RegisterRequest) -> Result<RegisterResponse, ApiError> {
+        let body = serde_json::to_value(req).expect("serializable");
+        Self::decode(self.send(reqwest::Method::POST, "/v1/agent/register", Some(body), Duration::from_secs(30)).await?).await
+    }
+
+    /// Waits up to `wait` for orders newer than `version` of `epoch`.
+    pub async fn orders(&self, agent: AgentId, epoch: u64, version: u64, wait: Duration) -> Result<Orders, ApiError> {
+        let path = format!("/v1/agent/{agent}/orders?epoch={epoch}&version={version}&wait_ms={}", wait.as_millis());
+        Self::decode(self.send(reqwest::Method::GET, &path, None, wait + Duration::from_secs(10)).await?).await
+    }
+
+    pub async fn send_updates(&self, req: &UpdatesRequest) -> Result<UpdatesResponse, ApiError> {
+        let body = serde_json::to_value(req).expect("serializable");
+        Self::decode(self.send(reqwest::Method::POST, "/v1/agent/updates", Some(body), Duration::from_secs(30)).await?).await
+    }
+}

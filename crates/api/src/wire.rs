@@ -1,0 +1,151 @@
+//! Wire types of the public API (`/v1/...`) and of the agent protocol (`/v1/agent/...`).
+
+use capstan_model::{AgentId, Desired, JobKey, TaskExit, TaskId, TaskSpec, TaskState, Timestamp};
+use capstan_state::{AgentInfo, StatusUpdate};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// `{"error": {"code": "...", "message": "...", "details": [...]}}` on every 4xx/5xx.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable, for scripts: `invalid_job`, `job_exists`, `not_found`, `bad_request`, `unavailable`, `internal`.
+    pub code: String,
+    pub message: String,
+    #[serde(default)]
+    pub details: Vec<serde_json::Value>,
+}
+
+/// Renders a timestamp as RFC 3339 with milliseconds (UTC).
+pub fn rfc3339(t: Timestamp) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(t.0)).to_string()
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CreatedJob {
+    pub job: JobKey,
+    pub tasks: Vec<TaskId>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobView {
+    pub job: JobKey,
+    #[serde(rename = "type")]
+    pub job_type: String,
+    /// `running` (every instance runs), `deploying` (some are not running yet), `finished`,
+    /// `failed` (batch: an instance failed for good), `killing`.
+    pub status: String,
+    pub instances: u32,
+    pub version: u32,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    /// Batch: how long the job took from creation to its last instance.
+    pub duration_ms: Option<u64>,
+    /// Tasks of the current instances, by state.
+    pub tasks: BTreeMap<String, u64>,
+    /// Why instances wait, when they do ("no agent has room: …").
+    pub pending_reasons: Vec<String>,
+    pub spec: capstan_model::JobSpec,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskEventView {
+    pub at: String,
+    pub state: TaskState,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskView {
+    pub id: TaskId,
+    pub job: JobKey,
+    pub instance: u32,
+    pub state: TaskState,
+    pub desired: Desired,
+    pub agent_id: Option<AgentId>,
+    pub host: Option<String>,
+    pub ports: BTreeMap<String, u16>,
+    pub pid: Option<u32>,
+    pub reason: String,
+    pub exit: Option<TaskExit>,
+    /// Consecutive failures of the instance before this task.
+    pub failures: u32,
+    pub created_at: String,
+    /// Set while the task waits out a restart backoff.
+    pub not_before: Option<String>,
+    pub events: Vec<TaskEventView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResourcesView {
+    pub cpus: f64,
+    pub mem: capstan_model::ByteSize,
+    pub disk: capstan_model::ByteSize,
+    pub ports: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentView {
+    pub id: AgentId,
+    pub hostname: String,
+    pub address: String,
+    pub version: String,
+    pub registered_at: String,
+    pub attributes: BTreeMap<String, String>,
+    pub capacity: ResourcesView,
+    pub used: ResourcesView,
+    pub tasks: usize,
+}
+
+// ---- agent protocol
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub info: AgentInfo,
+    /// Tasks this agent has (running or ended but not yet reported); the master treats its tasks
+    /// that the agent no longer has as lost.
+    pub known_tasks: Vec<TaskId>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    /// Changes every time a master starts; orders versions are only comparable within one.
+    pub master_epoch: u64,
+    /// The highest status-update sequence number the master applied from this agent.
+    pub last_update_seq: u64,
+}
+
+/// What an agent must run. The list is complete: it names every task that holds resources on
+/// the agent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Orders {
+    pub master_epoch: u64,
+    pub version: u64,
+    pub tasks: Vec<Order>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Order {
+    pub task: TaskId,
+    pub job: JobKey,
+    pub instance: u32,
+    pub desired: Desired,
+    pub spec: TaskSpec,
+    pub ports: BTreeMap<String, u16>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UpdatesRequest {
+    pub agent: AgentId,
+    pub updates: Vec<StatusUpdate>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UpdatesResponse {
+    /// Every update up to this sequence number is durable on the master.
+    pub acked_seq: u64,
+}

@@ -1,0 +1,195 @@
+//! The files a supervisor and the agent share in a sandbox: launch spec, identities, exit record.
+//!
+//! Every file is JSON and written atomically (temporary file, fsync, rename, fsync of the
+//! directory), so a reader sees either the old state or the new one, never half a file.
+
+use capstan_model::{TaskExit, TaskId};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::fs;
+use std::io::{self, Write};
+use std::path::Path;
+
+/// `launch.json`: the [`LaunchSpec`], written by `Containerizer::launch`.
+pub const LAUNCH_FILE: &str = "launch.json";
+/// `supervisor-config.json`: the parts of `ContainerizerConfig` the supervisor needs.
+pub const SUPERVISOR_CONFIG_FILE: &str = "supervisor-config.json";
+/// `supervisor.json`: the supervisor's [`ProcessIdentity`], written by the supervisor first thing.
+pub const SUPERVISOR_FILE: &str = "supervisor.json";
+/// `task.json`: the task's [`ProcessIdentity`], written once the task process runs.
+pub const TASK_FILE: &str = "task.json";
+/// `exit.json`: the [`ExitRecord`], written by the supervisor before it exits.
+pub const EXIT_FILE: &str = "exit.json";
+/// `kill.json`: who asked for a stop ([`KillRequest`]), written before the supervisor gets SIGTERM.
+pub const KILL_FILE: &str = "kill.json";
+/// The task's standard output (appended to).
+pub const STDOUT_FILE: &str = "stdout";
+/// The task's standard error (appended to).
+pub const STDERR_FILE: &str = "stderr";
+/// The supervisor's own diagnostics (its stderr).
+pub const SUPERVISOR_LOG_FILE: &str = "supervisor.log";
+
+/// What to run, as the agent decided it. Written as `SANDBOX/launch.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    pub task_id: TaskId,
+    /// Run as `/bin/sh -c COMMAND` with the sandbox as working directory.
+    pub command: String,
+    /// Unix user name; the task runs as this user.
+    pub user: String,
+    /// The agent's variables (`CAPSTAN_*`, `PORT_*`); the supervisor adds `PATH` (if absent),
+    /// and sets `HOME` (= sandbox), `USER` and `LOGNAME`.
+    pub env: Vec<(String, String)>,
+    /// CPU share in thousandths of a CPU; 0 means no quota (minimal shares).
+    pub cpus_milli: u32,
+    /// Memory limit without swap; 0 means no limit.
+    pub mem_bytes: u64,
+    pub pids_max: Option<u64>,
+    /// On kill: SIGTERM to the task's process group, wait this long, then SIGKILL the cgroup.
+    pub kill_grace_ms: u64,
+}
+
+/// The supervisor's share of the containerizer configuration (`supervisor-config.json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SupervisorConfig {
+    pub cgroup_root: String,
+    pub allow_root: bool,
+}
+
+/// A process, identified by pid and start time (clock ticks since boot, `/proc/PID/stat` field
+/// 22), so that a recycled pid is never mistaken for the process recorded earlier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessIdentity {
+    pub pid: u32,
+    pub start_time_ticks: u64,
+}
+
+impl ProcessIdentity {
+    /// The identity of a running (or zombie) process.
+    pub fn of(pid: u32) -> io::Result<Self> {
+        let stat = read_proc_stat(pid)?;
+        Ok(ProcessIdentity { pid, start_time_ticks: stat.start_time_ticks })
+    }
+
+    /// True while this very process exists and has not exited (a zombie counts as exited).
+    pub fn is_alive(&self) -> bool {
+        match read_proc_stat(self.pid) {
+            Ok(stat) => {
+                stat.start_time_ticks == self.start_time_ticks && !matches!(stat.state, 'Z' | 'X')
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+pub(crate) struct ProcStat {
+    pub state: char,
+    pub start_time_ticks: u64,
+}
+
+pub(crate) fn read_proc_stat(pid: u32) -> io::Result<ProcStat> {
+    parse_proc_stat(&fs::read_to_string(format!("/proc/{pid}/stat"))?)
+}
+
+/// Parses `/proc/PID/stat`; the command name may contain spaces and parentheses, so the fields
+/// are counted from the last `)`.
+pub(crate) fn parse_proc_stat(text: &str) -> io::Result<ProcStat> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed /proc/PID/stat");
+    let rest = &text[text.rfind(')').ok_or_else(bad)? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 (state); start time is field 22.
+    let state = fields.first().and_then(|s| s.chars().next()).ok_or_else(bad)?;
+    let start_time_ticks = fields.get(19).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+    Ok(ProcStat { state, start_time_ticks })
+}
+
+/// Resource usage of a task's cgroup.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub cpu_usage_ns: u64,
+    pub mem_peak_bytes: u64,
+    pub throttled_ns: u64,
+    pub nr_throttled: u64,
+}
+
+/// How a task ended, written as `SANDBOX/exit.json` by its supervisor before the supervisor exits
+/// (or by the agent when the supervisor vanished without writing it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    pub exit: TaskExit,
+    pub usage: Usage,
+    /// Wall-clock milliseconds since the Unix epoch.
+    pub ended_at_ms: u64,
+}
+
+/// Who asked for a stop (`kill.json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct KillRequest {
+    pub by: String,
+}
+
+/// Writes `value` as JSON to `path` atomically: temporary file, fsync, rename, fsync directory.
+pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut file = fs::File::create(&tmp)?;
+    file.write_all(&bytes)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Reads a JSON file; `Ok(None)` when it does not exist.
+pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_fields_are_counted_from_the_last_parenthesis() {
+        let line = "1234 (a (weird) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 100";
+        let stat = parse_proc_stat(line).unwrap();
+        assert_eq!(stat.state, 'S');
+        assert_eq!(stat.start_time_ticks, 987654);
+    }
+
+    #[test]
+    fn own_identity_is_alive_and_a_wrong_start_time_is_not() {
+        let me = ProcessIdentity::of(std::process::id()).unwrap();
+        assert!(me.is_alive());
+        let other = ProcessIdentity { start_time_ticks: me.start_time_ticks + 1, ..me };
+        assert!(!other.is_alive());
+    }
+
+    #[test]
+    fn atomic_json_round_trips_and_missing_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.json");
+        assert!(read_json::<Usage>(&path).unwrap().is_none());
+        let usage = Usage { cpu_usage_ns: 1, mem_peak_bytes: 2, throttled_ns: 3, nr_throttled: 4 };
+        write_json_atomic(&path, &usage).unwrap();
+        assert_eq!(read_json::<Usage>(&path).unwrap(), Some(usage));
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+    }
+}

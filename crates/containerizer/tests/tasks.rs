@@ -1,0 +1,216 @@
+//! Integration tests with real supervisors, processes, users and cgroups: launch, exit reasons,
+//! limits, kill, and re-attaching after the launching handle or process is gone.
+
+mod common;
+
+use capstan_containerizer::{Attached, LaunchError};
+use capstan_model::TaskExit;
+use common::*;
+use std::time::Duration;
+
+const SHORT: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn task_runs_as_nobody_with_env_and_output_files() {
+    if !privileged("task_runs_as_nobody_with_env_and_output_files") {
+        return;
+    }
+    let c = containerizer(false);
+    let sb = sandbox();
+    let spec = spec(r#"id -u; echo "task=$CAPSTAN_TASK home=$HOME user=$USER pwd=$(pwd)"; echo oops >&2"#);
+    let mut handle = c.launch(&sb.path, &spec).unwrap();
+    let pid = handle.started().await.unwrap();
+    assert!(pid > 0);
+    let record = handle.wait().await;
+    assert_eq!(record.exit, TaskExit::Exited { code: 0 }, "stderr: {}", read(&sb.path.join("stderr")));
+    let p = sb.path.display();
+    assert_eq!(read(&sb.path.join("stdout")), format!("65534\ntask=hello home={p} user=nobody pwd={p}\n"));
+    assert_eq!(read(&sb.path.join("stderr")), "oops\n");
+    assert!(sb.path.join("exit.json").exists() && sb.path.join("task.json").exists());
+    assert!(!c.task_cgroup(spec.task_id).controller_dir("memory").unwrap().exists(), "cgroup removed");
+}
+
+#[tokio::test]
+async fn exit_code_is_recorded() {
+    if !privileged("exit_code_is_recorded") {
+        return;
+    }
+    let c = containerizer(false);
+    let sb = sandbox();
+    let mut handle = c.launch(&sb.path, &spec("exit 3")).unwrap();
+    assert_eq!(handle.wait().await.exit, TaskExit::Exited { code: 3 });
+}
+
+#[tokio::test]
+async fn kill_9_from_outside_is_signaled() {
+    if !privileged("kill_9_from_outside_is_signaled") {
+        return;
+    }
+    let c = containerizer(false);
+    let sb = sandbox();
+    let mut handle = c.launch(&sb.path, &spec("sleep 1000")).unwrap();
+    let pid = handle.started().await.unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL).unwrap();
+    assert_eq!(handle.wait().await.exit, TaskExit::Signaled { signal: 9 });
+}
+
+#[tokio::test]
+async fn over_the_memory_limit_is_out_of_memory() {
+    if !privileged("over_the_memory_limit_is_out_of_memory") {
+        return;
+    }
+    let c = containerizer(false);
+    let sb = sandbox();
+    let mut spec = spec(r#"python3 -c "b=bytearray(200*1024*1024); print('survived')""#);
+    spec.mem_bytes = 64 << 20;
+    let mut handle = c.launch(&sb.path, &spec).unwrap();
+    let record = handle.wait().await;
+    assert_eq!(record.exit, TaskExit::OutOfMemory { limit_bytes: 64 << 20 }, "stderr: {}", read(&sb.path.join("stderr")));
+    assert!(record.exit.to_string().contains("64MiB"), "{}", record.exit);
+    assert!(record.usage.mem_peak_bytes > 32 << 20, "{:?}", record.usage);
+}
+
+#[tokio::test]
+async fn limits_are_in_the_cgroup_files() {
+    if !privileged("limits_are_in_the_cgroup_files") {
+        return;
+    }
+    let c = containerizer(false);
+    let sb = sandbox();
+    let spec = spec("sleep 1000");
+    let mut handle = c.launch(&sb.path, &spec).unwrap();
+    let pid = handle.started().await.unwrap();
+    let cg = c.task_cgroup(spec.task_id);
+    let file = |controller: &str, name: &str| read(&cg.controller_dir(controller).unwrap().join(name)).trim().to_owned();
+    match c.mode() {
+        capstan_containerizer::CgroupMode::Unified => {
+            assert_eq!(file("cpu", "cpu.max"), "20000 100000");
+            assert_eq!(file("memory", "memory.max"), (128u64 << 20).to_string());
+            assert_eq!(file("pids", "pids.max"), "64");
+        }
+        _ => {
+            assert_eq!(file("cpu", "cpu.cfs_quota_us"), "20000");
+            assert_eq!(file("cpu", "cpu.cfs_period_us"), "100000");
+            assert_eq!(file("cpu", "cpu.shares"), "204");
+            assert_eq!(file("memory", "memory.limit_in_bytes"), (128u64 << 20).to_string());
+            let memsw = cg.controller_dir("memory").unwrap().join("memory.memsw.limit_in_bytes");
+            if memsw.exists() {
+                assert_eq!(read(&memsw).trim(), (128u64 << 20).to_string());
+            }
+            assert_eq!(file("pids", "pids.max"), "64");
+        }
+    }
+    assert!(cg.procs().contains(&(pid as i32)), "task {pid} is in its cgroup: {:?}", cg.procs());
+    handle.kill().unwrap();
+    assert!(matches!(handle.wait().await.exit, TaskExit::Killed { .. }));
+}
+
+#[tokio::test]
+async fn kill_ends_a_task_that_ignores_sigterm_and_all_its_children() {
+    if !privileged("kill_ends_a_task_that_ignores_sigterm_and_all_its_children") {
+        return;
+    }
+    let c = containerizer(false);
+    let sb = sandbox();
+    let spec = spec("trap '' TERM; sleep 1000 & sleep 1000 & wait");
+    let mut handle = c.launch(&sb.path, &spec).unwrap();
+    handle.started().await.unwrap();
+    let cg = c.task_cgroup(spec.task_id);
+    assert!(eventually(SHORT, || cg.procs().len() >= 3), "shell and two sleeps: {:?}", cg.procs());
+    let pids = cg.procs();
+    handle.kill_by("test request").unwrap();
+    let record = handle.wait().await;
+    assert_eq!(record.exit, TaskExit::Killed { by: "test request".into() });
+    for pid in &pids {
+        assert!(!alive(*pid), "task process {pid} survived the kill");
+    }
+    assert!(cg.procs().is_empty());
+    assert!(!cg.controller_dir("pids").unwrap().exists(), "cgroup removed");
+}
+
+#[tokio::test]
+async fn supervisor_survives_a_dropped_handle_and_attach_finds_it() {
+    if !privileged("supervisor_survives_a_dropped_handle_and_attach_finds_it") {
+        return;
+    }
+    let c = containerizer(false);
+    let sb = sandbox();
+    let mut handle = c.launch(&sb.path, &spec("sleep 1000")).unwrap();
+    let pid = handle.started().await.unwrap();
+    let supervisor = handle.supervisor_pid();
+    drop(handle);
+    let Attached::Running(mut handle) = c.attach(&sb.path).unwrap() else { panic!("not running") };
+    assert_eq!(handle.supervisor_pid(), supervisor);
+    assert_eq!(handle.started().await.unwrap(), pid);
+    handle.kill().unwrap();
+    assert_eq!(handle.wait().await.exit, TaskExit::Killed { by: "stop requested".into() });
+    assert!(!alive(pid as i32));
+}
+
+#[tokio::test]
+async fn a_task_that_ended_unwatched_is_found_exited_with_its_code() {
+    if !privileged("a_task_that_ended_unwatched_is_found_exited_with_its_code") {
+        return;
+    }
+    let c = containerizer(false);
+    let sb = sandbox();
+    drop(c.launch(&sb.path, &spec("exit 7")).unwrap());
+    assert!(eventually(SHORT, || sb.path.join("exit.json").exists()));
+    let Attached::Exited(record) = c.attach(&sb.path).unwrap() else { panic!("still running?") };
+    assert_eq!(record.exit, TaskExit::Exited { code: 7 });
+}
+
+#[tokio::test]
+async fn a_supervisor_killed_without_a_record_is_lost_and_its_task_killed() {
+    if !privileged("a_supervisor_killed_without_a_record_is_lost_and_its_task_killed") {
+        return;
+    }
+    let c = containerizer(false);
+    let sb = sandbox();
+    let spec = spec("sleep 1000");
+    let mut handle = c.launch(&sb.path, &spec).unwrap();
+    let pid = handle.started().await.unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(handle.supervisor_pid() as i32), nix::sys::signal::SIGKILL)
+        .unwrap();
+    let record = handle.wait().await;
+    assert!(matches!(record.exit, TaskExit::SupervisorLost { .. }), "{:?}", record.exit);
+    assert!(eventually(SHORT, || !alive(pid as i32)), "leftover task {pid} killed");
+    assert!(c.task_cgroup(spec.task_id).procs().is_empty());
+    let Attached::Exited(again) = c.attach(&sb.path).unwrap() else { panic!("running?") };
+    assert_eq!(again.exit, record.exit, "the lost record is kept");
+}
+
+#[tokio::test]
+async fn root_is_refused_unless_allowed() {
+    if !privileged("root_is_refused_unless_allowed") {
+        return;
+    }
+    let sb = sandbox();
+    let mut spec = spec("id -u");
+    spec.user = "root".into();
+    let refused = containerizer(false).launch(&sb.path, &spec).unwrap_err();
+    assert!(matches!(refused, LaunchError::RootRefused { .. }), "{refused}");
+    assert!(refused.to_string().contains("root"));
+
+    let mut handle = containerizer(true).launch(&sb.path, &spec).unwrap();
+    assert_eq!(handle.wait().await.exit, TaskExit::Exited { code: 0 });
+    assert_eq!(read(&sb.path.join("stdout")), "0\n");
+}
+
+#[tokio::test]
+async fn an_unknown_user_fails_the_launch_with_its_name() {
+    if !privileged("an_unknown_user_fails_the_launch_with_its_name") {
+        return;
+    }
+    let c = containerizer(false);
+    let sb = sandbox();
+    let mut spec = spec("true");
+    spec.user = "no-such-capstan-user".into();
+    let mut handle = c.launch(&sb.path, &spec).unwrap();
+    let record = handle.started().await.unwrap_err();
+    match &record.exit {
+        TaskExit::LaunchFailed { message } => assert!(message.contains("no-such-capstan-user"), "{message}"),
+        other => panic!("expected LaunchFailed, got {other:?}"),
+    }
+    assert_eq!(handle.wait().await, record);
+}

@@ -1,0 +1,238 @@
+//! The master's core: the in-memory state, and the one writer that logs commands to the store
+//! before they are applied and acknowledged (group commit: one durable write per batch).
+//!
+//! Order of work for a batch: take the state's write lock; apply each command (a refused one
+//! changes nothing and is answered at once); append the accepted ones to the store in one call;
+//! release the lock; answer; wake whoever waits on what changed. If the store write fails, the
+//! in-memory state is rebuilt from the store, so nothing unacknowledged stays visible, and every
+//! command of the batch is answered with an error.
+
+use crate::metrics::Metrics;
+use capstan_model::{AgentId, Timestamp};
+use capstan_state::{decode_command, decode_snapshot, encode_command, encode_snapshot, Applied, ClusterState, Command, Rejection, Stamped};
+use capstan_store::{LogEntry, Snapshot, Store};
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+/// Commands waiting for the writer; callers wait when it is full (back-pressure).
+pub const COMMAND_QUEUE_MAX: usize = 4096;
+/// Commands applied and written in one batch at most.
+pub const BATCH_MAX: usize = 512;
+/// Log entries after which the writer installs a snapshot and the store drops the log before it.
+pub const SNAPSHOT_EVERY_ENTRIES: u64 = 20_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    #[error("the store could not write: {0}; nothing was changed")]
+    Store(String),
+    #[error("the master is shutting down")]
+    Closed,
+}
+
+struct Request {
+    command: Command,
+    reply: oneshot::Sender<Result<Applied, CoreError>>,
+}
+
+pub struct Core {
+    pub state: RwLock<ClusterState>,
+    queue: mpsc::Sender<Request>,
+    /// Woken when tasks may have become placeable.
+    pub pending_changed: Notify,
+    agent_notify: Mutex<HashMap<AgentId, Arc<Notify>>>,
+    /// Random per start: orders versions are only comparable within one master run.
+    pub epoch: u64,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn now() -> Timestamp {
+    Timestamp(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
+}
+
+/// Rebuilds the state from the store: newest snapshot, then every later command.
+pub fn load_state(store: &dyn Store) -> anyhow::Result<ClusterState> {
+    let loaded = store.load()?;
+    let mut state = match &loaded.snapshot {
+        Some(s) => {
+            let mut state = decode_snapshot(&s.data).map_err(|e| anyhow::anyhow!("{} ({})", e, store.describe()))?;
+            state.index = s.index;
+            state
+        }
+        None => ClusterState::default(),
+    };
+    for entry in &loaded.entries {
+        let stamped = decode_command(&entry.data)
+            .map_err(|e| anyhow::anyhow!("log entry {}: {e} ({})", entry.index, store.describe()))?;
+        if let Err(e) = state.apply(&stamped) {
+            anyhow::bail!(
+                "log entry {} ({}) was accepted when it was written but is refused on replay ({e}); \
+                 the log and this version of Capstan disagree, refusing to start",
+                entry.index,
+                stamped.command.name()
+            );
+        }
+        state.index = entry.index;
+    }
+    Ok(state)
+}
+
+impl Core {
+    /// Loads the state and starts the writer thread.
+    pub fn start(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Core>> {
+        let started = Instant::now();
+        let state = load_state(store.as_ref())?;
+        tracing::info!(
+            jobs = state.jobs.len(),
+            tasks = state.tasks.len(),
+            agents = state.agents.len(),
+            index = state.index,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "state loaded from {}",
+            store.describe()
+        );
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE_MAX);
+        let core = Arc::new(Core {
+            state: RwLock::new(state),
+            queue: tx,
+            pending_changed: Notify::new(),
+            agent_notify: Mutex::new(HashMap::new()),
+            epoch: rand::random::<u64>() >> 1,
+            metrics,
+        });
+        let writer = core.clone();
+        std::thread::Builder::new()
+            .name("capstan-writer".into())
+            .spawn(move || writer.run_writer(store, rx))
+            .expect("spawning the writer thread");
+        Ok(core)
+    }
+
+    /// Submits a command and waits until it is durable and applied (or refused).
+    pub async fn submit(&self, command: Command) -> Result<Applied, CoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.metrics.command_queue.inc();
+        let sent = self.queue.send(Request { command, reply }).await;
+        if sent.is_err() {
+            self.metrics.command_queue.dec();
+            return Err(CoreError::Closed);
+        }
+        rx.await.unwrap_or(Err(CoreError::Closed))
+    }
+
+    /// The notifier of one agent's orders.
+    pub fn agent_notify(&self, agent: AgentId) -> Arc<Notify> {
+        self.agent_notify.lock().entry(agent).or_default().clone()
+    }
+
+    fn run_writer(self: Arc<Core>, store: Arc<dyn Store>, mut rx: mpsc::Receiver<Request>) {
+        let mut since_snapshot: u64 = 0;
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < BATCH_MAX {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.metrics.command_queue.dec_by(batch.len() as i64);
+            let mut replies = Vec::with_capacity(batch.len());
+            let mut entries = Vec::with_capacity(batch.len());
+            let mut state = self.state.write();
+            let at = now();
+            for req in batch {
+                let stamped = Stamped { at, command: req.command };
+                match state.apply(&stamped) {
+                    Ok(applied) => {
+                        state.index += 1;
+                        entries.push(LogEntry { index: state.index, data: encode_command(&stamped) });
+                        replies.push((req.reply, Ok(applied)));
+                    }
+                    Err(rejection) => {
+                        let _ = req.reply.send(Err(CoreError::Rejected(rejection)));
+                    }
+                }
+            }
+            if entries.is_empty() {
+                continue;
+            }
+            let write_started = Instant::now();
+            let written = store.append(&entries);
+            self.metrics.store_write_seconds.observe(write_started.elapsed().as_secs_f64());
+            if let Err(e) = written {
+                tracing::error!("store append failed: {e}; reloading state from the store");
+                let message = e.to_string();
+                // Orders versions are derived and restart at 0 on reload; keep them above what
+                // agents have already seen so their waits do not stall.
+                let floor = state.agents.values().map(|a| a.orders_version).max().unwrap_or(0) + 1;
+                match load_state(store.as_ref()) {
+                    Ok(reloaded) => {
+                        *state = reloaded;
+                        for a in state.agents.values_mut() {
+                            a.orders_version = floor;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!("cannot reload state after a failed write: {e:#}; stopping the master");
+                        std::process::exit(70);
+                    }
+                }
+                drop(state);
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(CoreError::Store(message.clone())));
+                }
+                continue;
+            }
+            since_snapshot += entries.len() as u64;
+            if since_snapshot >= SNAPSHOT_EVERY_ENTRIES {
+                since_snapshot = 0;
+                let snapshot = Snapshot { index: state.index, data: encode_snapshot(&state) };
+                let started = Instant::now();
+                match store.install_snapshot(&snapshot) {
+                    Ok(()) => tracing::info!(
+                        index = snapshot.index,
+                        bytes = snapshot.data.len(),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "snapshot installed"
+                    ),
+                    Err(e) => tracing::warn!("snapshot failed (the log keeps everything): {e}"),
+                }
+            }
+            drop(state);
+            let mut wake_scheduler = false;
+            let mut touched = std::collections::BTreeSet::new();
+            for (reply, result) in replies {
+                if let Ok(applied) = &result {
+                    wake_scheduler |= applied.new_pending || !applied.agents_touched.is_empty();
+                    touched.extend(applied.agents_touched.iter().copied());
+                }
+                let _ = reply.send(result);
+            }
+            if wake_scheduler {
+                self.pending_changed.notify_one();
+            }
+            let notifiers = self.agent_notify.lock();
+            for agent in touched {
+                if let Some(n) = notifiers.get(&agent) {
+                    n.notify_waiters();
+                }
+            }
+        }
+    }
+
+    /// Waits for `timeout` or until a command changed anything for this agent.
+    pub async fn wait_agent(&self, agent: AgentId, timeout: Duration, is_ready: impl Fn(&ClusterState) -> bool) {
+        let notify = self.agent_notify(agent);
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if is_ready(&self.state.read()) {
+            return;
+        }
+        let _ = tokio::time::timeout(timeout, notified).await;
+    }
+}

@@ -1,0 +1,380 @@
+//! HTTP routes: the public API (`/v1/...`), the agent protocol (`/v1/agent/...`) and `/metrics`.
+//! Handlers parse, call the core, render; errors always have the `{"error": {...}}` shape.
+
+use crate::core::{now, Core, CoreError};
+use crate::scheduler::Unplaced;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use capstan_api::wire::*;
+use capstan_model::resources::milli_to_cpus as milli_to_cpus_text;
+use capstan_model::{AgentId, ByteSize, Desired, JobKey, JobType, TaskId, TaskSpec, TaskState, ValidationPolicy};
+use capstan_state::{ClusterState, Command, Job, Rejection, Task};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub core: Arc<Core>,
+    pub unplaced: Unplaced,
+    pub policy: Arc<ValidationPolicy>,
+    pub http: reqwest::Client,
+}
+
+pub fn router(app: AppState) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/jobs", post(create_job).get(list_jobs))
+        .route("/v1/jobs/{role}/{env}/{name}", get(get_job).delete(kill_job))
+        .route("/v1/tasks", get(list_tasks))
+        .route("/v1/tasks/{id}", get(get_task).delete(kill_task))
+        .route("/v1/tasks/{id}/logs", get(task_logs))
+        .route("/v1/agents", get(list_agents))
+        .route("/v1/agent/register", post(register_agent))
+        .route("/v1/agent/{id}/orders", get(agent_orders))
+        .route("/v1/agent/updates", post(agent_updates))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiFailure::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .with_state(app)
+}
+
+/// An error response in the API's one error shape.
+pub struct ApiFailure {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiFailure {
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiFailure {
+        ApiFailure { status, body: ErrorBody { error: ErrorDetail { code: code.into(), message: message.into(), details: vec![] } } }
+    }
+    fn details(mut self, details: Vec<serde_json::Value>) -> ApiFailure {
+        self.body.error.details = details;
+        self
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+impl From<CoreError> for ApiFailure {
+    fn from(e: CoreError) -> ApiFailure {
+        let (status, code) = match &e {
+            CoreError::Rejected(Rejection::JobExists(_)) => (StatusCode::CONFLICT, "job_exists"),
+            CoreError::Rejected(Rejection::JobKilled(_)) => (StatusCode::CONFLICT, "job_killed"),
+            CoreError::Rejected(Rejection::NoSuchJob(_) | Rejection::NoSuchTask(_) | Rejection::NoSuchAgent(_)) => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
+            CoreError::Rejected(Rejection::Invalid(_)) => (StatusCode::BAD_REQUEST, "bad_request"),
+            CoreError::Store(_) | CoreError::Closed => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        };
+        ApiFailure::new(status, code, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiFailure>;
+
+fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", format!("invalid request body: {e}")))
+}
+
+fn parse_task_id(id: &str) -> ApiResult<TaskId> {
+    id.parse().map_err(|e: String| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", e))
+}
+
+fn parse_job_key(role: &str, env: &str, name: &str) -> ApiResult<JobKey> {
+    format!("{role}/{env}/{name}").parse().map_err(|e: capstan_model::ids::JobKeyError| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", e.0))
+}
+
+async fn health(State(app): State<AppState>) -> Json<serde_json::Value> {
+    let index = app.core.state.read().index;
+    Json(serde_json::json!({"status": "ok", "index": index, "version": env!("CARGO_PKG_VERSION")}))
+}
+
+async fn create_job(State(app): State<AppState>, body: Bytes) -> ApiResult<(StatusCode, Json<CreatedJob>)> {
+    let text = std::str::from_utf8(&body).map_err(|_| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", "the body is not UTF-8"))?;
+    let spec = capstan_model::parse_json(text, &app.policy).map_err(|problems| {
+        let details = problems.0.iter().map(|p| serde_json::to_value(p).expect("serializable")).collect();
+        ApiFailure::new(StatusCode::BAD_REQUEST, "invalid_job", format!("invalid job:\n{problems}")).details(details)
+    })?;
+    let job = spec.job.clone();
+    let applied = app.core.submit(Command::CreateJob { spec, seed: rand::random() }).await?;
+    Ok((StatusCode::CREATED, Json(CreatedJob { job, tasks: applied.created })))
+}
+
+async fn list_jobs(State(app): State<AppState>) -> Json<Vec<JobView>> {
+    let state = app.core.state.read();
+    let unplaced = app.unplaced.lock();
+    Json(state.jobs.values().map(|j| job_view(&state, j, &unplaced)).collect())
+}
+
+async fn get_job(State(app): State<AppState>, Path((role, env, name)): Path<(String, String, String)>) -> ApiResult<Json<JobView>> {
+    let key = parse_job_key(&role, &env, &name)?;
+    let state = app.core.state.read();
+    let job = state.jobs.get(&key).ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no job {key}")))?;
+    Ok(Json(job_view(&state, job, &app.unplaced.lock())))
+}
+
+async fn kill_job(State(app): State<AppState>, Path((role, env, name)): Path<(String, String, String)>) -> ApiResult<Json<serde_json::Value>> {
+    let key = parse_job_key(&role, &env, &name)?;
+    app.core.submit(Command::KillJob { job: key.clone(), by: "job killed by user request".into() }).await?;
+    let gone = !app.core.state.read().jobs.contains_key(&key);
+    Ok(Json(serde_json::json!({"job": key, "status": if gone { "killed" } else { "killing" }})))
+}
+
+#[derive(Deserialize)]
+struct TaskQuery {
+    job: Option<String>,
+    state: Option<String>,
+}
+
+async fn list_tasks(State(app): State<AppState>, Query(q): Query<TaskQuery>) -> ApiResult<Json<Vec<TaskView>>> {
+    let job: Option<JobKey> = match &q.job {
+        Some(j) => Some(j.parse().map_err(|e: capstan_model::ids::JobKeyError| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", e.0))?),
+        None => None,
+    };
+    let wanted: Option<TaskState> = match &q.state {
+        Some(s) => Some(s.parse().map_err(|e: String| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", e))?),
+        None => None,
+    };
+    let state = app.core.state.read();
+    let keep = |t: &&Task| wanted.is_none_or(|w| t.state == w);
+    let mut views: Vec<TaskView> = match &job {
+        Some(k) => {
+            let j = state.jobs.get(k).ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no job {k}")))?;
+            state.tasks_of(j).filter(keep).map(|t| task_view(&state, t)).collect()
+        }
+        None => state.tasks.values().filter(keep).map(|t| task_view(&state, t)).collect(),
+    };
+    views.sort_by(|a, b| (&a.job, a.instance, &a.created_at).cmp(&(&b.job, b.instance, &b.created_at)));
+    Ok(Json(views))
+}
+
+async fn get_task(State(app): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<TaskView>> {
+    let id = parse_task_id(&id)?;
+    let state = app.core.state.read();
+    let t = state.tasks.get(&id).ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no task {id}")))?;
+    Ok(Json(task_view(&state, t)))
+}
+
+async fn kill_task(State(app): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<TaskView>> {
+    let id = parse_task_id(&id)?;
+    app.core.submit(Command::KillTask { task: id, by: "task killed by user request".into() }).await?;
+    let state = app.core.state.read();
+    let t = state.tasks.get(&id).ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no task {id}")))?;
+    Ok(Json(task_view(&state, t)))
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    stream: Option<String>,
+    follow: Option<bool>,
+    tail: Option<u64>,
+}
+
+/// Streams a task's log from the agent that holds its sandbox.
+async fn task_logs(State(app): State<AppState>, Path(id): Path<String>, Query(q): Query<LogQuery>) -> ApiResult<Response> {
+    let id = parse_task_id(&id)?;
+    let address = {
+        let state = app.core.state.read();
+        let t = state.tasks.get(&id).ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no task {id}")))?;
+        let agent = t.agent.and_then(|a| state.agents.get(&a)).ok_or_else(|| {
+            ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("task {id} never ran on an agent, so it has no logs"))
+        })?;
+        agent.info.address.clone()
+    };
+    let stream = q.stream.as_deref().unwrap_or("stdout");
+    let mut url = format!("{address}/v1/sandboxes/{id}/logs?stream={stream}&follow={}", q.follow.unwrap_or(false));
+    if let Some(n) = q.tail {
+        url.push_str(&format!("&tail={n}"));
+    }
+    let resp = app.http.get(&url).send().await.map_err(|e| {
+        ApiFailure::new(StatusCode::BAD_GATEWAY, "agent_unreachable", format!("cannot reach the agent at {address}: {e}"))
+    })?;
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+    let mut out = Response::new(Body::from_stream(resp.bytes_stream()));
+    *out.status_mut() = status;
+    if let Some(ct) = content_type {
+        out.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    Ok(out)
+}
+
+async fn list_agents(State(app): State<AppState>) -> Json<Vec<AgentView>> {
+    let state = app.core.state.read();
+    Json(
+        state
+            .agents
+            .values()
+            .map(|a| {
+                let c = &a.info.capacity;
+                AgentView {
+                    id: a.info.id,
+                    hostname: a.info.hostname.clone(),
+                    address: a.info.address.clone(),
+                    version: a.info.version.clone(),
+                    registered_at: rfc3339(a.registered_at),
+                    attributes: a.info.attributes.clone(),
+                    capacity: ResourcesView { cpus: milli_to_cpus_text(c.cpus_milli), mem: ByteSize(c.mem_bytes), disk: ByteSize(c.disk_bytes), ports: c.port_count() },
+                    used: ResourcesView {
+                        cpus: milli_to_cpus_text(a.used.cpus_milli),
+                        mem: ByteSize(a.used.mem_bytes),
+                        disk: ByteSize(a.used.disk_bytes),
+                        ports: a.used_ports.len() as u32,
+                    },
+                    tasks: a.tasks.len(),
+                }
+            })
+            .collect(),
+    )
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    let text = app.core.metrics.render(&app.core.state.read());
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
+}
+
+// ---- agent protocol
+
+async fn register_agent(State(app): State<AppState>, body: Bytes) -> ApiResult<Json<RegisterResponse>> {
+    let req: RegisterRequest = parse_body(&body)?;
+    let id = req.info.id;
+    app.core.submit(Command::RegisterAgent { info: req.info }).await?;
+    app.core.submit(Command::AgentReconcile { agent: id, known: req.known_tasks }).await?;
+    let last_update_seq = app.core.state.read().agents.get(&id).map(|a| a.last_update_seq).unwrap_or(0);
+    Ok(Json(RegisterResponse { master_epoch: app.core.epoch, last_update_seq }))
+}
+
+#[derive(Deserialize)]
+struct OrdersQuery {
+    epoch: Option<u64>,
+    version: Option<u64>,
+    wait_ms: Option<u64>,
+}
+
+/// Long poll: answers at once if the agent's orders changed since `version` (or the master
+/// restarted), else when they change, else after `wait_ms` with the same orders.
+async fn agent_orders(State(app): State<AppState>, Path(id): Path<String>, Query(q): Query<OrdersQuery>) -> ApiResult<Json<Orders>> {
+    let agent: AgentId = id.parse().map_err(|e: String| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", e))?;
+    let epoch = app.core.epoch;
+    let known = q.version.unwrap_or(0);
+    let fresh = q.epoch != Some(epoch);
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000).min(60_000));
+    if !fresh {
+        app.core
+            .wait_agent(agent, wait, |s| s.agents.get(&agent).is_none_or(|a| a.orders_version != known))
+            .await;
+    }
+    let state = app.core.state.read();
+    let a = state.agents.get(&agent).ok_or_else(|| {
+        ApiFailure::new(StatusCode::NOT_FOUND, "unknown_agent", format!("agent {agent} is not registered; register first"))
+    })?;
+    let tasks = state
+        .tasks_on(agent)
+        .filter_map(|t| {
+            let job = state.job_of(t)?;
+            Some(order_for(t, &job.spec.task))
+        })
+        .collect();
+    Ok(Json(Orders { master_epoch: epoch, version: a.orders_version, tasks }))
+}
+
+fn order_for(t: &Task, spec: &TaskSpec) -> Order {
+    Order {
+        task: t.id,
+        job: t.job.clone(),
+        instance: t.instance,
+        desired: t.desired,
+        spec: spec.clone(),
+        ports: spec.ports.iter().cloned().zip(t.ports.iter().copied()).collect(),
+    }
+}
+
+async fn agent_updates(State(app): State<AppState>, body: Bytes) -> ApiResult<Json<UpdatesResponse>> {
+    let req: UpdatesRequest = parse_body(&body)?;
+    let agent = req.agent;
+    let last = req.updates.iter().map(|u| u.seq).max();
+    if last.is_some() {
+        app.core.submit(Command::AgentUpdates { agent: req.agent, updates: req.updates }).await?;
+    }
+    let state = app.core.state.read();
+    let a = state.agents.get(&agent).ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "unknown_agent", format!("agent {agent} is not registered")))?;
+    Ok(Json(UpdatesResponse { acked_seq: a.last_update_seq }))
+}
+
+// ---- views
+
+fn task_view(state: &ClusterState, t: &Task) -> TaskView {
+    let spec_ports = state.job_of(t).map(|j| j.spec.task.ports.clone()).unwrap_or_default();
+    let agent = t.agent.and_then(|a| state.agents.get(&a));
+    TaskView {
+        id: t.id,
+        job: t.job.clone(),
+        instance: t.instance,
+        state: t.state,
+        desired: t.desired,
+        agent_id: t.agent,
+        host: agent.map(|a| a.info.hostname.clone()),
+        ports: spec_ports.into_iter().zip(t.ports.iter().copied()).collect(),
+        pid: t.pid,
+        reason: t.reason.clone(),
+        exit: t.exit.clone(),
+        failures: t.failures,
+        created_at: rfc3339(t.created_at),
+        not_before: (t.state == TaskState::Pending && t.not_before > now()).then(|| rfc3339(t.not_before)),
+        events: t.events.iter().map(|e| TaskEventView { at: rfc3339(e.at), state: e.state, reason: e.reason.clone() }).collect(),
+    }
+}
+
+fn job_view(state: &ClusterState, j: &Job, unplaced: &std::collections::HashMap<TaskId, String>) -> JobView {
+    let mut tasks: BTreeMap<String, u64> = BTreeMap::new();
+    let mut reasons: Vec<String> = Vec::new();
+    let mut all_running = true;
+    for id in j.current.values() {
+        let Some(t) = state.tasks.get(id) else { continue };
+        *tasks.entry(t.state.as_str().to_string()).or_default() += 1;
+        all_running &= t.state == TaskState::Running && t.desired == Desired::Run;
+        if t.state == TaskState::Pending {
+            let why = unplaced.get(id).cloned().unwrap_or_else(|| t.reason.clone());
+            if !reasons.contains(&why) {
+                reasons.push(why);
+            }
+        }
+    }
+    let batch = matches!(j.spec.job_type, JobType::Batch | JobType::Cron);
+    let status = if j.killed.is_some() {
+        "killing"
+    } else if batch && j.finished_at.is_some() {
+        if j.done.values().all(|ok| *ok) {
+            "finished"
+        } else {
+            "failed"
+        }
+    } else if all_running && !j.current.is_empty() {
+        "running"
+    } else {
+        "starting"
+    };
+    JobView {
+        job: j.spec.job.clone(),
+        job_type: j.spec.job_type.as_str().into(),
+        status: status.into(),
+        instances: j.spec.instances,
+        version: j.version,
+        created_at: rfc3339(j.created_at),
+        finished_at: j.finished_at.map(rfc3339),
+        duration_ms: j.finished_at.map(|f| f.since(j.created_at)),
+        tasks,
+        pending_reasons: reasons,
+        spec: (*j.spec).clone(),
+    }
+}

@@ -1,0 +1,111 @@
+//! Prometheus metrics of the master. Gauges that mirror the state (tasks by state, agents) are
+//! computed when scraped; counters and histograms are updated where things happen.
+
+use capstan_model::TaskState;
+use capstan_state::ClusterState;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub tasks: Family<StateLabel, Gauge>,
+    pub agents: Gauge,
+    pub jobs: Gauge,
+    pub store_write_seconds: Histogram,
+    /// Time from a task becoming placeable to its placement being durable.
+    pub placement_latency_seconds: Histogram,
+    pub scheduler_pass_seconds: Histogram,
+    pub placements: Counter,
+    pub placements_refused: Gauge,
+    pub illegal_transitions: Gauge,
+    pub duplicate_updates: Gauge,
+    pub updates_for_unknown_tasks: Gauge,
+    pub command_queue: Gauge,
+    pub log_index: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("capstan");
+        let tasks = Family::<StateLabel, Gauge>::default();
+        registry.register("tasks", "Tasks by state", tasks.clone());
+        let agents = Gauge::default();
+        registry.register("agents", "Registered agents", agents.clone());
+        let jobs = Gauge::default();
+        registry.register("jobs", "Jobs", jobs.clone());
+        let store_write_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 18));
+        registry.register("store_write_seconds", "Time to durably append one batch of commands", store_write_seconds.clone());
+        let placement_latency_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 18));
+        registry.register(
+            "placement_latency_seconds",
+            "Time from a task becoming placeable to its placement being durable",
+            placement_latency_seconds.clone(),
+        );
+        let scheduler_pass_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 18));
+        registry.register("scheduler_pass_seconds", "Time to compute one placement plan", scheduler_pass_seconds.clone());
+        let placements = Counter::default();
+        registry.register("placements", "Tasks placed", placements.clone());
+        let placements_refused = Gauge::default();
+        registry.register("placements_refused", "Placements refused by the plan applier because the state moved on", placements_refused.clone());
+        let illegal_transitions = Gauge::default();
+        registry.register("illegal_transitions", "Task events that made no sense in the task's state (ignored)", illegal_transitions.clone());
+        let duplicate_updates = Gauge::default();
+        registry.register("duplicate_status_updates", "Status updates received again and dropped", duplicate_updates.clone());
+        let updates_for_unknown_tasks = Gauge::default();
+        registry.register("status_updates_unknown_task", "Status updates for tasks the master does not place on that agent", updates_for_unknown_tasks.clone());
+        let command_queue = Gauge::default();
+        registry.register("command_queue", "Commands waiting for the writer", command_queue.clone());
+        let log_index = Gauge::default();
+        registry.register("log_index", "Index of the last command applied", log_index.clone());
+        Metrics {
+            registry,
+            tasks,
+            agents,
+            jobs,
+            store_write_seconds,
+            placement_latency_seconds,
+            scheduler_pass_seconds,
+            placements,
+            placements_refused,
+            illegal_transitions,
+            duplicate_updates,
+            updates_for_unknown_tasks,
+            command_queue,
+            log_index,
+        }
+    }
+
+    /// Refreshes the state mirrors and renders the text format.
+    pub fn render(&self, state: &ClusterState) -> String {
+        let counts = state.task_counts();
+        for s in TaskState::ALL {
+            self.tasks.get_or_create(&StateLabel { state: s.as_str().into() }).set(*counts.get(&s).unwrap_or(&0) as i64);
+        }
+        self.agents.set(state.agents.len() as i64);
+        self.jobs.set(state.jobs.len() as i64);
+        self.placements_refused.set(state.counters.placements_refused as i64);
+        self.illegal_transitions.set(state.counters.illegal_transitions as i64);
+        self.duplicate_updates.set(state.counters.duplicate_updates as i64);
+        self.updates_for_unknown_tasks.set(state.counters.updates_for_unknown_tasks as i64);
+        self.log_index.set(state.index as i64);
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,539 @@
+//! Job files the decoder must refuse, one row each: the input, and every (path, word) the refusal
+//! must contain. Also the JSON form of a few of them, and TOML ⇄ JSON ⇄ `JobSpec` equivalence.
+
+use capstan_model::{parse_json, parse_toml, JobSpec, Problems, ValidationPolicy};
+
+/// What one refusal must say: a problem at `path` whose text (message and hint) contains `word`.
+type Expected<'a> = &'a [(&'a str, &'a str)];
+
+/// Refused, and every expected (path, word) is among the problems; every problem has a message.
+fn check(input: &str, expected: Expected) {
+    check_with(
+        parse_toml(input, &ValidationPolicy::default()),
+        input,
+        expected,
+    );
+}
+
+fn check_json(input: &str, expected: Expected) {
+    check_with(
+        parse_json(input, &ValidationPolicy::default()),
+        input,
+        expected,
+    );
+}
+
+fn check_with(result: Result<JobSpec, Problems>, input: &str, expected: Expected) {
+    let problems = match result {
+        Ok(spec) => panic!("accepted a bad job file:\n{input}\nas {spec:#?}"),
+        Err(p) => p,
+    };
+    assert!(!problems.0.is_empty(), "an empty problem list for\n{input}");
+    for p in &problems.0 {
+        assert!(!p.message.is_empty(), "a problem without a message: {p:?}");
+    }
+    for (path, word) in expected {
+        let found = problems
+            .0
+            .iter()
+            .any(|p| p.path == *path && p.to_string().contains(word));
+        assert!(
+            found,
+            "expected a problem at `{path}` mentioning `{word}` for\n{input}\ngot:\n{problems}",
+        );
+    }
+}
+
+/// A valid file; rows below change one thing in it.
+const GOOD: &str = r#"
+job = "www/prod/hello"
+type = "service"
+instances = 3
+
+[task]
+command = "python3 -m http.server $PORT_HTTP --bind 127.0.0.1"
+user = "nobody"
+cpus = 0.25
+mem = "64MiB"
+disk = "256MiB"
+ports = ["http"]
+kill_grace = "10s"
+
+[task.env]
+GREETING = "hello"
+"#;
+
+/// `GOOD` with the line starting with `key =` replaced (or removed when `with` is empty).
+fn edit(key: &str, with: &str) -> String {
+    let prefix = format!("{key} =");
+    let mut found = false;
+    let lines: Vec<&str> = GOOD
+        .lines()
+        .filter_map(|l| {
+            if l.starts_with(&prefix) {
+                found = true;
+                (!with.is_empty()).then_some(with)
+            } else {
+                Some(l)
+            }
+        })
+        .collect();
+    assert!(found, "no line `{key} = …` in GOOD");
+    lines.join("\n") + "\n"
+}
+
+/// `GOOD` with `text` added at the end (inside `[task.env]` unless it opens a table).
+fn append(text: &str) -> String {
+    format!("{GOOD}{text}\n")
+}
+
+#[test]
+fn the_good_file_is_good() {
+    let spec = parse_toml(GOOD, &ValidationPolicy::default()).unwrap();
+    assert_eq!(spec.instances, 3);
+    assert_eq!(spec.task.cpus_milli, 250);
+    assert_eq!(spec.task.mem.0, 64 << 20);
+    assert_eq!(spec.task.ports, vec!["http".to_string()]);
+    assert_eq!(spec.task.env["GREETING"], "hello");
+}
+
+#[test]
+fn bad_job_files() {
+    let rows: Vec<(&str, String, Expected)> = vec![
+        // --- unknown keys, with and without a did-you-mean hint
+        (
+            "unknown top-level key",
+            format!("colour = \"red\"\n{GOOD}"),
+            &[("colour", "unknown key")],
+        ),
+        (
+            "typo at top level",
+            edit("instances", "instance = 3"),
+            &[("instance", "did you mean `instances`")],
+        ),
+        (
+            "unknown key in [task]",
+            edit("kill_grace", "flavour = \"x\""),
+            &[("task.flavour", "unknown key")],
+        ),
+        (
+            "typo in [task]",
+            edit("command", "comand = \"ls\""),
+            &[
+                ("task.comand", "did you mean `command`"),
+                ("task.command", "required"),
+            ],
+        ),
+        (
+            "unknown key in [health_check]",
+            append("[health_check]\ntype = \"http\"\nport = \"http\"\nintervl = \"5s\"\nbogus = 1"),
+            &[
+                ("health_check.intervl", "did you mean `interval`"),
+                ("health_check.bogus", "unknown key"),
+            ],
+        ),
+        // --- sizes
+        (
+            "decimal unit",
+            edit("mem", "mem = \"12GB\""),
+            &[("task.mem", "GiB")],
+        ),
+        (
+            "size without a unit",
+            edit("mem", "mem = \"12\""),
+            &[("task.mem", "no unit")],
+        ),
+        (
+            "negative size",
+            edit("disk", "disk = \"-1MiB\""),
+            &[("task.disk", "not a size")],
+        ),
+        (
+            "size as an integer",
+            edit("mem", "mem = 12"),
+            &[("task.mem", "12MiB")],
+        ),
+        (
+            "mem below the minimum",
+            edit("mem", "mem = \"1MiB\""),
+            &[("task.mem", "4MiB")],
+        ),
+        // --- cpus
+        (
+            "negative cpus",
+            edit("cpus", "cpus = -1"),
+            &[("task.cpus", "greater than 0")],
+        ),
+        (
+            "zero cpus",
+            edit("cpus", "cpus = 0"),
+            &[("task.cpus", "greater than 0")],
+        ),
+        (
+            "cpus as text",
+            edit("cpus", "cpus = \"a lot\""),
+            &[("task.cpus", "expected a number")],
+        ),
+        (
+            "cpus not finite",
+            edit("cpus", "cpus = nan"),
+            &[("task.cpus", "finite")],
+        ),
+        (
+            "too many cpus",
+            edit("cpus", "cpus = 5000"),
+            &[("task.cpus", "4096")],
+        ),
+        // --- instances
+        (
+            "zero instances",
+            edit("instances", "instances = 0"),
+            &[("instances", "out of range")],
+        ),
+        (
+            "too many instances",
+            edit("instances", "instances = 100001"),
+            &[("instances", "out of range")],
+        ),
+        (
+            "fractional instances",
+            edit("instances", "instances = 1.5"),
+            &[("instances", "whole number")],
+        ),
+        (
+            "instances not finite",
+            edit("instances", "instances = nan"),
+            &[("instances", "finite")],
+        ),
+        // --- job keys
+        (
+            "two-part job key",
+            edit("job", "job = \"www/hello\""),
+            &[("job", "role/environment/name")],
+        ),
+        (
+            "uppercase job key",
+            edit("job", "job = \"WWW/prod/hello\""),
+            &[("job", "lowercase")],
+        ),
+        (
+            "empty part in job key",
+            edit("job", "job = \"www//hello\""),
+            &[("job", "environment is empty")],
+        ),
+        (
+            "bad character in job key",
+            edit("job", "job = \"www/prod/hel.lo\""),
+            &[("job", "`.`")],
+        ),
+        (
+            "four-part job key",
+            edit("job", "job = \"a/b/c/d\""),
+            &[("job", "role/environment/name")],
+        ),
+        (
+            "job key not a string",
+            edit("job", "job = 7"),
+            &[("job", "expected a string")],
+        ),
+        ("missing job key", edit("job", ""), &[("job", "required")]),
+        // --- command and user
+        (
+            "missing command",
+            edit("command", ""),
+            &[("task.command", "required")],
+        ),
+        (
+            "empty command",
+            edit("command", "command = \"   \""),
+            &[("task.command", "empty")],
+        ),
+        (
+            "missing user",
+            edit("user", ""),
+            &[("task.user", "required")],
+        ),
+        (
+            "root user",
+            edit("user", "user = \"root\""),
+            &[("task.user", "root")],
+        ),
+        (
+            "uid 0",
+            edit("user", "user = \"0\""),
+            &[("task.user", "root")],
+        ),
+        (
+            "user with a space",
+            edit("user", "user = \"no body\""),
+            &[("task.user", "not a valid user name")],
+        ),
+        (
+            "a table where a string belongs",
+            edit("user", "user = { name = \"nobody\" }"),
+            &[("task.user", "found a table")],
+        ),
+        (
+            "an array where a string belongs",
+            edit("command", "command = [\"ls\", \"-l\"]"),
+            &[("task.command", "found an array")],
+        ),
+        // --- the [task] table itself
+        (
+            "missing [task]",
+            "job = \"www/prod/hello\"\ninstances = 1\n".to_string(),
+            &[("task", "required")],
+        ),
+        (
+            "task is a string",
+            "job = \"www/prod/hello\"\ntask = \"run\"\n".to_string(),
+            &[("task", "expected a table")],
+        ),
+        // --- ports
+        (
+            "uppercase port name",
+            edit("ports", "ports = [\"HTTP\"]"),
+            &[("task.ports[0]", "not a port name")],
+        ),
+        (
+            "port name starting with a digit",
+            edit("ports", "ports = [\"8080\"]"),
+            &[("task.ports[0]", "not a port name")],
+        ),
+        (
+            "duplicate port",
+            edit("ports", "ports = [\"http\", \"admin\", \"http\"]"),
+            &[("task.ports[2]", "twice")],
+        ),
+        (
+            "ports not an array",
+            edit("ports", "ports = \"http\""),
+            &[("task.ports", "array")],
+        ),
+        // --- environment
+        (
+            "reserved PORT_ variable",
+            append("PORT_X = \"1\""),
+            &[("task.env.PORT_X", "reserved")],
+        ),
+        (
+            "reserved CAPSTAN_ variable",
+            append("CAPSTAN_X = \"1\""),
+            &[("task.env.CAPSTAN_X", "reserved")],
+        ),
+        (
+            "bad variable name",
+            append("\"1ABC\" = \"1\""),
+            &[("task.env.1ABC", "not an environment variable name")],
+        ),
+        (
+            "variable holding a table",
+            append("NESTED = { a = 1 }"),
+            &[("task.env.NESTED", "expected a string")],
+        ),
+        // --- durations
+        (
+            "bad kill_grace",
+            edit("kill_grace", "kill_grace = \"10 parsecs\""),
+            &[("task.kill_grace", "not a duration")],
+        ),
+        (
+            "kill_grace as a number",
+            edit("kill_grace", "kill_grace = 10"),
+            &[("task.kill_grace", "expected a duration")],
+        ),
+        (
+            "kill_grace over an hour",
+            edit("kill_grace", "kill_grace = \"2h\""),
+            &[("task.kill_grace", "longer than an hour")],
+        ),
+        // --- job types
+        (
+            "cron type",
+            edit("type", "type = \"cron\""),
+            &[("type", "not yet supported")],
+        ),
+        (
+            "system type",
+            edit("type", "type = \"system\""),
+            &[("type", "not yet supported")],
+        ),
+        (
+            "unknown type",
+            edit("type", "type = \"daemon\""),
+            &[("type", "not one of")],
+        ),
+        (
+            "cron key on a service",
+            format!("cron = \"* * * * *\"\n{GOOD}"),
+            &[("cron", "only applies")],
+        ),
+        // --- syntax
+        (
+            "unclosed string",
+            edit("user", "user = \"nobody"),
+            &[("line 8, column 15", "not valid TOML")],
+        ),
+        (
+            "missing value",
+            edit("cpus", "cpus = "),
+            &[("line 9, column 8", "not valid TOML")],
+        ),
+        (
+            "duplicate key",
+            edit("mem", "mem = \"64MiB\"\nmem = \"32MiB\""),
+            &[("line 11, column 1", "not valid TOML")],
+        ),
+    ];
+    assert!(rows.len() >= 25);
+    for (name, input, expected) in rows {
+        eprintln!("--- {name}");
+        check(&input, expected);
+    }
+}
+
+/// A person fixing a file wants every mistake at once, not one per attempt.
+#[test]
+fn every_mistake_is_reported_at_once() {
+    let input = r#"
+job = "www/Prod"
+type = "cron"
+instances = 0
+colour = "red"
+
+[task]
+comand = "ls"
+user = "root"
+cpus = -2
+mem = "12GB"
+disk = 12
+ports = ["http", "HTTP", "http"]
+kill_grace = "soon"
+
+[task.env]
+PORT_HTTP = "80"
+CAPSTAN_JOB = "x"
+"#;
+    check(
+        input,
+        &[
+            ("job", "role/environment/name"),
+            ("type", "not yet supported"),
+            ("instances", "out of range"),
+            ("colour", "unknown key"),
+            ("task.comand", "did you mean `command`"),
+            ("task.command", "required"),
+            ("task.user", "root"),
+            ("task.cpus", "greater than 0"),
+            ("task.mem", "GiB"),
+            ("task.disk", "no unit"),
+            ("task.ports[1]", "not a port name"),
+            ("task.ports[2]", "twice"),
+            ("task.kill_grace", "not a duration"),
+            ("task.env.PORT_HTTP", "reserved"),
+            ("task.env.CAPSTAN_JOB", "reserved"),
+        ],
+    );
+}
+
+/// Root is refused by default and allowed only when the operator says so.
+#[test]
+fn root_is_allowed_only_by_policy() {
+    let input = edit("user", "user = \"root\"");
+    assert!(parse_toml(&input, &ValidationPolicy::default()).is_err());
+    let spec = parse_toml(&input, &ValidationPolicy { allow_root: true }).unwrap();
+    assert_eq!(spec.task.user, "root");
+}
+
+#[test]
+fn bad_json_bodies() {
+    let task = r#""command": "ls", "user": "nobody", "cpus": 0.25, "mem": "64MiB", "disk": "0B""#;
+    let rows: Vec<(&str, String, Expected)> = vec![
+        ("unknown key", format!(r#"{{"job": "www/prod/hello", "colour": 1, "task": {{{task}}}}}"#), &[("colour", "unknown key")]),
+        ("typo in task", format!(r#"{{"job": "www/prod/hello", "task": {{{task}, "portz": []}}}}"#), &[("task.portz", "did you mean `ports`")]),
+        (
+            "bad size",
+            r#"{"job": "www/prod/hello", "task": {"command": "ls", "user": "nobody", "cpus": 1, "mem": "12GB", "disk": "0B"}}"#.into(),
+            &[("task.mem", "GiB")],
+        ),
+        (
+            "cpus as a string",
+            r#"{"job": "www/prod/hello", "task": {"command": "ls", "user": "nobody", "cpus": "0.25", "mem": "64MiB", "disk": "0B"}}"#.into(),
+            &[("task.cpus", "expected a number")],
+        ),
+        (
+            "root user",
+            r#"{"job": "www/prod/hello", "task": {"command": "ls", "user": "root", "cpus": 1, "mem": "64MiB", "disk": "0B"}}"#.into(),
+            &[("task.user", "root")],
+        ),
+        ("missing task", r#"{"job": "www/prod/hello"}"#.into(), &[("task", "required")]),
+        ("not an object", "[1, 2, 3]".into(), &[("", "expected a table")]),
+        ("negative instances", format!(r#"{{"job": "www/prod/hello", "instances": -1, "task": {{{task}}}}}"#), &[("instances", "out of range")]),
+        ("huge instances", format!(r#"{{"job": "www/prod/hello", "instances": 18446744073709551615, "task": {{{task}}}}}"#), &[("instances", "whole number")]),
+        ("system type", format!(r#"{{"job": "www/prod/hello", "type": "system", "task": {{{task}}}}}"#), &[("type", "not yet supported")]),
+        ("syntax error", "{\n  \"job\": \"www/prod/hello\",\n  \"task\": {,}\n}".into(), &[("line 3, column 12", "not valid JSON")]),
+        ("empty body", String::new(), &[("line 1, column 0", "not valid JSON")]),
+    ];
+    for (name, input, expected) in rows {
+        eprintln!("--- {name}");
+        check_json(&input, expected);
+    }
+}
+
+/// The same job as a job file and as an API body.
+const GOOD_JSON: &str = r#"{
+  "job": "www/prod/hello",
+  "type": "service",
+  "instances": 3,
+  "task": {
+    "command": "python3 -m http.server $PORT_HTTP --bind 127.0.0.1",
+    "user": "nobody",
+    "cpus": 0.25,
+    "mem": "64MiB",
+    "disk": "256MiB",
+    "ports": ["http"],
+    "kill_grace": "10s",
+    "env": {"GREETING": "hello"}
+  }
+}"#;
+
+#[test]
+fn toml_and_json_decode_to_the_same_spec() {
+    let policy = ValidationPolicy::default();
+    let from_toml = parse_toml(GOOD, &policy).unwrap();
+    let from_json = parse_json(GOOD_JSON, &policy).unwrap();
+    assert_eq!(from_toml, from_json);
+}
+
+/// A spec written as JSON (what the API returns, what the CLI sends) reads back as itself.
+#[test]
+fn a_spec_as_json_parses_back_to_itself() {
+    let policy = ValidationPolicy::default();
+    let batch = r#"
+job = "batch/test/crunch-2"
+type = "batch"
+instances = 7
+max_failures = 0
+priority = -5
+production = true
+
+[task]
+command = "./crunch --part $CAPSTAN_INSTANCE"
+user = "daemon"
+cpus = 1.337
+mem = "4097KiB"
+disk = "1025B"
+kill_grace = "59m 30s 250ms"
+
+[task.env]
+N = 3
+FLAG = true
+"#;
+    for text in [GOOD, batch] {
+        let spec = parse_toml(text, &policy).unwrap();
+        let json = serde_json::to_string_pretty(&spec).unwrap();
+        let back =
+            parse_json(&json, &policy).unwrap_or_else(|e| panic!("{json}\nwas refused:\n{e}"));
+        assert_eq!(back, spec, "{json}");
+    }
+}

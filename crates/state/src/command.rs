@@ -1,0 +1,134 @@
+//! Commands: every change to cluster state is one of these, written to the log before it is
+//! acknowledged and applied by `apply`. They carry everything apply needs (time, seeds), so that
+//! replaying the log rebuilds exactly the same state.
+
+use crate::agent::AgentInfo;
+use capstan_model::{AgentId, JobKey, JobSpec, TaskExit, TaskId, Timestamp};
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+use std::fmt;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// An agent (re-)registers with what it offers.
+    RegisterAgent { info: AgentInfo },
+    /// After an agent (re-)registered: the tasks it still has. Tasks the master thinks are
+    /// starting or running there but that the agent does not have are lost.
+    AgentReconcile { agent: AgentId, known: Vec<TaskId> },
+    /// A new job; its tasks get ids derived from `seed`.
+    CreateJob { spec: JobSpec, seed: u64 },
+    /// Stop every task of the job; the job disappears once they all ended.
+    KillJob { job: JobKey, by: String },
+    /// Stop one task; a service instance gets a fresh task (a restart), a batch instance ends.
+    KillTask { task: TaskId, by: String },
+    /// A plan from the scheduler; each placement is re-checked against the state before it takes.
+    Place { placements: Vec<Placement> },
+    /// Status updates from one agent, in the order the agent produced them.
+    AgentUpdates {
+        agent: AgentId,
+        updates: Vec<StatusUpdate>,
+    },
+}
+
+impl Command {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::RegisterAgent { .. } => "register_agent",
+            Command::AgentReconcile { .. } => "agent_reconcile",
+            Command::CreateJob { .. } => "create_job",
+            Command::KillJob { .. } => "kill_job",
+            Command::KillTask { .. } => "kill_task",
+            Command::Place { .. } => "place",
+            Command::AgentUpdates { .. } => "agent_updates",
+        }
+    }
+}
+
+/// A command as it is logged: stamped with the time the master accepted it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Stamped {
+    pub at: Timestamp,
+    pub command: Command,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub task: TaskId,
+    pub agent: AgentId,
+    /// One port per name in the task spec, in the spec's order.
+    pub ports: Vec<u16>,
+}
+
+/// One change an agent saw; `seq` grows by one per update of that agent, which lets the master
+/// drop duplicates of an at-least-once delivery.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusUpdate {
+    pub seq: u64,
+    pub task: TaskId,
+    pub report: Report,
+    /// The agent's clock when it saw the change.
+    pub at: Timestamp,
+}
+
+/// Tagged by `kind` in JSON; read back field by field from the stored (postcard) form, which cannot
+/// read serde's tagged enums (see `capstan_model::TaskExit`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "Self", tag = "kind", rename_all = "snake_case")]
+pub enum Report {
+    Starting,
+    Running { pid: u32 },
+    Exited { exit: TaskExit },
+}
+
+impl Serialize for Report {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        Report::serialize(self, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Report {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            Report::deserialize(d)
+        } else {
+            d.deserialize_struct("Report", &["kind", "field1"], CompactReport)
+        }
+    }
+}
+
+/// `kind`, then the variant's fields in order: the derived tagged form as postcard writes it.
+struct CompactReport;
+
+impl<'de> Visitor<'de> for CompactReport {
+    type Value = Report;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a status report: kind, then its fields")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Report, A::Error> {
+        fn next<'de, A: SeqAccess<'de>, T: Deserialize<'de>>(
+            seq: &mut A,
+            i: usize,
+        ) -> Result<T, A::Error> {
+            seq.next_element()?
+                .ok_or_else(|| de::Error::invalid_length(i, &CompactReport))
+        }
+        let kind: String = next(&mut seq, 0)?;
+        Ok(match kind.as_str() {
+            "starting" => Report::Starting,
+            "running" => Report::Running {
+                pid: next(&mut seq, 1)?,
+            },
+            "exited" => Report::Exited {
+                exit: next(&mut seq, 1)?,
+            },
+            other => {
+                return Err(de::Error::unknown_variant(
+                    other,
+                    &["starting", "running", "exited"],
+                ))
+            }
+        })
+    }
+}

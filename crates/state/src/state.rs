@@ -1,0 +1,609 @@
+//! The cluster state and the one function that changes it.
+
+use crate::agent::Agent;
+use crate::command::{Command, Placement, Report, Stamped, StatusUpdate};
+use capstan_model::lifecycle::{self, Context, Effect, Event, Outcome, RestartPolicy};
+use capstan_model::{
+    derive_id, AgentId, Desired, JobKey, JobSpec, JobType, TaskExit, TaskId, TaskState, Timestamp,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// How many state changes a task remembers (the first one and the most recent ones).
+pub const TASK_EVENTS_MAX: usize = 12;
+/// Ended tasks kept per instance, for `task list` and debugging; older ones are forgotten.
+pub const ENDED_TASKS_PER_INSTANCE_MAX: usize = 4;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub spec: Arc<JobSpec>,
+    pub version: u32,
+    pub created_at: Timestamp,
+    /// Set when the job was killed: its tasks are stopping and it goes away when they all ended.
+    pub killed: Option<String>,
+    /// Batch: instances that are over for good, and whether they succeeded.
+    pub done: BTreeMap<u32, bool>,
+    pub finished_at: Option<Timestamp>,
+    // --- derived from tasks
+    /// The live (or latest) task of each instance.
+    #[serde(skip)]
+    pub current: BTreeMap<u32, TaskId>,
+    /// All tasks of the job still remembered, per instance, oldest first.
+    #[serde(skip)]
+    pub history: BTreeMap<u32, Vec<TaskId>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskEventRecord {
+    pub at: Timestamp,
+    pub state: TaskState,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: TaskId,
+    /// Creation order across the cluster.
+    pub seq: u64,
+    pub job: JobKey,
+    pub instance: u32,
+    pub job_version: u32,
+    pub state: TaskState,
+    pub desired: Desired,
+    pub agent: Option<AgentId>,
+    pub ports: Vec<u16>,
+    pub pid: Option<u32>,
+    pub reason: String,
+    pub exit: Option<TaskExit>,
+    /// Consecutive failures of this instance before this task.
+    pub failures: u32,
+    /// Not to be placed before this time (restart backoff).
+    pub not_before: Timestamp,
+    pub created_at: Timestamp,
+    pub running_since: Option<Timestamp>,
+    /// Killed by `KillTask` on a service: start a fresh task for the instance once this one ended.
+    pub restart_when_stopped: bool,
+    pub events: Vec<TaskEventRecord>,
+}
+
+impl Task {
+    fn record(&mut self, at: Timestamp, reason: String) {
+        self.reason = reason.clone();
+        let rec = TaskEventRecord {
+            at,
+            state: self.state,
+            reason,
+        };
+        if self.events.len() >= TASK_EVENTS_MAX {
+            // Keep the first event (creation), drop the oldest after it.
+            self.events.remove(1);
+        }
+        self.events.push(rec);
+    }
+}
+
+/// Counters of things that happened and are worth a metric; part of the state so that replay
+/// yields the same numbers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub illegal_transitions: u64,
+    pub duplicate_updates: u64,
+    pub updates_for_unknown_tasks: u64,
+    pub placements_refused: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// The log index of the last command applied.
+    pub index: u64,
+    pub jobs: BTreeMap<JobKey, Job>,
+    pub tasks: BTreeMap<TaskId, Task>,
+    /// Creation counter: orders tasks by creation for rebuilding per-instance history.
+    pub task_seq: u64,
+    pub agents: BTreeMap<AgentId, Agent>,
+    pub counters: Counters,
+    // --- derived
+    /// Tasks waiting for a place, by id.
+    #[serde(skip)]
+    pub pending: BTreeSet<TaskId>,
+}
+
+/// Why a command was refused; nothing changed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("job {0} already exists")]
+    JobExists(JobKey),
+    #[error("no job {0}")]
+    NoSuchJob(JobKey),
+    #[error("no task {0}")]
+    NoSuchTask(TaskId),
+    #[error("no agent {0}")]
+    NoSuchAgent(AgentId),
+    #[error("job {0} is being killed")]
+    JobKilled(JobKey),
+    #[error("invalid command: {0}")]
+    Invalid(String),
+}
+
+/// What applying a command changed, for the shell: whom to wake up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Agents whose orders changed.
+    pub agents_touched: BTreeSet<AgentId>,
+    /// New tasks were created or became pending.
+    pub new_pending: bool,
+    /// Tasks created by this command (CreateJob), in instance order.
+    pub created: Vec<TaskId>,
+    /// Placements that no longer fit and were dropped (Place).
+    pub placements_refused: u32,
+    pub transitions: Vec<(TaskId, TaskState)>,
+}
+
+impl ClusterState {
+    /// The one way to change the state. Deterministic: the same commands in the same order give the
+    /// same state. A refused command changes nothing.
+    pub fn apply(&mut self, stamped: &Stamped) -> Result<Applied, Rejection> {
+        let at = stamped.at;
+        let mut out = Applied::default();
+        match &stamped.command {
+            Command::RegisterAgent { info } => {
+                if info.hostname.is_empty() {
+                    return Err(Rejection::Invalid("an agent must have a hostname".into()));
+                }
+                match self.agents.get_mut(&info.id) {
+                    Some(agent) => {
+                        agent.info = info.clone();
+                        agent.registered_at = at;
+                        agent.orders_version += 1;
+                    }
+                    None => {
+                        self.agents.insert(info.id, Agent::new(info.clone(), at));
+                    }
+                }
+                out.agents_touched.insert(info.id);
+                out.new_pending = true;
+            }
+            Command::AgentReconcile { agent, known } => {
+                let a = self
+                    .agents
+                    .get(agent)
+                    .ok_or(Rejection::NoSuchAgent(*agent))?;
+                let known: BTreeSet<TaskId> = known.iter().copied().collect();
+                let missing: Vec<TaskId> = a
+                    .tasks
+                    .iter()
+                    .filter(|id| !known.contains(id))
+                    .filter(|id| {
+                        self.tasks.get(id).is_some_and(|t| {
+                            matches!(
+                                t.state,
+                                TaskState::Starting | TaskState::Running | TaskState::Killing
+                            )
+                        })
+                    })
+                    .copied()
+                    .collect();
+                for id in missing {
+                    self.step(id, &Event::AgentLost, at, &mut out);
+                }
+            }
+            Command::CreateJob { spec, seed } => {
+                if self.jobs.contains_key(&spec.job) {
+                    return Err(Rejection::JobExists(spec.job.clone()));
+                }
+                let spec = Arc::new(spec.clone());
+                self.jobs.insert(
+                    spec.job.clone(),
+                    Job {
+                        spec: spec.clone(),
+                        version: 1,
+                        created_at: at,
+                        killed: None,
+                        done: BTreeMap::new(),
+                        finished_at: None,
+                        current: BTreeMap::new(),
+                        history: BTreeMap::new(),
+                    },
+                );
+                let mut next = *seed;
+                for instance in 0..spec.instances {
+                    next = derive_id(next);
+                    let id = self.fresh_id(next);
+                    self.create_task(id, &spec.job, instance, 0, at, at);
+                    out.created.push(id);
+                }
+                out.new_pending = true;
+            }
+            Command::KillJob { job, by } => {
+                let j = self
+                    .jobs
+                    .get_mut(job)
+                    .ok_or_else(|| Rejection::NoSuchJob(job.clone()))?;
+                if j.killed.is_none() {
+                    j.killed = Some(by.clone());
+                }
+                let ids: Vec<TaskId> = j.current.values().copied().collect();
+                for id in ids {
+                    self.step(id, &Event::Kill { by: by.clone() }, at, &mut out);
+                }
+                self.forget_job_if_over(job);
+            }
+            Command::KillTask { task, by } => {
+                let t = self.tasks.get(task).ok_or(Rejection::NoSuchTask(*task))?;
+                let restart = !t.state.is_terminal()
+                    && self.jobs.get(&t.job).is_some_and(|j| {
+                        j.killed.is_none()
+                            && matches!(j.spec.job_type, JobType::Service | JobType::System)
+                    });
+                self.step(*task, &Event::Kill { by: by.clone() }, at, &mut out);
+                let t = self.tasks.get_mut(task).expect("task exists");
+                if restart {
+                    t.restart_when_stopped = true;
+                    if t.state.is_terminal() {
+                        self.restart_instance(*task, 0, 0, at, &mut out);
+                    }
+                }
+            }
+            Command::Place { placements } => {
+                for p in placements {
+                    if self.place(p) {
+                        self.step(p.task, &Event::Assign { agent: p.agent }, at, &mut out);
+                    } else {
+                        out.placements_refused += 1;
+                        self.counters.placements_refused += 1;
+                    }
+                }
+            }
+            Command::AgentUpdates { agent, updates } => {
+                if !self.agents.contains_key(agent) {
+                    return Err(Rejection::NoSuchAgent(*agent));
+                }
+                for u in updates {
+                    self.agent_update(*agent, u, at, &mut out);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn fresh_id(&self, mut candidate: u64) -> TaskId {
+        while self.tasks.contains_key(&TaskId(candidate)) {
+            candidate = derive_id(candidate);
+        }
+        TaskId(candidate)
+    }
+
+    fn create_task(
+        &mut self,
+        id: TaskId,
+        job: &JobKey,
+        instance: u32,
+        failures: u32,
+        at: Timestamp,
+        not_before: Timestamp,
+    ) {
+        let j = self.jobs.get_mut(job).expect("job of a new task exists");
+        self.task_seq += 1;
+        let mut task = Task {
+            id,
+            seq: self.task_seq,
+            job: job.clone(),
+            instance,
+            job_version: j.version,
+            state: TaskState::Pending,
+            desired: Desired::Run,
+            agent: None,
+            ports: Vec::new(),
+            pid: None,
+            reason: String::new(),
+            exit: None,
+            failures,
+            not_before,
+            created_at: at,
+            running_since: None,
+            restart_when_stopped: false,
+            events: Vec::new(),
+        };
+        let reason = if not_before > at {
+            format!(
+                "waiting {} ms before restarting (failed {failures} times in a row)",
+                not_before.since(at)
+            )
+        } else {
+            "waiting for a place".to_string()
+        };
+        task.record(at, reason);
+        j.current.insert(instance, id);
+        let history = j.history.entry(instance).or_default();
+        history.push(id);
+        let forgotten: Vec<TaskId> = if history.len() > ENDED_TASKS_PER_INSTANCE_MAX + 1 {
+            history
+                .drain(..history.len() - ENDED_TASKS_PER_INSTANCE_MAX - 1)
+                .collect()
+        } else {
+            vec![]
+        };
+        for old in forgotten {
+            self.tasks.remove(&old);
+        }
+        self.tasks.insert(id, task);
+        self.pending.insert(id);
+    }
+
+    /// Checks a placement against the current state and reserves it. False: nothing changed.
+    fn place(&mut self, p: &Placement) -> bool {
+        let Some(task) = self.tasks.get(&p.task) else {
+            return false;
+        };
+        if task.state != TaskState::Pending || task.desired != Desired::Run {
+            return false;
+        }
+        let Some(job) = self.jobs.get(&task.job) else {
+            return false;
+        };
+        let Some(agent) = self.agents.get_mut(&p.agent) else {
+            return false;
+        };
+        let spec = &job.spec.task;
+        let demand = spec.demand();
+        if p.ports.len() != spec.ports.len() || !agent.fits(&demand) {
+            return false;
+        }
+        let distinct: BTreeSet<u16> = p.ports.iter().copied().collect();
+        if distinct.len() != p.ports.len()
+            || p.ports.iter().any(|port| {
+                agent.used_ports.contains(port)
+                    || !agent.info.capacity.ports.iter().any(|r| r.contains(*port))
+            })
+        {
+            return false;
+        }
+        agent.reserve(p.task, &demand, &p.ports);
+        let task = self.tasks.get_mut(&p.task).expect("checked above");
+        task.agent = Some(p.agent);
+        task.ports = p.ports.clone();
+        true
+    }
+
+    fn agent_update(&mut self, agent: AgentId, u: &StatusUpdate, at: Timestamp, out: &mut Applied) {
+        let a = self.agents.get_mut(&agent).expect("checked by caller");
+        if u.seq <= a.last_update_seq {
+            self.counters.duplicate_updates += 1;
+            return;
+        }
+        a.last_update_seq = u.seq;
+        let Some(task) = self.tasks.get_mut(&u.task) else {
+            self.counters.updates_for_unknown_tasks += 1;
+            return;
+        };
+        if task.agent != Some(agent) {
+            self.counters.updates_for_unknown_tasks += 1;
+            return;
+        }
+        let event = match &u.report {
+            Report::Starting => Event::Starting,
+            Report::Running { pid } => {
+                if task.state.holds_resources() {
+                    task.pid = Some(*pid);
+                }
+                Event::Running { pid: *pid }
+            }
+            Report::Exited { exit } => Event::Exited(exit.clone()),
+        };
+        self.step(u.task, &event, at, out);
+    }
+
+    /// Runs one lifecycle transition on a task and carries out its effects, in order.
+    fn step(&mut self, id: TaskId, event: &Event, at: Timestamp, out: &mut Applied) {
+        let Some(task) = self.tasks.get(&id) else {
+            return;
+        };
+        let Some(job) = self.jobs.get(&task.job) else {
+            return;
+        };
+        let cx = Context {
+            now: at,
+            running_since: task.running_since,
+            failures: task.failures,
+            policy: RestartPolicy {
+                job_type: job.spec.job_type,
+                max_failures: job.spec.max_failures,
+            },
+        };
+        let t = lifecycle::transition(task.state, task.desired, event, &cx);
+        match t.outcome {
+            Outcome::Illegal => {
+                self.counters.illegal_transitions += 1;
+                return;
+            }
+            Outcome::Ignored => return,
+            Outcome::Applied => {}
+        }
+        let demand = job.spec.task.demand();
+        let job_key = task.job.clone();
+        let task = self.tasks.get_mut(&id).expect("exists");
+        let desired_changed = task.desired != t.desired;
+        task.state = t.state;
+        task.desired = t.desired;
+        if t.state == TaskState::Running && task.running_since.is_none() {
+            task.running_since = Some(at);
+        }
+        if let Event::Exited(exit) = event {
+            task.exit = Some(exit.clone());
+        }
+        if t.state.is_terminal() {
+            task.pid = None;
+        }
+        if let Some(reason) = t.reason {
+            task.record(at, reason);
+        }
+        if t.state != TaskState::Pending {
+            self.pending.remove(&id);
+        }
+        out.transitions.push((id, t.state));
+        let agent_id = task.agent;
+        let ports = task.ports.clone();
+        let restart_when_stopped = task.restart_when_stopped;
+        if desired_changed {
+            if let Some(a) = agent_id.and_then(|a| self.agents.get_mut(&a)) {
+                a.orders_version += 1;
+                out.agents_touched.insert(a.info.id);
+            }
+        }
+        for effect in &t.effects {
+            match effect {
+                Effect::Launch => {
+                    if let Some(a) = agent_id.and_then(|a| self.agents.get_mut(&a)) {
+                        a.orders_version += 1;
+                        out.agents_touched.insert(a.info.id);
+                    }
+                }
+                Effect::Kill => {} // the agent sees desired = Stop in its orders (above)
+                Effect::Release => {
+                    if let Some(a) = agent_id.and_then(|a| self.agents.get_mut(&a)) {
+                        a.release(id, &demand, &ports);
+                        a.orders_version += 1;
+                        out.agents_touched.insert(a.info.id);
+                    }
+                }
+                Effect::Replace { delay_ms, failures } => {
+                    self.restart_instance(id, *delay_ms, *failures, at, out);
+                }
+                Effect::InstanceDone { success } => {
+                    let task = &self.tasks[&id];
+                    let instance = task.instance;
+                    let j = self.jobs.get_mut(&job_key).expect("exists");
+                    j.done.insert(instance, *success);
+                    if j.done.len() as u32 == j.spec.instances && j.finished_at.is_none() {
+                        j.finished_at = Some(at);
+                    }
+                }
+            }
+        }
+        if t.state.is_terminal() && restart_when_stopped {
+            self.restart_instance(id, 0, 0, at, out);
+        } else if t.state == TaskState::Killed {
+            // A batch instance stopped on request is over, as a failure.
+            let instance = self.tasks[&id].instance;
+            if let Some(j) = self.jobs.get_mut(&job_key) {
+                if j.killed.is_none() && matches!(j.spec.job_type, JobType::Batch | JobType::Cron) {
+                    j.done.insert(instance, false);
+                    if j.done.len() as u32 == j.spec.instances && j.finished_at.is_none() {
+                        j.finished_at = Some(at);
+                    }
+                }
+            }
+        }
+        if t.state.is_terminal() {
+            self.forget_job_if_over(&job_key);
+        }
+    }
+
+    /// Starts a fresh task for the instance of `old`, unless the job is gone or being killed, or
+    /// the instance already moved on.
+    fn restart_instance(
+        &mut self,
+        old: TaskId,
+        delay_ms: u64,
+        failures: u32,
+        at: Timestamp,
+        out: &mut Applied,
+    ) {
+        let task = &self.tasks[&old];
+        let (job_key, instance) = (task.job.clone(), task.instance);
+        let Some(job) = self.jobs.get(&job_key) else {
+            return;
+        };
+        if job.killed.is_some()
+            || job.current.get(&instance) != Some(&old)
+            || instance >= job.spec.instances
+        {
+            return;
+        }
+        let id = self.fresh_id(derive_id(old.0));
+        self.create_task(id, &job_key, instance, failures, at, at.plus_ms(delay_ms));
+        out.new_pending = true;
+    }
+
+    fn forget_job_if_over(&mut self, job: &JobKey) {
+        let Some(j) = self.jobs.get(job) else { return };
+        if j.killed.is_none() {
+            return;
+        }
+        let live = j
+            .current
+            .values()
+            .any(|id| self.tasks.get(id).is_some_and(|t| !t.state.is_terminal()));
+        if live {
+            return;
+        }
+        let j = self.jobs.remove(job).expect("exists");
+        for ids in j.history.values() {
+            for id in ids {
+                self.tasks.remove(id);
+                self.pending.remove(id);
+            }
+        }
+    }
+
+    /// Recomputes everything marked "derived" from the primary records (after loading a snapshot).
+    pub fn rebuild_derived(&mut self) {
+        self.pending.clear();
+        for agent in self.agents.values_mut() {
+            agent.used = Default::default();
+            agent.used_ports.clear();
+            agent.tasks.clear();
+        }
+        for job in self.jobs.values_mut() {
+            job.current.clear();
+            job.history.clear();
+        }
+        let mut ids: Vec<&Task> = self.tasks.values().collect();
+        ids.sort_by_key(|t| t.seq);
+        for t in ids {
+            if let Some(job) = self.jobs.get_mut(&t.job) {
+                job.current.insert(t.instance, t.id);
+                job.history.entry(t.instance).or_default().push(t.id);
+                if t.state == TaskState::Pending {
+                    self.pending.insert(t.id);
+                }
+                if t.state.holds_resources() {
+                    if let Some(a) = t.agent.and_then(|a| self.agents.get_mut(&a)) {
+                        a.reserve(t.id, &job.spec.task.demand(), &t.ports);
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- queries
+
+    /// What one agent must run: the tasks that hold resources on it, with their desired state.
+    pub fn tasks_on(&self, agent: AgentId) -> impl Iterator<Item = &Task> {
+        self.agents
+            .get(&agent)
+            .into_iter()
+            .flat_map(move |a| a.tasks.iter().filter_map(|id| self.tasks.get(id)))
+    }
+
+    pub fn job_of(&self, task: &Task) -> Option<&Job> {
+        self.jobs.get(&task.job)
+    }
+
+    pub fn tasks_of<'a>(&'a self, job: &'a Job) -> impl Iterator<Item = &'a Task> + 'a {
+        job.history
+            .values()
+            .flatten()
+            .filter_map(|id| self.tasks.get(id))
+    }
+
+    /// Counts of tasks by state across the cluster.
+    pub fn task_counts(&self) -> BTreeMap<TaskState, u64> {
+        let mut m = BTreeMap::new();
+        for t in self.tasks.values() {
+            *m.entry(t.state).or_insert(0) += 1;
+        }
+        m
+    }
+}

@@ -1,0 +1,895 @@
+//! Random histories of the cluster, applied through `ClusterState::apply`, with the state's
+//! invariants checked after every command and replay checked at the end: the same log gives the
+//! same bytes, from the start or from a snapshot taken anywhere.
+//!
+//! Commands are built from the state as it is at that moment (a first-fit placer, status updates
+//! for tasks that are on agents), and some are wrong on purpose (over-commits, ports taken twice,
+//! duplicate sequence numbers, unknown ids) to check that apply refuses them and changes nothing.
+
+mod common;
+
+use capstan_model::{AgentId, JobKey, PortRange, TaskExit, TaskId, TaskState};
+use capstan_state::{
+    decode_command, decode_snapshot, encode_command, encode_snapshot, ClusterState, Command,
+    Placement, Report, Stamped, StatusUpdate,
+};
+use common::{agent_info, stamped, JobShape, MIB};
+use proptest::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
+
+const AGENTS_MAX: u64 = 4;
+const JOBS_MAX: u8 = 5;
+
+/// One step of a history, before it is turned into a command against the current state.
+#[derive(Clone, Debug)]
+enum Op {
+    RegisterAgent {
+        id: u64,
+        cpus_milli: u32,
+        mem_mib: u64,
+        disk_mib: u64,
+        port_first: u16,
+        port_count: u16,
+        split: bool,
+    },
+    /// The same agent again, same capacity, new address and version (an agent restart).
+    ReRegister {
+        pick: usize,
+    },
+    CreateJob {
+        name: u8,
+        batch: bool,
+        instances: u32,
+        max_failures: u32,
+        cpus_milli: u32,
+        mem_mib: u64,
+        disk_mib: u64,
+        ports: u32,
+        seed: u64,
+    },
+    /// First-fit every pending task that may be placed now.
+    PlaceFirstFit,
+    /// First-fit without counting what this very plan already took: apply must refuse what no longer fits.
+    PlaceNaive,
+    /// One placement that must be refused.
+    PlaceBad {
+        pick: usize,
+        how: BadPlacement,
+    },
+    Updates {
+        agent_pick: usize,
+        updates: Vec<(usize, ReportKind)>,
+        duplicate: bool,
+    },
+    /// An update for a task that the agent does not run.
+    UpdateUnknown {
+        agent_pick: usize,
+        task: u64,
+    },
+    KillTask {
+        pick: usize,
+        unknown: bool,
+    },
+    KillJob {
+        name: u8,
+    },
+    Wait {
+        ms: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+enum BadPlacement {
+    /// On an agent where it does not fit.
+    OverCommit,
+    /// A port another task holds on that agent.
+    TakenPort,
+    /// A port outside the agent's ranges.
+    PortOutOfRange,
+    /// The same port twice in one placement.
+    SamePortTwice,
+    /// One port too many.
+    WrongPortCount,
+    UnknownAgent,
+    UnknownTask,
+    /// A task that is not pending.
+    NotPending,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum ReportKind {
+    Starting,
+    Running,
+    Exited(i32),
+    Killed,
+    Signaled,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let register = (
+        1..=AGENTS_MAX,
+        500u32..4000,
+        64u64..2048,
+        0u64..2048,
+        31000u16..31100,
+        0u16..6,
+        any::<bool>(),
+    )
+        .prop_map(
+            |(id, cpus_milli, mem_mib, disk_mib, port_first, port_count, split)| {
+                Op::RegisterAgent {
+                    id,
+                    cpus_milli,
+                    mem_mib,
+                    disk_mib,
+                    port_first,
+                    port_count,
+                    split,
+                }
+            },
+        );
+    let create = (
+        0..JOBS_MAX,
+        any::<bool>(),
+        1u32..5,
+        0u32..3,
+        100u32..1500,
+        4u64..600,
+        0u64..600,
+        0u32..3,
+        any::<u64>(),
+    )
+        .prop_map(
+            |(name, batch, instances, max_failures, cpus_milli, mem_mib, disk_mib, ports, seed)| {
+                Op::CreateJob {
+                    name,
+                    batch,
+                    instances,
+                    max_failures,
+                    cpus_milli,
+                    mem_mib,
+                    disk_mib,
+                    ports,
+                    seed,
+                }
+            },
+        );
+    let bad = prop_oneof![
+        Just(BadPlacement::OverCommit),
+        Just(BadPlacement::TakenPort),
+        Just(BadPlacement::PortOutOfRange),
+        Just(BadPlacement::SamePortTwice),
+        Just(BadPlacement::WrongPortCount),
+        Just(BadPlacement::UnknownAgent),
+        Just(BadPlacement::UnknownTask),
+        Just(BadPlacement::NotPending),
+    ];
+    let report = prop_oneof![
+        3 => Just(ReportKind::Starting),
+        4 => Just(ReportKind::Running),
+        3 => (0i32..4).prop_map(ReportKind::Exited),
+        2 => Just(ReportKind::Killed),
+        1 => Just(ReportKind::Signaled),
+    ];
+    prop_oneof![
+        3 => register,
+        1 => any::<usize>().prop_map(|pick| Op::ReRegister { pick }),
+        3 => create,
+        5 => Just(Op::PlaceFirstFit),
+        1 => Just(Op::PlaceNaive),
+        2 => (any::<usize>(), bad).prop_map(|(pick, how)| Op::PlaceBad { pick, how }),
+        8 => (any::<usize>(), prop::collection::vec((any::<usize>(), report), 1..4), prop::bool::weighted(0.15))
+            .prop_map(|(agent_pick, updates, duplicate)| Op::Updates { agent_pick, updates, duplicate }),
+        1 => (any::<usize>(), any::<u64>()).prop_map(|(agent_pick, task)| Op::UpdateUnknown { agent_pick, task }),
+        2 => (any::<usize>(), prop::bool::weighted(0.1)).prop_map(|(pick, unknown)| Op::KillTask { pick, unknown }),
+        1 => (0..JOBS_MAX).prop_map(|name| Op::KillJob { name }),
+        2 => (0u64..30_000).prop_map(|ms| Op::Wait { ms }),
+    ]
+}
+
+fn job_key(name: u8) -> JobKey {
+    format!("app/test/job{name}").parse().unwrap()
+}
+
+fn pick<T: Clone>(items: &[T], i: usize) -> Option<T> {
+    (!items.is_empty()).then(|| items[i % items.len()].clone())
+}
+
+/// What one command should do, beyond the invariants that always hold.
+#[derive(Debug, Default)]
+struct Expect {
+    /// The command must be refused as a whole.
+    rejected: bool,
+    /// Every placement in the command must take.
+    all_placed: bool,
+    /// The one placement in the command must be refused, and its task must stay pending.
+    placement_refused: Option<TaskId>,
+    /// This many of the updates are duplicates (seq already seen).
+    duplicates: u64,
+}
+
+/// Free ports of an agent, lowest first, leaving out `taken`.
+fn free_ports(state: &ClusterState, agent: AgentId, taken: &BTreeSet<u16>) -> Vec<u16> {
+    let a = &state.agents[&agent];
+    a.info
+        .capacity
+        .ports
+        .iter()
+        .flat_map(|r| r.first..=r.last)
+        .filter(|p| !a.used_ports.contains(p) && !taken.contains(p))
+        .collect()
+}
+
+/// A reference first-fit placer, computed from the state alone. With `count_plan` false it forgets
+/// what earlier placements of the same plan took (so some of its placements must be refused).
+fn first_fit(state: &ClusterState, now: u64, count_plan: bool) -> Vec<Placement> {
+    let mut used: BTreeMap<AgentId, (u64, u64, u64, BTreeSet<u16>)> = state
+        .agents
+        .iter()
+        .map(|(id, a)| {
+            (
+                *id,
+                (
+                    u64::from(a.used.cpus_milli),
+                    a.used.mem_bytes,
+                    a.used.disk_bytes,
+                    BTreeSet::new(),
+                ),
+            )
+        })
+        .collect();
+    let mut out = Vec::new();
+    for id in &state.pending {
+        let task = &state.tasks[id];
+        if task.not_before.0 > now {
+            continue;
+        }
+        let spec = &state.jobs[&task.job].spec.task;
+        for (agent_id, agent) in &state.agents {
+            let (cpus, mem, disk, plan_ports) = used.get(agent_id).cloned().unwrap();
+            let cap = &agent.info.capacity;
+            let free = free_ports(state, *agent_id, &plan_ports);
+            if cpus + u64::from(spec.cpus_milli) > u64::from(cap.cpus_milli)
+                || mem + spec.mem.0 > cap.mem_bytes
+                || disk + spec.disk.0 > cap.disk_bytes
+                || free.len() < spec.ports.len()
+            {
+                continue;
+            }
+            let ports: Vec<u16> = free[..spec.ports.len()].to_vec();
+            if count_plan {
+                let u = used.get_mut(agent_id).unwrap();
+                u.0 += u64::from(spec.cpus_milli);
+                u.1 += spec.mem.0;
+                u.2 += spec.disk.0;
+                u.3.extend(ports.iter().copied());
+            }
+            out.push(Placement {
+                task: *id,
+                agent: *agent_id,
+                ports,
+            });
+            break;
+        }
+    }
+    out
+}
+
+/// A placement that apply must refuse, or None when the state offers no way to build one.
+fn bad_placement(state: &ClusterState, i: usize, how: BadPlacement) -> Option<Placement> {
+    let pending: Vec<TaskId> = state.pending.iter().copied().collect();
+    let agents: Vec<AgentId> = state.agents.keys().copied().collect();
+    let demand_of = |t: TaskId| state.jobs[&state.tasks[&t].job].spec.task.demand();
+    let task = pick(&pending, i);
+    let agent = pick(&agents, i / 7);
+    match how {
+        BadPlacement::OverCommit => {
+            let task = task?;
+            let d = demand_of(task);
+            let agent = agents.iter().copied().find(|a| !state.agents[a].fits(&d))?;
+            let ports = free_ports(state, agent, &BTreeSet::new())
+                .into_iter()
+                .take(d.ports as usize)
+                .collect();
+            Some(Placement { task, agent, ports })
+        }
+        BadPlacement::TakenPort => {
+            let task = pending.iter().copied().find(|t| demand_of(*t).ports > 0)?;
+            let d = demand_of(task);
+            let agent = agents
+                .iter()
+                .copied()
+                .find(|a| !state.agents[a].used_ports.is_empty())?;
+            let taken = *state.agents[&agent].used_ports.iter().next().unwrap();
+            let mut ports = vec![taken];
+            ports.extend(
+                free_ports(state, agent, &BTreeSet::new())
+                    .into_iter()
+                    .take(d.ports as usize - 1),
+            );
+            (ports.len() == d.ports as usize).then_some(Placement { task, agent, ports })
+        }
+        BadPlacement::PortOutOfRange => {
+            let task = pending.iter().copied().find(|t| demand_of(*t).ports > 0)?;
+            let d = demand_of(task);
+            let agent = agent?;
+            // Agents' ranges lie within 31000..31200; port 80 never does.
+            let mut ports = vec![80];
+            ports.extend(
+                free_ports(state, agent, &BTreeSet::new())
+                    .into_iter()
+                    .take(d.ports as usize - 1),
+            );
+            (ports.len() == d.ports as usize).then_some(Placement { task, agent, ports })
+        }
+        BadPlacement::SamePortTwice => {
+            let task = pending.iter().copied().find(|t| demand_of(*t).ports >= 2)?;
+            let agent = agent?;
+            let free = free_ports(state, agent, &BTreeSet::new());
+            let p = *free.first()?;
+            let mut ports = vec![p; 2];
+            ports.extend(free.iter().skip(1).take(demand_of(task).ports as usize - 2));
+            Some(Placement { task, agent, ports })
+        }
+        BadPlacement::WrongPortCount => {
+            let task = task?;
+            let agent = agent?;
+            let want = demand_of(task).ports as usize + 1;
+            let ports: Vec<u16> = free_ports(state, agent, &BTreeSet::new())
+                .into_iter()
+                .take(want)
+                .collect();
+            (ports.len() == want).then_some(Placement { task, agent, ports })
+        }
+        BadPlacement::UnknownAgent => {
+            let task = task?;
+            let ports = (0..demand_of(task).ports as u16)
+                .map(|p| 31000 + p)
+                .collect();
+            Some(Placement {
+                task,
+                agent: AgentId(999),
+                ports,
+            })
+        }
+        BadPlacement::UnknownTask => Some(Placement {
+            task: TaskId(0xdead),
+            agent: agent?,
+            ports: vec![],
+        }),
+        BadPlacement::NotPending => {
+            let ids: Vec<TaskId> = state
+                .tasks
+                .values()
+                .filter(|t| t.state != TaskState::Pending)
+                .map(|t| t.id)
+                .collect();
+            let task = pick(&ids, i)?;
+            let agent = agent?;
+            let ports = free_ports(state, agent, &BTreeSet::new())
+                .into_iter()
+                .take(demand_of(task).ports as usize)
+                .collect();
+            Some(Placement { task, agent, ports })
+        }
+    }
+}
+
+fn report(kind: ReportKind, seq: u64) -> Report {
+    match kind {
+        ReportKind::Starting => Report::Starting,
+        ReportKind::Running => Report::Running {
+            pid: 1000 + seq as u32,
+        },
+        ReportKind::Exited(code) => Report::Exited {
+            exit: TaskExit::Exited { code },
+        },
+        ReportKind::Killed => Report::Exited {
+            exit: TaskExit::Killed { by: "agent".into() },
+        },
+        ReportKind::Signaled => Report::Exited {
+            exit: TaskExit::Signaled { signal: 9 },
+        },
+    }
+}
+
+/// Turns one op into a command against the current state; None when the state offers nothing to do.
+fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)> {
+    let agents: Vec<AgentId> = state.agents.keys().copied().collect();
+    let mut expect = Expect::default();
+    let command = match op {
+        Op::RegisterAgent {
+            id,
+            cpus_milli,
+            mem_mib,
+            disk_mib,
+            port_first,
+            port_count,
+            split,
+        } => {
+            if state.agents.contains_key(&AgentId(*id)) {
+                return None; // a new capacity under running tasks is not what this test is about
+            }
+            let mut ports = Vec::new();
+            if *port_count > 0 {
+                let last = port_first + port_count - 1;
+                if *split && *port_count > 1 {
+                    let mid = port_first + port_count / 2;
+                    ports.push(PortRange {
+                        first: *port_first,
+                        last: mid - 1,
+                    });
+                    ports.push(PortRange {
+                        first: mid + 50,
+                        last: last + 50,
+                    });
+                } else {
+                    ports.push(PortRange {
+                        first: *port_first,
+                        last,
+                    });
+                }
+            }
+            let info = agent_info(*id, *cpus_milli, mem_mib * MIB, disk_mib * MIB, ports);
+            Command::RegisterAgent { info }
+        }
+        Op::ReRegister { pick: i } => {
+            let id = pick(&agents, *i)?;
+            let mut info = state.agents[&id].info.clone();
+            info.address = format!("http://10.0.1.{}:5051", id.0);
+            info.version = format!("{now}");
+            if now % 5 == 3 {
+                info.hostname.clear();
+                expect.rejected = true;
+            }
+            Command::RegisterAgent { info }
+        }
+        Op::CreateJob {
+            name,
+            batch,
+            instances,
+            max_failures,
+            cpus_milli,
+            mem_mib,
+            disk_mib,
+            ports,
+            seed,
+        } => {
+            let shape = JobShape {
+                job_type: if *batch {
+                    capstan_model::JobType::Batch
+                } else {
+                    capstan_model::JobType::Service
+                },
+                instances: *instances,
+                max_failures: *max_failures,
+                cpus_milli: *cpus_milli,
+                mem_bytes: mem_mib * MIB,
+                disk_bytes: disk_mib * MIB,
+                ports: *ports,
+            };
+            expect.rejected = state.jobs.contains_key(&job_key(*name));
+            Command::CreateJob {
+                spec: shape.spec(&job_key(*name).to_string()),
+                seed: *seed,
+            }
+        }
+        Op::PlaceFirstFit => {
+            let placements = first_fit(state, now, true);
+            if placements.is_empty() {
+                return None;
+            }
+            expect.all_placed = true;
+            Command::Place { placements }
+        }
+        Op::PlaceNaive => {
+            let placements = first_fit(state, now, false);
+            if placements.is_empty() {
+                return None;
+            }
+            Command::Place { placements }
+        }
+        Op::PlaceBad { pick, how } => {
+            let p = bad_placement(state, *pick, *how)?;
+            expect.placement_refused = Some(p.task);
+            Command::Place {
+                placements: vec![p],
+            }
+        }
+        Op::Updates {
+            agent_pick,
+            updates,
+            duplicate,
+        } => {
+            let agent = pick(&agents, *agent_pick)?;
+            let on_agent: Vec<TaskId> = state
+                .tasks
+                .values()
+                .filter(|t| t.agent == Some(agent))
+                .map(|t| t.id)
+                .collect();
+            let last = state.agents[&agent].last_update_seq;
+            let mut seq = last;
+            let mut out = Vec::new();
+            for (i, kind) in updates {
+                let task = pick(&on_agent, *i)?;
+                seq += 1;
+                out.push(StatusUpdate {
+                    seq,
+                    task,
+                    report: report(*kind, seq),
+                    at: capstan_model::Timestamp(now),
+                });
+            }
+            if *duplicate && last > 0 {
+                // A redelivery of updates already applied: the seq says so, whatever they carry.
+                for u in &mut out {
+                    u.seq = last;
+                }
+                expect.duplicates = out.len() as u64;
+            }
+            Command::AgentUpdates {
+                agent,
+                updates: out,
+            }
+        }
+        Op::UpdateUnknown { agent_pick, task } => {
+            let (agent, rejected) = match pick(&agents, *agent_pick) {
+                Some(a) => (a, false),
+                None => (AgentId(777), true),
+            };
+            expect.rejected = rejected;
+            let seq = state
+                .agents
+                .get(&agent)
+                .map_or(1, |a| a.last_update_seq + 1);
+            let update = StatusUpdate {
+                seq,
+                task: TaskId(*task),
+                report: Report::Starting,
+                at: capstan_model::Timestamp(now),
+            };
+            Command::AgentUpdates {
+                agent,
+                updates: vec![update],
+            }
+        }
+        Op::KillTask { pick: i, unknown } => {
+            let ids: Vec<TaskId> = state.tasks.keys().copied().collect();
+            let task = match pick(&ids, *i) {
+                Some(t) if !unknown => t,
+                _ => {
+                    expect.rejected = true;
+                    TaskId(0xdead_beef)
+                }
+            };
+            Command::KillTask {
+                task,
+                by: "test".into(),
+            }
+        }
+        Op::KillJob { name } => {
+            expect.rejected = !state.jobs.contains_key(&job_key(*name));
+            Command::KillJob {
+                job: job_key(*name),
+                by: "test".into(),
+            }
+        }
+        Op::Wait { .. } => return None,
+    };
+    Some((command, expect))
+}
+
+/// The derived fields, as apply keeps them and as `rebuild_derived` computes them, must agree.
+fn check_derived(state: &ClusterState) -> Result<(), TestCaseError> {
+    let mut rebuilt = state.clone();
+    rebuilt.rebuild_derived();
+    prop_assert_eq!(&state.pending, &rebuilt.pending, "pending");
+    for (id, a) in &state.agents {
+        let r = &rebuilt.agents[id];
+        prop_assert_eq!(a.used, r.used, "agent {} used", id);
+        prop_assert_eq!(&a.used_ports, &r.used_ports, "agent {} used_ports", id);
+        prop_assert_eq!(&a.tasks, &r.tasks, "agent {} tasks", id);
+    }
+    for (key, j) in &state.jobs {
+        let r = &rebuilt.jobs[key];
+        prop_assert_eq!(&j.current, &r.current, "job {} current", key);
+        prop_assert_eq!(&j.history, &r.history, "job {} history", key);
+    }
+    // Nothing else differs (orders_version is not rebuilt; the clone keeps it).
+    prop_assert!(*state == rebuilt, "rebuild_derived changed something else");
+    Ok(())
+}
+
+/// Invariants of any state apply produces.
+fn check_invariants(state: &ClusterState) -> Result<(), TestCaseError> {
+    for (id, a) in &state.agents {
+        let cap = &a.info.capacity;
+        prop_assert!(
+            a.used.cpus_milli <= cap.cpus_milli,
+            "agent {} cpus over-committed",
+            id
+        );
+        prop_assert!(
+            a.used.mem_bytes <= cap.mem_bytes,
+            "agent {} mem over-committed",
+            id
+        );
+        prop_assert!(
+            a.used.disk_bytes <= cap.disk_bytes,
+            "agent {} disk over-committed",
+            id
+        );
+        prop_assert!(
+            a.used_ports.len() as u32 <= cap.port_count(),
+            "agent {} ports over-committed",
+            id
+        );
+        // Ports held by the tasks on the agent: in its ranges, none twice.
+        let mut seen = BTreeSet::new();
+        for t in state
+            .tasks
+            .values()
+            .filter(|t| t.agent == Some(*id) && t.state.holds_resources())
+        {
+            prop_assert_eq!(
+                t.ports.len(),
+                state.jobs[&t.job].spec.task.ports.len(),
+                "task {} ports",
+                t.id
+            );
+            for p in &t.ports {
+                prop_assert!(
+                    cap.ports.iter().any(|r| r.contains(*p)),
+                    "port {} outside agent {}'s ranges",
+                    p,
+                    id
+                );
+                prop_assert!(seen.insert(*p), "port {} used twice on agent {}", p, id);
+            }
+        }
+        prop_assert_eq!(
+            &seen,
+            &a.used_ports,
+            "agent {}: used_ports vs the tasks' ports",
+            id
+        );
+    }
+    // At most one live task per (job, instance); every task belongs to a job that has it in its history.
+    let mut live: BTreeSet<(JobKey, u32)> = BTreeSet::new();
+    for t in state.tasks.values() {
+        let job = state.jobs.get(&t.job);
+        prop_assert!(job.is_some(), "task {} of a job that is gone", t.id);
+        prop_assert!(
+            t.instance < job.unwrap().spec.instances,
+            "task {} instance out of range",
+            t.id
+        );
+        if !t.state.is_terminal() {
+            prop_assert!(
+                live.insert((t.job.clone(), t.instance)),
+                "two live tasks for {} instance {}",
+                t.job,
+                t.instance
+            );
+        }
+        prop_assert_eq!(
+            t.state.holds_resources(),
+            t.agent
+                .is_some_and(|a| state.agents[&a].tasks.contains(&t.id))
+        );
+        prop_assert!(t.events.len() <= capstan_state::state::TASK_EVENTS_MAX);
+    }
+    for j in state.jobs.values() {
+        if j.finished_at.is_some() {
+            prop_assert_eq!(
+                j.done.len() as u32,
+                j.spec.instances,
+                "job {} finished early",
+                j.spec.job
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Applies `c` and checks everything that must hold after any command.
+fn apply_checked(
+    state: &mut ClusterState,
+    c: &Stamped,
+    expect: &Expect,
+) -> Result<bool, TestCaseError> {
+    // (f) the stored form reads back as the command.
+    let bytes = encode_command(c);
+    prop_assert_eq!(&decode_command(&bytes).unwrap(), c);
+
+    let before = state.clone();
+    let before_bytes = encode_snapshot(state);
+    let result = state.apply(c);
+    match &result {
+        Err(rejection) => {
+            prop_assert!(
+                expect.rejected,
+                "refused unexpectedly: {} for {:?}",
+                rejection,
+                c.command
+            );
+            // (g) a refused command changes nothing.
+            prop_assert_eq!(&encode_snapshot(state), &before_bytes);
+            prop_assert!(*state == before, "a refused command changed the state");
+        }
+        Ok(applied) => {
+            prop_assert!(
+                !expect.rejected,
+                "accepted a command that must be refused: {:?}",
+                c.command
+            );
+            if expect.all_placed {
+                prop_assert_eq!(
+                    applied.placements_refused,
+                    0,
+                    "first-fit placements refused: {:?}",
+                    c.command
+                );
+            }
+            if let Some(task) = expect.placement_refused {
+                prop_assert_eq!(
+                    applied.placements_refused,
+                    1,
+                    "a bad placement took: {:?}",
+                    c.command
+                );
+                if let Some(t) = before.tasks.get(&task) {
+                    prop_assert_eq!(
+                        &state.tasks[&task],
+                        t,
+                        "a refused placement changed its task"
+                    );
+                }
+                prop_assert_eq!(
+                    &state.agents,
+                    &before.agents,
+                    "a refused placement changed an agent"
+                );
+            }
+            prop_assert_eq!(
+                state.counters.duplicate_updates - before.counters.duplicate_updates,
+                expect.duplicates,
+                "duplicates counted"
+            );
+            if expect.duplicates > 0 {
+                prop_assert_eq!(
+                    &state.tasks,
+                    &before.tasks,
+                    "a duplicate update changed a task"
+                );
+            }
+        }
+    }
+    check_invariants(state)?;
+    check_derived(state)?;
+    Ok(result.is_ok())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_histories_keep_the_invariants_and_replay_exactly(
+        ops in prop::collection::vec(op(), 1..80),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let mut state = ClusterState::default();
+        let mut now = 1_000_000u64;
+        let mut log: Vec<(Stamped, bool)> = Vec::new();
+        for op in &ops {
+            now += 1 + (now % 7) * 100;
+            if let Op::Wait { ms } = op {
+                now += ms;
+            }
+            let Some((command, expect)) = command(&state, now, op) else { continue };
+            let c = stamped(now, command);
+            let accepted = apply_checked(&mut state, &c, &expect)?;
+            log.push((c, accepted));
+        }
+        let full = encode_snapshot(&state);
+        // REPLAY_STATS=1 cargo test … -- --nocapture shows what the generated histories reach.
+        if std::env::var("REPLAY_STATS").is_ok() {
+            let names: Vec<&str> = log.iter().filter(|(_, ok)| *ok).map(|(c, _)| c.command.name()).collect();
+            eprintln!("STATS cmds={} accepted={} refused={} counts={:?} counters={:?} jobs_finished={} killed_jobs={}",
+                log.len(), names.len(), log.len() - names.len(), state.task_counts(), state.counters,
+                state.jobs.values().filter(|j| j.finished_at.is_some()).count(),
+                state.jobs.values().filter(|j| j.killed.is_some()).count());
+        }
+
+        // (a) determinism: the same log on a fresh state, same outcomes, same bytes.
+        let mut again = ClusterState::default();
+        for (c, accepted) in &log {
+            prop_assert_eq!(again.apply(c).is_ok(), *accepted);
+        }
+        prop_assert_eq!(&encode_snapshot(&again), &full);
+        prop_assert!(again == state, "replay differs in derived fields");
+
+        // (b) a snapshot anywhere, then the rest of the log: the same bytes.
+        let k = cut.index(log.len() + 1);
+        let mut head = ClusterState::default();
+        for (c, _) in &log[..k] {
+            let _ = head.apply(c);
+        }
+        let mut resumed = decode_snapshot(&encode_snapshot(&head)).unwrap();
+        prop_assert_eq!(&encode_snapshot(&resumed), &encode_snapshot(&head));
+        for (c, accepted) in &log[k..] {
+            prop_assert_eq!(resumed.apply(c).is_ok(), *accepted);
+        }
+        prop_assert_eq!(&encode_snapshot(&resumed), &full);
+        check_derived(&resumed)?;
+        prop_assert_eq!(&resumed.pending, &state.pending);
+        for (id, a) in &state.agents {
+            let r = &resumed.agents[id];
+            prop_assert_eq!((a.used, &a.used_ports, &a.tasks), (r.used, &r.used_ports, &r.tasks));
+        }
+        for (key, j) in &state.jobs {
+            let r = &resumed.jobs[key];
+            prop_assert_eq!((&j.current, &j.history), (&r.current, &r.history));
+        }
+    }
+}
+
+/// Every kind of exit and report survives the stored form, and keeps its tagged JSON form.
+#[test]
+fn every_report_survives_the_stored_form() {
+    let exits = [
+        TaskExit::Exited { code: -3 },
+        TaskExit::Signaled { signal: 9 },
+        TaskExit::OutOfMemory {
+            limit_bytes: 64 << 20,
+        },
+        TaskExit::OverDisk {
+            limit_bytes: 1 << 30,
+            used_bytes: (1 << 30) + 1,
+        },
+        TaskExit::Killed {
+            by: "user request".into(),
+        },
+        TaskExit::LaunchFailed {
+            message: "no such user".into(),
+        },
+        TaskExit::SupervisorLost {
+            message: "gone".into(),
+        },
+    ];
+    let mut reports = vec![Report::Starting, Report::Running { pid: 42 }];
+    reports.extend(exits.iter().cloned().map(|exit| Report::Exited { exit }));
+    let updates: Vec<StatusUpdate> = reports
+        .iter()
+        .enumerate()
+        .map(|(i, report)| StatusUpdate {
+            seq: i as u64 + 1,
+            task: TaskId(i as u64),
+            report: report.clone(),
+            at: capstan_model::Timestamp(7),
+        })
+        .collect();
+    let c = stamped(
+        1,
+        Command::AgentUpdates {
+            agent: AgentId(1),
+            updates,
+        },
+    );
+    assert_eq!(decode_command(&encode_command(&c)).unwrap(), c);
+
+    let json = serde_json::to_value(Report::Exited {
+        exit: TaskExit::Exited { code: 3 },
+    })
+    .unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({"kind": "exited", "exit": {"kind": "exited", "code": 3}})
+    );
+    for exit in exits {
+        let text = serde_json::to_string(&exit).unwrap();
+        assert!(text.starts_with("{\"kind\":"), "{text}");
+        assert_eq!(serde_json::from_str::<TaskExit>(&text).unwrap(), exit);
+    }
+}
