@@ -75,15 +75,27 @@ async fn logs(State(agent): State<Arc<Agent>>, Path(task): Path<String>, Query(q
     };
     let stream = match q.stream.as_deref().unwrap_or("stdout") {
         s @ ("stdout" | "stderr") => s,
-        other => return failure(StatusCode::BAD_REQUEST, "bad_request", format!("stream `{other}`: use stdout or stderr")),
+        other => {
+            return failure(StatusCode::BAD_REQUEST, "bad_request", format!("stream `{other}`: use stdout or stderr"))
+        }
     };
     let path = agent.sandbox(task).join(stream);
     let mut file = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return failure(StatusCode::NOT_FOUND, "not_found", format!("task {task} has no {stream} on this agent (no sandbox, or it was collected)"))
+            return failure(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("task {task} has no {stream} on this agent (no sandbox, or it was collected)"),
+            )
         }
-        Err(e) => return failure(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("cannot open {}: {e}", path.display())),
+        Err(e) => {
+            return failure(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("cannot open {}: {e}", path.display()),
+            )
+        }
     };
     let start = match q.tail {
         Some(n) => match tail_offset(&mut file, n).await {
@@ -107,7 +119,10 @@ async fn logs(State(agent): State<Arc<Agent>>, Path(task): Path<String>, Query(q
                     if !follow || !agent.is_running(task) {
                         // One last read after the task ended catches its final words.
                         return match file.read(&mut buf).await {
-                            Ok(n) if n > 0 => Some((Ok::<Bytes, std::io::Error>(Bytes::copy_from_slice(&buf[..n])), (file, agent, false))),
+                            Ok(n) if n > 0 => Some((
+                                Ok::<Bytes, std::io::Error>(Bytes::copy_from_slice(&buf[..n])),
+                                (file, agent, false),
+                            )),
                             _ => None,
                         };
                     }

@@ -111,7 +111,11 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<AgentHandle> {
         Some(text) => Capacity::parse_overrides(&detected, text).map_err(|e| anyhow::anyhow!("--resources: {e}"))?,
         None => detected,
     };
-    let mut cz = ContainerizerConfig { cgroup_root: config.cgroup_root.clone(), allow_root: config.allow_root_tasks, ..Default::default() };
+    let mut cz = ContainerizerConfig {
+        cgroup_root: config.cgroup_root.clone(),
+        allow_root: config.allow_root_tasks,
+        ..Default::default()
+    };
     if let Some(cmd) = &config.supervisor_cmd {
         cz.supervisor_cmd = cmd.clone();
     }
@@ -246,7 +250,10 @@ impl Agent {
                 (Desired::Stop, None) => {
                     let (kill, _) = mpsc::unbounded_channel();
                     self.tasks.lock().insert(order.task, Local { kill, ended: true });
-                    self.updates.push(order.task, Report::Exited { exit: TaskExit::Killed { by: "stopped before it started".into() } });
+                    self.updates.push(
+                        order.task,
+                        Report::Exited { exit: TaskExit::Killed { by: "stopped before it started".into() } },
+                    );
                 }
                 (Desired::Run, Some(_)) | (Desired::Stop, Some((true, _))) => {}
             }
@@ -365,4 +372,3 @@ impl Agent {
         }
     }
 }
-

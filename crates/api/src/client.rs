@@ -53,7 +53,13 @@ impl Client {
         &self.addrs
     }
 
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>, timeout: Duration) -> Result<reqwest::Response, ApiError> {
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, ApiError> {
         let mut last = String::from("no address given");
         for base in &self.addrs {
             let url = format!("{base}{path}");
@@ -64,7 +70,9 @@ impl Client {
             match req.send().await {
                 Ok(resp) => return Ok(resp),
                 Err(e) if e.is_connect() => last = format!("{url}: {e}"),
-                Err(e) => return Err(ApiError::Unreachable { addrs: self.addrs.join(","), detail: format!("{url}: {e}") }),
+                Err(e) => {
+                    return Err(ApiError::Unreachable { addrs: self.addrs.join(","), detail: format!("{url}: {e}") })
+                }
             }
         }
         Err(ApiError::Unreachable { addrs: self.addrs.join(","), detail: last })
@@ -76,7 +84,12 @@ impl Client {
         let bytes = resp.bytes().await.map_err(|e| ApiError::Protocol { url: url.clone(), detail: e.to_string() })?;
         if !status.is_success() {
             return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(b) => ApiError::Api { status: status.as_u16(), code: b.error.code, message: b.error.message, details: b.error.details },
+                Ok(b) => ApiError::Api {
+                    status: status.as_u16(),
+                    code: b.error.code,
+                    message: b.error.message,
+                    details: b.error.details,
+                },
                 Err(_) => ApiError::Api {
                     status: status.as_u16(),
                     code: "http".into(),
@@ -98,7 +111,8 @@ impl Client {
 
     /// Creates a job from its JSON spec (as `JobSpec` serializes, or as a job file reads).
     pub async fn create_job(&self, spec: &serde_json::Value) -> Result<CreatedJob, ApiError> {
-        Self::decode(self.send(reqwest::Method::POST, "/v1/jobs", Some(spec.clone()), Duration::from_secs(30)).await?).await
+        Self::decode(self.send(reqwest::Method::POST, "/v1/jobs", Some(spec.clone()), Duration::from_secs(30)).await?)
+            .await
     }
 
     pub async fn jobs(&self) -> Result<Vec<JobView>, ApiError> {
@@ -110,7 +124,10 @@ impl Client {
     }
 
     pub async fn kill_job(&self, key: &str) -> Result<serde_json::Value, ApiError> {
-        Self::decode(self.send(reqwest::Method::DELETE, &format!("/v1/jobs/{key}"), None, Duration::from_secs(30)).await?).await
+        Self::decode(
+            self.send(reqwest::Method::DELETE, &format!("/v1/jobs/{key}"), None, Duration::from_secs(30)).await?,
+        )
+        .await
     }
 
     pub async fn tasks(&self, job: Option<&str>, state: Option<&str>) -> Result<Vec<TaskView>, ApiError> {
@@ -130,7 +147,10 @@ impl Client {
     }
 
     pub async fn kill_task(&self, id: TaskId) -> Result<TaskView, ApiError> {
-        Self::decode(self.send(reqwest::Method::DELETE, &format!("/v1/tasks/{id}"), None, Duration::from_secs(30)).await?).await
+        Self::decode(
+            self.send(reqwest::Method::DELETE, &format!("/v1/tasks/{id}"), None, Duration::from_secs(30)).await?,
+        )
+        .await
     }
 
     pub async fn agents(&self) -> Result<Vec<AgentView>, ApiError> {
@@ -138,8 +158,15 @@ impl Client {
     }
 
     /// A task's log as a byte stream (follows when asked).
-    pub async fn logs(&self, id: TaskId, stderr: bool, follow: bool, tail: Option<u64>) -> Result<reqwest::Response, ApiError> {
-        let mut path = format!("/v1/tasks/{id}/logs?stream={}&follow={follow}", if stderr { "stderr" } else { "stdout" });
+    pub async fn logs(
+        &self,
+        id: TaskId,
+        stderr: bool,
+        follow: bool,
+        tail: Option<u64>,
+    ) -> Result<reqwest::Response, ApiError> {
+        let mut path =
+            format!("/v1/tasks/{id}/logs?stream={}&follow={follow}", if stderr { "stderr" } else { "stdout" });
         if let Some(n) = tail {
             path.push_str(&format!("&tail={n}"));
         }
@@ -161,7 +188,8 @@ impl Client {
 
     pub async fn register(&self, req: &RegisterRequest) -> Result<RegisterResponse, ApiError> {
         let body = serde_json::to_value(req).expect("serializable");
-        Self::decode(self.send(reqwest::Method::POST, "/v1/agent/register", Some(body), Duration::from_secs(30)).await?).await
+        Self::decode(self.send(reqwest::Method::POST, "/v1/agent/register", Some(body), Duration::from_secs(30)).await?)
+            .await
     }
 
     /// Waits up to `wait` for orders newer than `version` of `epoch`.
@@ -172,6 +200,7 @@ impl Client {
 
     pub async fn send_updates(&self, req: &UpdatesRequest) -> Result<UpdatesResponse, ApiError> {
         let body = serde_json::to_value(req).expect("serializable");
-        Self::decode(self.send(reqwest::Method::POST, "/v1/agent/updates", Some(body), Duration::from_secs(30)).await?).await
+        Self::decode(self.send(reqwest::Method::POST, "/v1/agent/updates", Some(body), Duration::from_secs(30)).await?)
+            .await
     }
 }

@@ -13,7 +13,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "capstan", version, about = "Capstan keeps services, batch and cron jobs running on a pool of Linux hosts")]
+#[command(
+    name = "capstan",
+    version,
+    about = "Capstan keeps services, batch and cron jobs running on a pool of Linux hosts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -222,11 +226,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Dev(a) => {
             init_tracing();
             let data_dir = a.data_dir.unwrap_or_else(default_data_dir);
-            let dev = start_dev(&data_dir, a.bind, a.resources, parse_attributes(a.attributes.as_deref())?, a.allow_root_tasks, a.cgroup_root).await?;
+            let dev = start_dev(
+                &data_dir,
+                a.bind,
+                a.resources,
+                parse_attributes(a.attributes.as_deref())?,
+                a.allow_root_tasks,
+                a.cgroup_root,
+            )
+            .await?;
             println!("capstan dev cluster serving at {} (data in {})", dev.url(), data_dir.display());
             println!("try: capstan job create examples/hello.toml && capstan task list");
             wait_for_shutdown().await;
-            eprintln!("stopping; tasks keep running and are found again when capstan dev starts on the same data directory");
+            eprintln!(
+                "stopping; tasks keep running and are found again when capstan dev starts on the same data directory"
+            );
             Ok(())
         }
         Cmd::Master(a) => {
@@ -319,7 +333,11 @@ fn read_job_file(file: &std::path::Path) -> anyhow::Result<capstan_model::JobSpe
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     // The master applies its own policy (root or not); here only the file itself is checked.
     let policy = capstan_model::ValidationPolicy { allow_root: true };
-    let parse = if file.extension().is_some_and(|e| e == "json") { capstan_model::parse_json } else { capstan_model::parse_toml };
+    let parse = if file.extension().is_some_and(|e| e == "json") {
+        capstan_model::parse_json
+    } else {
+        capstan_model::parse_toml
+    };
     parse(&text, &policy).map_err(|problems| anyhow::anyhow!("{} is not a valid job file:\n{problems}", file.display()))
 }
 
@@ -328,7 +346,9 @@ async fn cmd_job(cmd: JobCmd, c: &ClientArgs) -> anyhow::Result<()> {
     match cmd {
         JobCmd::Validate { file } => {
             let spec = read_job_file(&file)?;
-            c.output.print(&spec, || format!("{}: valid job {} ({} × {})", file.display(), spec.job, spec.instances, spec.job_type.as_str()));
+            c.output.print(&spec, || {
+                format!("{}: valid job {} ({} × {})", file.display(), spec.job, spec.instances, spec.job_type.as_str())
+            });
         }
         JobCmd::Create { file } => {
             let spec = read_job_file(&file)?;
@@ -337,7 +357,9 @@ async fn cmd_job(cmd: JobCmd, c: &ClientArgs) -> anyhow::Result<()> {
         }
         JobCmd::Update { file } => {
             read_job_file(&file)?;
-            bail!("capstan job update is not yet supported by this version of Capstan; kill the job and create it again")
+            bail!(
+                "capstan job update is not yet supported by this version of Capstan; kill the job and create it again"
+            )
         }
         JobCmd::Kill { key } => {
             let v = client.kill_job(&key).await?;

@@ -36,7 +36,13 @@ pub fn job_table(jobs: &[JobView]) -> String {
     }
     let mut t = table(&["JOB", "TYPE", "STATUS", "INSTANCES", "TASKS"]);
     for j in jobs {
-        t.add_row(vec![j.job.to_string(), j.job_type.clone(), j.status.clone(), j.instances.to_string(), counts(&j.tasks)]);
+        t.add_row(vec![
+            j.job.to_string(),
+            j.job_type.clone(),
+            j.status.clone(),
+            j.instances.to_string(),
+            counts(&j.tasks),
+        ]);
     }
     t.to_string()
 }
@@ -90,7 +96,15 @@ pub fn task_detail(t: &TaskView) -> String {
 }
 
 pub fn job_status(j: &JobView, tasks: &[TaskView]) -> String {
-    let mut out = format!("job       {}\ntype      {}\nstatus    {}\ninstances {}\ntasks     {}\ncreated   {}\n", j.job, j.job_type, j.status, j.instances, counts(&j.tasks), j.created_at);
+    let mut out = format!(
+        "job       {}\ntype      {}\nstatus    {}\ninstances {}\ntasks     {}\ncreated   {}\n",
+        j.job,
+        j.job_type,
+        j.status,
+        j.instances,
+        counts(&j.tasks),
+        j.created_at
+    );
     if let Some(f) = &j.finished_at {
         out.push_str(&format!("finished  {f} (after {} ms)\n", j.duration_ms.unwrap_or(0)));
     }

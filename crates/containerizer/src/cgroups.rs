@@ -46,22 +46,34 @@ pub struct Hierarchies {
 }
 
 const V1_CONTROLLERS: &[&str] = &[
-    "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "net_cls", "blkio", "perf_event",
-    "net_prio", "hugetlb", "pids", "rdma", "misc",
+    "cpu",
+    "cpuacct",
+    "cpuset",
+    "memory",
+    "devices",
+    "freezer",
+    "net_cls",
+    "blkio",
+    "perf_event",
+    "net_prio",
+    "hugetlb",
+    "pids",
+    "rdma",
+    "misc",
 ];
 
 impl Hierarchies {
     /// Reads `/proc/self/mountinfo` and asks libcgroups for the layout.
     pub fn discover() -> Result<Self, String> {
-        let setup = libcgroups::common::get_cgroup_setup()
-            .map_err(|e| format!("cannot detect the cgroup layout: {e}"))?;
+        let setup =
+            libcgroups::common::get_cgroup_setup().map_err(|e| format!("cannot detect the cgroup layout: {e}"))?;
         let mode = match setup {
             libcgroups::common::CgroupSetup::Legacy => CgroupMode::Legacy,
             libcgroups::common::CgroupSetup::Hybrid => CgroupMode::Hybrid,
             libcgroups::common::CgroupSetup::Unified => CgroupMode::Unified,
         };
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-            .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
+        let mountinfo =
+            fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
         let (v1, v2) = parse_mountinfo(&mountinfo);
         Ok(Hierarchies { mode, v1, v2 })
     }
@@ -98,11 +110,8 @@ fn parse_mountinfo(text: &str) -> (Vec<(Vec<String>, PathBuf)>, Option<PathBuf>)
         match fstype {
             Some("cgroup2") if v2.is_none() => v2 = Some(PathBuf::from(mount_point)),
             Some("cgroup") => {
-                let controllers: Vec<String> = options
-                    .split(',')
-                    .filter(|o| V1_CONTROLLERS.contains(o))
-                    .map(str::to_owned)
-                    .collect();
+                let controllers: Vec<String> =
+                    options.split(',').filter(|o| V1_CONTROLLERS.contains(o)).map(str::to_owned).collect();
                 if !controllers.is_empty() {
                     v1.push((controllers, PathBuf::from(mount_point)));
                 }
@@ -214,8 +223,7 @@ impl TaskCgroup {
         if let Some(quota) = limits.cpu_quota_us {
             cpu = cpu.quota(quota as i64).period(CPU_PERIOD_US);
         }
-        let mut resources = LinuxResourcesBuilder::default()
-            .cpu(cpu.build().map_err(|e| e.to_string())?);
+        let mut resources = LinuxResourcesBuilder::default().cpu(cpu.build().map_err(|e| e.to_string())?);
         if let Some(mem) = limits.mem_bytes {
             let mut memory = LinuxMemoryBuilder::default().limit(mem as i64);
             // memsw exists only with swap accounting; where it does, memory+swap = memory: no swap.
@@ -226,7 +234,8 @@ impl TaskCgroup {
             resources = resources.memory(memory.build().map_err(|e| e.to_string())?);
         }
         if let Some(pids) = limits.pids_max {
-            resources = resources.pids(LinuxPidsBuilder::default().limit(pids as i64).build().map_err(|e| e.to_string())?);
+            resources =
+                resources.pids(LinuxPidsBuilder::default().limit(pids as i64).build().map_err(|e| e.to_string())?);
         }
         let resources = resources.build().map_err(|e| e.to_string())?;
         manager
@@ -298,9 +307,8 @@ impl TaskCgroup {
         if let Some((_, dir)) = &self.v2 {
             return v2::usage(dir);
         }
-        let read = |controller: &str, file: &str| {
-            self.v1_dir(controller).and_then(|d| fs::read_to_string(d.join(file)).ok())
-        };
+        let read =
+            |controller: &str, file: &str| self.v1_dir(controller).and_then(|d| fs::read_to_string(d.join(file)).ok());
         let cpu_stat = read("cpu", "cpu.stat").unwrap_or_default();
         Usage {
             cpu_usage_ns: read("cpuacct", "cpuacct.usage").and_then(|s| s.trim().parse().ok()).unwrap_or(0),
@@ -465,10 +473,7 @@ mod tests {
         assert_eq!(v2, Some(PathBuf::from("/sys/fs/cgroup/unified")));
         let h = Hierarchies { mode: CgroupMode::Hybrid, v1, v2 };
         let cg = h.task_cgroup("capstan", TaskId(0xab));
-        assert_eq!(
-            cg.controller_dir("cpuacct").unwrap(),
-            Path::new("/sys/fs/cgroup/cpuacct/capstan/00000000000000ab")
-        );
+        assert_eq!(cg.controller_dir("cpuacct").unwrap(), Path::new("/sys/fs/cgroup/cpuacct/capstan/00000000000000ab"));
         assert!(cg.v2.is_none(), "hybrid hosts use v1 for every controller");
     }
 

@@ -3,9 +3,8 @@
 
 use crate::cgroups::{CgroupMode, Hierarchies, TaskCgroup};
 use crate::records::{
-    now_ms, read_json, write_json_atomic, ExitRecord, KillRequest, LaunchSpec, ProcessIdentity,
-    SupervisorConfig, Usage, EXIT_FILE, KILL_FILE, LAUNCH_FILE, SUPERVISOR_CONFIG_FILE,
-    SUPERVISOR_FILE, SUPERVISOR_LOG_FILE, TASK_FILE,
+    now_ms, read_json, write_json_atomic, ExitRecord, KillRequest, LaunchSpec, ProcessIdentity, SupervisorConfig,
+    Usage, EXIT_FILE, KILL_FILE, LAUNCH_FILE, SUPERVISOR_CONFIG_FILE, SUPERVISOR_FILE, SUPERVISOR_LOG_FILE, TASK_FILE,
 };
 use capstan_model::{TaskExit, TaskId};
 use nix::unistd::User;
@@ -18,8 +17,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::unix::pipe;
 
 /// How often a handle without a pipe (after `attach`) looks for `task.json`.
@@ -232,11 +231,8 @@ fn supervisor_lost(sandbox: &Path, cgroup: &TaskCgroup, message: String) -> Exit
     if emptied {
         let _ = cgroup.remove();
     }
-    let message = if left.is_empty() {
-        message
-    } else {
-        format!("{message}; killed {} leftover task process(es)", left.len())
-    };
+    let message =
+        if left.is_empty() { message } else { format!("{message}; killed {} leftover task process(es)", left.len()) };
     let record = ExitRecord { exit: TaskExit::SupervisorLost { message }, usage, ended_at_ms: now_ms() };
     if let Err(e) = write_json_atomic(&sandbox.join(EXIT_FILE), &record) {
         tracing::warn!(sandbox = %sandbox.display(), "cannot write {EXIT_FILE}: {e}");
@@ -436,11 +432,9 @@ impl Drop for TaskHandle {
     fn drop(&mut self) {
         if self.is_child && !self.reaped {
             let pid = nix::unistd::Pid::from_raw(self.supervisor.pid as i32);
-            let spawned = std::thread::Builder::new()
-                .name(format!("reap-supervisor-{pid}"))
-                .spawn(move || {
-                    let _ = nix::sys::wait::waitpid(pid, None);
-                });
+            let spawned = std::thread::Builder::new().name(format!("reap-supervisor-{pid}")).spawn(move || {
+                let _ = nix::sys::wait::waitpid(pid, None);
+            });
             if let Err(e) = spawned {
                 tracing::warn!("cannot start a thread to reap supervisor {pid}: {e}");
             }

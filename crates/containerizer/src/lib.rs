@@ -16,8 +16,7 @@ mod supervisor;
 
 pub use cgroups::{CgroupLimits, CgroupMode, TaskCgroup};
 pub use handle::{
-    AttachError, Attached, Containerizer, ContainerizerConfig, ContainerizerError, LaunchError,
-    TaskHandle,
+    AttachError, Attached, Containerizer, ContainerizerConfig, ContainerizerError, LaunchError, TaskHandle,
 };
 pub use records::{ExitRecord, LaunchSpec, ProcessIdentity, Usage};
 pub use supervisor::supervise_main;

@@ -73,9 +73,7 @@ impl ProcessIdentity {
     /// True while this very process exists and has not exited (a zombie counts as exited).
     pub fn is_alive(&self) -> bool {
         match read_proc_stat(self.pid) {
-            Ok(stat) => {
-                stat.start_time_ticks == self.start_time_ticks && !matches!(stat.state, 'Z' | 'X')
-            }
+            Ok(stat) => stat.start_time_ticks == self.start_time_ticks && !matches!(stat.state, 'Z' | 'X'),
             Err(_) => false,
         }
     }
@@ -156,10 +154,7 @@ pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T
 }
 
 pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -11,9 +11,9 @@
 
 use crate::cgroups::{CgroupLimits, Hierarchies, TaskCgroup};
 use crate::records::{
-    now_ms, read_json, write_json_atomic, ExitRecord, KillRequest, LaunchSpec, ProcessIdentity,
-    SupervisorConfig, Usage, EXIT_FILE, KILL_FILE, LAUNCH_FILE, STDERR_FILE, STDOUT_FILE,
-    SUPERVISOR_CONFIG_FILE, SUPERVISOR_FILE, TASK_FILE,
+    now_ms, read_json, write_json_atomic, ExitRecord, KillRequest, LaunchSpec, ProcessIdentity, SupervisorConfig,
+    Usage, EXIT_FILE, KILL_FILE, LAUNCH_FILE, STDERR_FILE, STDOUT_FILE, SUPERVISOR_CONFIG_FILE, SUPERVISOR_FILE,
+    TASK_FILE,
 };
 use capstan_model::TaskExit;
 use nix::sys::signal::{self, SigHandler, SigSet, Signal};
@@ -40,7 +40,7 @@ const DEFAULT_KILLED_BY: &str = "stop requested (SIGTERM to the supervisor)";
 pub fn supervise_main(sandbox: &Path) -> i32 {
     // Own session: a signal to the agent's process group or session never reaches the task.
     let _ = unistd::setsid(); // EPERM when the launcher already made us a session leader.
-    // SAFETY: plain prctl with integer arguments.
+                              // SAFETY: plain prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     // SAFETY: setting dispositions to SIG_IGN installs no handler code.
     unsafe {
@@ -193,8 +193,8 @@ fn plan_child(sandbox: &Path, spec: &LaunchSpec, config: &SupervisorConfig) -> R
         ));
     }
     let name = CString::new(spec.user.as_bytes()).map_err(|_| "user name contains NUL".to_owned())?;
-    let groups = unistd::getgrouplist(&name, user.gid)
-        .map_err(|e| format!("supplementary groups of `{}`: {e}", spec.user))?;
+    let groups =
+        unistd::getgrouplist(&name, user.gid).map_err(|e| format!("supplementary groups of `{}`: {e}", spec.user))?;
 
     let open_output = |file: &str| -> Result<File, String> {
         let path = sandbox.join(file);
@@ -214,12 +214,8 @@ fn plan_child(sandbox: &Path, spec: &LaunchSpec, config: &SupervisorConfig) -> R
     let cstring = |s: String| CString::new(s).map_err(|_| "command or environment contains NUL".to_owned());
     let argv = vec![cstring("/bin/sh".into())?, cstring("-c".into())?, cstring(spec.command.clone())?];
     let sandbox_str = sandbox.to_string_lossy().into_owned();
-    let mut env: Vec<(String, String)> = spec
-        .env
-        .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "HOME" | "USER" | "LOGNAME"))
-        .cloned()
-        .collect();
+    let mut env: Vec<(String, String)> =
+        spec.env.iter().filter(|(k, _)| !matches!(k.as_str(), "HOME" | "USER" | "LOGNAME")).cloned().collect();
     if !env.iter().any(|(k, _)| k == "PATH") {
         env.push(("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()));
     }
@@ -365,10 +361,8 @@ fn decide_exit(status: WaitStatus, killed_by: Option<String>, oom_kills: u64, me
 
 /// `sigtimedwait` for the blocked signals; `None` on timeout or interruption.
 fn wait_signal(mask: &SigSet, timeout: Duration) -> Option<i32> {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
+    let ts =
+        libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
     // SAFETY: valid sigset and timespec pointers; a null siginfo is allowed.
     let signal = unsafe { libc::sigtimedwait(mask.as_ref(), std::ptr::null_mut(), &ts) };
     (signal > 0).then_some(signal)

@@ -65,7 +65,12 @@ async fn over_the_memory_limit_is_out_of_memory() {
     spec.mem_bytes = 64 << 20;
     let mut handle = c.launch(&sb.path, &spec).unwrap();
     let record = handle.wait().await;
-    assert_eq!(record.exit, TaskExit::OutOfMemory { limit_bytes: 64 << 20 }, "stderr: {}", read(&sb.path.join("stderr")));
+    assert_eq!(
+        record.exit,
+        TaskExit::OutOfMemory { limit_bytes: 64 << 20 },
+        "stderr: {}",
+        read(&sb.path.join("stderr"))
+    );
     assert!(record.exit.to_string().contains("64MiB"), "{}", record.exit);
     assert!(record.usage.mem_peak_bytes > 32 << 20, "{:?}", record.usage);
 }
@@ -81,7 +86,8 @@ async fn limits_are_in_the_cgroup_files() {
     let mut handle = c.launch(&sb.path, &spec).unwrap();
     let pid = handle.started().await.unwrap();
     let cg = c.task_cgroup(spec.task_id);
-    let file = |controller: &str, name: &str| read(&cg.controller_dir(controller).unwrap().join(name)).trim().to_owned();
+    let file =
+        |controller: &str, name: &str| read(&cg.controller_dir(controller).unwrap().join(name)).trim().to_owned();
     match c.mode() {
         capstan_containerizer::CgroupMode::Unified => {
             assert_eq!(file("cpu", "cpu.max"), "20000 100000");

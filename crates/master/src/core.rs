@@ -9,7 +9,10 @@
 
 use crate::metrics::Metrics;
 use capstan_model::{AgentId, Timestamp};
-use capstan_state::{decode_command, decode_snapshot, encode_command, encode_snapshot, Applied, ClusterState, Command, Rejection, Stamped};
+use capstan_state::{
+    decode_command, decode_snapshot, encode_command, encode_snapshot, Applied, ClusterState, Command, Rejection,
+    Stamped,
+};
 use capstan_store::{LogEntry, Snapshot, Store};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
@@ -51,7 +54,9 @@ pub struct Core {
 }
 
 pub fn now() -> Timestamp {
-    Timestamp(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
+    Timestamp(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+    )
 }
 
 /// Rebuilds the state from the store: newest snapshot, then every later command.

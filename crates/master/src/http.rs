@@ -51,7 +51,10 @@ pub struct ApiFailure {
 
 impl ApiFailure {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiFailure {
-        ApiFailure { status, body: ErrorBody { error: ErrorDetail { code: code.into(), message: message.into(), details: vec![] } } }
+        ApiFailure {
+            status,
+            body: ErrorBody { error: ErrorDetail { code: code.into(), message: message.into(), details: vec![] } },
+        }
     }
     fn details(mut self, details: Vec<serde_json::Value>) -> ApiFailure {
         self.body.error.details = details;
@@ -83,7 +86,8 @@ impl From<CoreError> for ApiFailure {
 type ApiResult<T> = Result<T, ApiFailure>;
 
 fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> ApiResult<T> {
-    serde_json::from_slice(body).map_err(|e| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", format!("invalid request body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", format!("invalid request body: {e}")))
 }
 
 fn parse_task_id(id: &str) -> ApiResult<TaskId> {
@@ -91,7 +95,9 @@ fn parse_task_id(id: &str) -> ApiResult<TaskId> {
 }
 
 fn parse_job_key(role: &str, env: &str, name: &str) -> ApiResult<JobKey> {
-    format!("{role}/{env}/{name}").parse().map_err(|e: capstan_model::ids::JobKeyError| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", e.0))
+    format!("{role}/{env}/{name}")
+        .parse()
+        .map_err(|e: capstan_model::ids::JobKeyError| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", e.0))
 }
 
 async fn health(State(app): State<AppState>) -> Json<serde_json::Value> {
@@ -100,7 +106,8 @@ async fn health(State(app): State<AppState>) -> Json<serde_json::Value> {
 }
 
 async fn create_job(State(app): State<AppState>, body: Bytes) -> ApiResult<(StatusCode, Json<CreatedJob>)> {
-    let text = std::str::from_utf8(&body).map_err(|_| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", "the body is not UTF-8"))?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", "the body is not UTF-8"))?;
     let spec = capstan_model::parse_json(text, &app.policy).map_err(|problems| {
         let details = problems.0.iter().map(|p| serde_json::to_value(p).expect("serializable")).collect();
         ApiFailure::new(StatusCode::BAD_REQUEST, "invalid_job", format!("invalid job:\n{problems}")).details(details)
@@ -116,14 +123,23 @@ async fn list_jobs(State(app): State<AppState>) -> Json<Vec<JobView>> {
     Json(state.jobs.values().map(|j| job_view(&state, j, &unplaced)).collect())
 }
 
-async fn get_job(State(app): State<AppState>, Path((role, env, name)): Path<(String, String, String)>) -> ApiResult<Json<JobView>> {
+async fn get_job(
+    State(app): State<AppState>,
+    Path((role, env, name)): Path<(String, String, String)>,
+) -> ApiResult<Json<JobView>> {
     let key = parse_job_key(&role, &env, &name)?;
     let state = app.core.state.read();
-    let job = state.jobs.get(&key).ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no job {key}")))?;
+    let job = state
+        .jobs
+        .get(&key)
+        .ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no job {key}")))?;
     Ok(Json(job_view(&state, job, &app.unplaced.lock())))
 }
 
-async fn kill_job(State(app): State<AppState>, Path((role, env, name)): Path<(String, String, String)>) -> ApiResult<Json<serde_json::Value>> {
+async fn kill_job(
+    State(app): State<AppState>,
+    Path((role, env, name)): Path<(String, String, String)>,
+) -> ApiResult<Json<serde_json::Value>> {
     let key = parse_job_key(&role, &env, &name)?;
     app.core.submit(Command::KillJob { job: key.clone(), by: "job killed by user request".into() }).await?;
     let gone = !app.core.state.read().jobs.contains_key(&key);
@@ -138,7 +154,9 @@ struct TaskQuery {
 
 async fn list_tasks(State(app): State<AppState>, Query(q): Query<TaskQuery>) -> ApiResult<Json<Vec<TaskView>>> {
     let job: Option<JobKey> = match &q.job {
-        Some(j) => Some(j.parse().map_err(|e: capstan_model::ids::JobKeyError| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", e.0))?),
+        Some(j) => Some(j.parse().map_err(|e: capstan_model::ids::JobKeyError| {
+            ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", e.0)
+        })?),
         None => None,
     };
     let wanted: Option<TaskState> = match &q.state {
@@ -149,7 +167,10 @@ async fn list_tasks(State(app): State<AppState>, Query(q): Query<TaskQuery>) -> 
     let keep = |t: &&Task| wanted.is_none_or(|w| t.state == w);
     let mut views: Vec<TaskView> = match &job {
         Some(k) => {
-            let j = state.jobs.get(k).ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no job {k}")))?;
+            let j = state
+                .jobs
+                .get(k)
+                .ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no job {k}")))?;
             state.tasks_of(j).filter(keep).map(|t| task_view(&state, t)).collect()
         }
         None => state.tasks.values().filter(keep).map(|t| task_view(&state, t)).collect(),
@@ -161,7 +182,10 @@ async fn list_tasks(State(app): State<AppState>, Query(q): Query<TaskQuery>) -> 
 async fn get_task(State(app): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<TaskView>> {
     let id = parse_task_id(&id)?;
     let state = app.core.state.read();
-    let t = state.tasks.get(&id).ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no task {id}")))?;
+    let t = state
+        .tasks
+        .get(&id)
+        .ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no task {id}")))?;
     Ok(Json(task_view(&state, t)))
 }
 
@@ -169,7 +193,10 @@ async fn kill_task(State(app): State<AppState>, Path(id): Path<String>) -> ApiRe
     let id = parse_task_id(&id)?;
     app.core.submit(Command::KillTask { task: id, by: "task killed by user request".into() }).await?;
     let state = app.core.state.read();
-    let t = state.tasks.get(&id).ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no task {id}")))?;
+    let t = state
+        .tasks
+        .get(&id)
+        .ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no task {id}")))?;
     Ok(Json(task_view(&state, t)))
 }
 
@@ -181,13 +208,24 @@ struct LogQuery {
 }
 
 /// Streams a task's log from the agent that holds its sandbox.
-async fn task_logs(State(app): State<AppState>, Path(id): Path<String>, Query(q): Query<LogQuery>) -> ApiResult<Response> {
+async fn task_logs(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> ApiResult<Response> {
     let id = parse_task_id(&id)?;
     let address = {
         let state = app.core.state.read();
-        let t = state.tasks.get(&id).ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no task {id}")))?;
+        let t = state
+            .tasks
+            .get(&id)
+            .ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no task {id}")))?;
         let agent = t.agent.and_then(|a| state.agents.get(&a)).ok_or_else(|| {
-            ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("task {id} never ran on an agent, so it has no logs"))
+            ApiFailure::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("task {id} never ran on an agent, so it has no logs"),
+            )
         })?;
         agent.info.address.clone()
     };
@@ -197,7 +235,11 @@ async fn task_logs(State(app): State<AppState>, Path(id): Path<String>, Query(q)
         url.push_str(&format!("&tail={n}"));
     }
     let resp = app.http.get(&url).send().await.map_err(|e| {
-        ApiFailure::new(StatusCode::BAD_GATEWAY, "agent_unreachable", format!("cannot reach the agent at {address}: {e}"))
+        ApiFailure::new(
+            StatusCode::BAD_GATEWAY,
+            "agent_unreachable",
+            format!("cannot reach the agent at {address}: {e}"),
+        )
     })?;
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
@@ -224,7 +266,12 @@ async fn list_agents(State(app): State<AppState>) -> Json<Vec<AgentView>> {
                     version: a.info.version.clone(),
                     registered_at: rfc3339(a.registered_at),
                     attributes: a.info.attributes.clone(),
-                    capacity: ResourcesView { cpus: milli_to_cpus_text(c.cpus_milli), mem: ByteSize(c.mem_bytes), disk: ByteSize(c.disk_bytes), ports: c.port_count() },
+                    capacity: ResourcesView {
+                        cpus: milli_to_cpus_text(c.cpus_milli),
+                        mem: ByteSize(c.mem_bytes),
+                        disk: ByteSize(c.disk_bytes),
+                        ports: c.port_count(),
+                    },
                     used: ResourcesView {
                         cpus: milli_to_cpus_text(a.used.cpus_milli),
                         mem: ByteSize(a.used.mem_bytes),
@@ -263,20 +310,26 @@ struct OrdersQuery {
 
 /// Long poll: answers at once if the agent's orders changed since `version` (or the master
 /// restarted), else when they change, else after `wait_ms` with the same orders.
-async fn agent_orders(State(app): State<AppState>, Path(id): Path<String>, Query(q): Query<OrdersQuery>) -> ApiResult<Json<Orders>> {
+async fn agent_orders(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<OrdersQuery>,
+) -> ApiResult<Json<Orders>> {
     let agent: AgentId = id.parse().map_err(|e: String| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", e))?;
     let epoch = app.core.epoch;
     let known = q.version.unwrap_or(0);
     let fresh = q.epoch != Some(epoch);
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000).min(60_000));
     if !fresh {
-        app.core
-            .wait_agent(agent, wait, |s| s.agents.get(&agent).is_none_or(|a| a.orders_version != known))
-            .await;
+        app.core.wait_agent(agent, wait, |s| s.agents.get(&agent).is_none_or(|a| a.orders_version != known)).await;
     }
     let state = app.core.state.read();
     let a = state.agents.get(&agent).ok_or_else(|| {
-        ApiFailure::new(StatusCode::NOT_FOUND, "unknown_agent", format!("agent {agent} is not registered; register first"))
+        ApiFailure::new(
+            StatusCode::NOT_FOUND,
+            "unknown_agent",
+            format!("agent {agent} is not registered; register first"),
+        )
     })?;
     let tasks = state
         .tasks_on(agent)
@@ -307,7 +360,9 @@ async fn agent_updates(State(app): State<AppState>, body: Bytes) -> ApiResult<Js
         app.core.submit(Command::AgentUpdates { agent: req.agent, updates: req.updates }).await?;
     }
     let state = app.core.state.read();
-    let a = state.agents.get(&agent).ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "unknown_agent", format!("agent {agent} is not registered")))?;
+    let a = state.agents.get(&agent).ok_or_else(|| {
+        ApiFailure::new(StatusCode::NOT_FOUND, "unknown_agent", format!("agent {agent} is not registered"))
+    })?;
     Ok(Json(UpdatesResponse { acked_seq: a.last_update_seq }))
 }
 
@@ -331,7 +386,11 @@ fn task_view(state: &ClusterState, t: &Task) -> TaskView {
         failures: t.failures,
         created_at: rfc3339(t.created_at),
         not_before: (t.state == TaskState::Pending && t.not_before > now()).then(|| rfc3339(t.not_before)),
-        events: t.events.iter().map(|e| TaskEventView { at: rfc3339(e.at), state: e.state, reason: e.reason.clone() }).collect(),
+        events: t
+            .events
+            .iter()
+            .map(|e| TaskEventView { at: rfc3339(e.at), state: e.state, reason: e.reason.clone() })
+            .collect(),
     }
 }
 

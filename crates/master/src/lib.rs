@@ -46,7 +46,9 @@ pub fn open_store(config: &MasterConfig) -> anyhow::Result<Arc<dyn Store>> {
         Some(url) if url.starts_with("etcd://") => {
             anyhow::bail!("--store {url}: the etcd store is not yet supported by this version of Capstan; leave --store out to use the embedded store")
         }
-        Some(url) => anyhow::bail!("--store {url}: unknown store; use etcd://host:port[,host:port…] or leave it out for the embedded store"),
+        Some(url) => anyhow::bail!(
+            "--store {url}: unknown store; use etcd://host:port[,host:port…] or leave it out for the embedded store"
+        ),
     }
 }
 

@@ -50,7 +50,11 @@ impl Metrics {
         let jobs = Gauge::default();
         registry.register("jobs", "Jobs", jobs.clone());
         let store_write_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 18));
-        registry.register("store_write_seconds", "Time to durably append one batch of commands", store_write_seconds.clone());
+        registry.register(
+            "store_write_seconds",
+            "Time to durably append one batch of commands",
+            store_write_seconds.clone(),
+        );
         let placement_latency_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 18));
         registry.register(
             "placement_latency_seconds",
@@ -58,17 +62,37 @@ impl Metrics {
             placement_latency_seconds.clone(),
         );
         let scheduler_pass_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 18));
-        registry.register("scheduler_pass_seconds", "Time to compute one placement plan", scheduler_pass_seconds.clone());
+        registry.register(
+            "scheduler_pass_seconds",
+            "Time to compute one placement plan",
+            scheduler_pass_seconds.clone(),
+        );
         let placements = Counter::default();
         registry.register("placements", "Tasks placed", placements.clone());
         let placements_refused = Gauge::default();
-        registry.register("placements_refused", "Placements refused by the plan applier because the state moved on", placements_refused.clone());
+        registry.register(
+            "placements_refused",
+            "Placements refused by the plan applier because the state moved on",
+            placements_refused.clone(),
+        );
         let illegal_transitions = Gauge::default();
-        registry.register("illegal_transitions", "Task events that made no sense in the task's state (ignored)", illegal_transitions.clone());
+        registry.register(
+            "illegal_transitions",
+            "Task events that made no sense in the task's state (ignored)",
+            illegal_transitions.clone(),
+        );
         let duplicate_updates = Gauge::default();
-        registry.register("duplicate_status_updates", "Status updates received again and dropped", duplicate_updates.clone());
+        registry.register(
+            "duplicate_status_updates",
+            "Status updates received again and dropped",
+            duplicate_updates.clone(),
+        );
         let updates_for_unknown_tasks = Gauge::default();
-        registry.register("status_updates_unknown_task", "Status updates for tasks the master does not place on that agent", updates_for_unknown_tasks.clone());
+        registry.register(
+            "status_updates_unknown_task",
+            "Status updates for tasks the master does not place on that agent",
+            updates_for_unknown_tasks.clone(),
+        );
         let command_queue = Gauge::default();
         registry.register("command_queue", "Commands waiting for the writer", command_queue.clone());
         let log_index = Gauge::default();
@@ -95,7 +119,9 @@ impl Metrics {
     pub fn render(&self, state: &ClusterState) -> String {
         let counts = state.task_counts();
         for s in TaskState::ALL {
-            self.tasks.get_or_create(&StateLabel { state: s.as_str().into() }).set(*counts.get(&s).unwrap_or(&0) as i64);
+            self.tasks
+                .get_or_create(&StateLabel { state: s.as_str().into() })
+                .set(*counts.get(&s).unwrap_or(&0) as i64);
         }
         self.agents.set(state.agents.len() as i64);
         self.jobs.set(state.jobs.len() as i64);

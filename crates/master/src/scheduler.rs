@@ -50,7 +50,9 @@ pub async fn run(core: Arc<Core>, unplaced: Unplaced) {
             match core.submit(Command::Place { placements: plan.placements }).await {
                 Ok(applied) => {
                     let done = now().0;
-                    core.metrics.placements.inc_by((placed as u64).saturating_sub(u64::from(applied.placements_refused)));
+                    core.metrics
+                        .placements
+                        .inc_by((placed as u64).saturating_sub(u64::from(applied.placements_refused)));
                     for since in became_placeable {
                         core.metrics.placement_latency_seconds.observe(done.saturating_sub(since) as f64 / 1000.0);
                     }

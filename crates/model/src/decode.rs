@@ -132,9 +132,9 @@ fn toml_to_json(v: toml::Value, path: &str, non_finite: &mut Vec<String>) -> Val
         toml::Value::Array(a) => Value::Array(
             a.into_iter().enumerate().map(|(i, v)| toml_to_json(v, &format!("{path}[{i}]"), non_finite)).collect(),
         ),
-        toml::Value::Table(t) => {
-            Value::Object(t.into_iter().map(|(k, v)| (k.clone(), toml_to_json(v, &join(path, &k), non_finite))).collect())
-        }
+        toml::Value::Table(t) => Value::Object(
+            t.into_iter().map(|(k, v)| (k.clone(), toml_to_json(v, &join(path, &k), non_finite))).collect(),
+        ),
     }
 }
 
@@ -586,7 +586,9 @@ impl Cx {
                                 self.err(
                                     path,
                                     format!("\"{name}\" is not a port name"),
-                                    Some("use lowercase letters, digits and _, starting with a letter: \"http\"".into()),
+                                    Some(
+                                        "use lowercase letters, digits and _, starting with a letter: \"http\"".into(),
+                                    ),
                                 );
                                 ok = false;
                             } else if !seen.insert(name.clone()) {
@@ -606,7 +608,11 @@ impl Cx {
                 ok.then_some(out)
             }
             Some(other) => {
-                self.err("task.ports", format!("expected an array of names, found {}", kind_of(other)), Some("ports = [\"http\"]".into()));
+                self.err(
+                    "task.ports",
+                    format!("expected an array of names, found {}", kind_of(other)),
+                    Some("ports = [\"http\"]".into()),
+                );
                 None
             }
         };
@@ -621,7 +627,11 @@ impl Cx {
                         && !k.as_bytes()[0].is_ascii_digit()
                         && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
                     if !valid_name {
-                        self.err(&path, format!("`{k}` is not an environment variable name"), Some("use letters, digits and _, not starting with a digit".into()));
+                        self.err(
+                            &path,
+                            format!("`{k}` is not an environment variable name"),
+                            Some("use letters, digits and _, not starting with a digit".into()),
+                        );
                         ok = false;
                     } else if k.starts_with("CAPSTAN_") || k.starts_with("PORT_") {
                         self.err(&path, format!("`{k}` is reserved: Capstan sets CAPSTAN_* and PORT_* itself"), None);
@@ -650,7 +660,11 @@ impl Cx {
                 ok.then_some(out)
             }
             Some(other) => {
-                self.err("task.env", format!("expected a table, found {}", kind_of(other)), Some("[task.env] then NAME = \"value\" lines".into()));
+                self.err(
+                    "task.env",
+                    format!("expected a table, found {}", kind_of(other)),
+                    Some("[task.env] then NAME = \"value\" lines".into()),
+                );
                 None
             }
         };
@@ -685,7 +699,11 @@ impl Cx {
             self.enum_of(
                 "health_check.type",
                 v,
-                &[("http", HealthCheckType::Http), ("tcp", HealthCheckType::Tcp), ("command", HealthCheckType::Command)],
+                &[
+                    ("http", HealthCheckType::Http),
+                    ("tcp", HealthCheckType::Tcp),
+                    ("command", HealthCheckType::Command),
+                ],
             )
         });
         let port = self.get(&o, "port").and_then(|v| self.string("health_check.port", v));
@@ -704,7 +722,11 @@ impl Cx {
         };
         match check_type {
             Some(HealthCheckType::Http | HealthCheckType::Tcp) => match &port {
-                None => self.err("health_check.port", "is required for http and tcp checks", Some("name one of task.ports".into())),
+                None => self.err(
+                    "health_check.port",
+                    "is required for http and tcp checks",
+                    Some("name one of task.ports".into()),
+                ),
                 Some(p) => {
                     if let Some(t) = task {
                         if !t.ports.contains(p) {
@@ -800,8 +822,10 @@ impl Cx {
                 None
             }
         });
-        let limit = self.get(&o, "limit").and_then(|v| self.integer(&join(path, "limit"), v, 1, 100_000)).map(|i| i as u32);
-        let distinct_hosts = self.get(&o, "distinct_hosts").and_then(|v| self.boolean(&join(path, "distinct_hosts"), v));
+        let limit =
+            self.get(&o, "limit").and_then(|v| self.integer(&join(path, "limit"), v, 1, 100_000)).map(|i| i as u32);
+        let distinct_hosts =
+            self.get(&o, "distinct_hosts").and_then(|v| self.boolean(&join(path, "distinct_hosts"), v));
         let forms = [value.is_some(), not.is_some(), in_set.is_some(), limit.is_some()].iter().filter(|b| **b).count();
         let standalone = [distinct_hosts.is_some(), spread.is_some()].iter().filter(|b| **b).count();
         if attribute.is_some() {

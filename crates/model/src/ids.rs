@@ -98,13 +98,10 @@ impl JobKey {
         if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
             return Err(format!("the {what} `{part}` must start with a lowercase letter or a digit"));
         }
-        if let Some(bad) = part
-            .chars()
-            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '_'))
+        if let Some(bad) =
+            part.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '_'))
         {
-            return Err(format!(
-                "the {what} `{part}` contains `{bad}`; use lowercase letters, digits, `-` and `_`"
-            ));
+            return Err(format!("the {what} `{part}` contains `{bad}`; use lowercase letters, digits, `-` and `_`"));
         }
         Ok(())
     }

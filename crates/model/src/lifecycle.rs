@@ -171,7 +171,9 @@ pub fn transition(state: TaskState, desired: Desired, event: &Event, cx: &Contex
             }
             Stop => to(Lost, Stop, vec![Effect::Release], "lost with its agent".into()),
         },
-        (Killing, Event::AgentLost) => to(Lost, Stop, vec![Effect::Release], "lost with its agent while stopping".into()),
+        (Killing, Event::AgentLost) => {
+            to(Lost, Stop, vec![Effect::Release], "lost with its agent while stopping".into())
+        }
         (Pending | Finished | Failed | Killed | Lost, Event::AgentLost) => same(Outcome::Illegal),
     }
 }
@@ -275,7 +277,12 @@ mod tests {
 
     #[test]
     fn a_service_task_that_exits_is_replaced() {
-        let t = transition(TaskState::Running, Desired::Run, &Event::Exited(TaskExit::Exited { code: 0 }), &cx(JobType::Service, 0));
+        let t = transition(
+            TaskState::Running,
+            Desired::Run,
+            &Event::Exited(TaskExit::Exited { code: 0 }),
+            &cx(JobType::Service, 0),
+        );
         assert_eq!(t.state, TaskState::Finished);
         assert_eq!(t.effects, vec![Effect::Release, Effect::Replace { delay_ms: 1_000, failures: 1 }]);
     }
@@ -285,7 +292,12 @@ mod tests {
         let mut failures = 0;
         let mut delays = vec![];
         for _ in 0..8 {
-            let t = transition(TaskState::Running, Desired::Run, &Event::Exited(TaskExit::Exited { code: 1 }), &cx(JobType::Service, failures));
+            let t = transition(
+                TaskState::Running,
+                Desired::Run,
+                &Event::Exited(TaskExit::Exited { code: 1 }),
+                &cx(JobType::Service, failures),
+            );
             match t.effects[1] {
                 Effect::Replace { delay_ms, failures: f } => {
                     delays.push(delay_ms);
@@ -309,7 +321,12 @@ mod tests {
 
     #[test]
     fn a_batch_task_that_exits_0_is_finished() {
-        let t = transition(TaskState::Running, Desired::Run, &Event::Exited(TaskExit::Exited { code: 0 }), &cx(JobType::Batch, 0));
+        let t = transition(
+            TaskState::Running,
+            Desired::Run,
+            &Event::Exited(TaskExit::Exited { code: 0 }),
+            &cx(JobType::Batch, 0),
+        );
         assert_eq!(t.state, TaskState::Finished);
         assert_eq!(t.effects, vec![Effect::Release, Effect::InstanceDone { success: true }]);
     }

@@ -86,14 +86,10 @@ impl fmt::Display for TaskState {
 impl std::str::FromStr for TaskState {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        TaskState::ALL
-            .iter()
-            .copied()
-            .find(|t| t.as_str().eq_ignore_ascii_case(s))
-            .ok_or_else(|| {
-                let all: Vec<&str> = TaskState::ALL.iter().map(|t| t.as_str()).collect();
-                format!("`{s}` is not a task state (one of {})", all.join(", "))
-            })
+        TaskState::ALL.iter().copied().find(|t| t.as_str().eq_ignore_ascii_case(s)).ok_or_else(|| {
+            let all: Vec<&str> = TaskState::ALL.iter().map(|t| t.as_str()).collect();
+            format!("`{s}` is not a task state (one of {})", all.join(", "))
+        })
     }
 }
 

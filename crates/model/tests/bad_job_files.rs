@@ -8,19 +8,11 @@ type Expected<'a> = &'a [(&'a str, &'a str)];
 
 /// Refused, and every expected (path, word) is among the problems; every problem has a message.
 fn check(input: &str, expected: Expected) {
-    check_with(
-        parse_toml(input, &ValidationPolicy::default()),
-        input,
-        expected,
-    );
+    check_with(parse_toml(input, &ValidationPolicy::default()), input, expected);
 }
 
 fn check_json(input: &str, expected: Expected) {
-    check_with(
-        parse_json(input, &ValidationPolicy::default()),
-        input,
-        expected,
-    );
+    check_with(parse_json(input, &ValidationPolicy::default()), input, expected);
 }
 
 fn check_with(result: Result<JobSpec, Problems>, input: &str, expected: Expected) {
@@ -33,14 +25,8 @@ fn check_with(result: Result<JobSpec, Problems>, input: &str, expected: Expected
         assert!(!p.message.is_empty(), "a problem without a message: {p:?}");
     }
     for (path, word) in expected {
-        let found = problems
-            .0
-            .iter()
-            .any(|p| p.path == *path && p.to_string().contains(word));
-        assert!(
-            found,
-            "expected a problem at `{path}` mentioning `{word}` for\n{input}\ngot:\n{problems}",
-        );
+        let found = problems.0.iter().any(|p| p.path == *path && p.to_string().contains(word));
+        assert!(found, "expected a problem at `{path}` mentioning `{word}` for\n{input}\ngot:\n{problems}",);
     }
 }
 
@@ -101,173 +87,51 @@ fn the_good_file_is_good() {
 fn bad_job_files() {
     let rows: Vec<(&str, String, Expected)> = vec![
         // --- unknown keys, with and without a did-you-mean hint
-        (
-            "unknown top-level key",
-            format!("colour = \"red\"\n{GOOD}"),
-            &[("colour", "unknown key")],
-        ),
-        (
-            "typo at top level",
-            edit("instances", "instance = 3"),
-            &[("instance", "did you mean `instances`")],
-        ),
-        (
-            "unknown key in [task]",
-            edit("kill_grace", "flavour = \"x\""),
-            &[("task.flavour", "unknown key")],
-        ),
+        ("unknown top-level key", format!("colour = \"red\"\n{GOOD}"), &[("colour", "unknown key")]),
+        ("typo at top level", edit("instances", "instance = 3"), &[("instance", "did you mean `instances`")]),
+        ("unknown key in [task]", edit("kill_grace", "flavour = \"x\""), &[("task.flavour", "unknown key")]),
         (
             "typo in [task]",
             edit("command", "comand = \"ls\""),
-            &[
-                ("task.comand", "did you mean `command`"),
-                ("task.command", "required"),
-            ],
+            &[("task.comand", "did you mean `command`"), ("task.command", "required")],
         ),
         (
             "unknown key in [health_check]",
             append("[health_check]\ntype = \"http\"\nport = \"http\"\nintervl = \"5s\"\nbogus = 1"),
-            &[
-                ("health_check.intervl", "did you mean `interval`"),
-                ("health_check.bogus", "unknown key"),
-            ],
+            &[("health_check.intervl", "did you mean `interval`"), ("health_check.bogus", "unknown key")],
         ),
         // --- sizes
-        (
-            "decimal unit",
-            edit("mem", "mem = \"12GB\""),
-            &[("task.mem", "GiB")],
-        ),
-        (
-            "size without a unit",
-            edit("mem", "mem = \"12\""),
-            &[("task.mem", "no unit")],
-        ),
-        (
-            "negative size",
-            edit("disk", "disk = \"-1MiB\""),
-            &[("task.disk", "not a size")],
-        ),
-        (
-            "size as an integer",
-            edit("mem", "mem = 12"),
-            &[("task.mem", "12MiB")],
-        ),
-        (
-            "mem below the minimum",
-            edit("mem", "mem = \"1MiB\""),
-            &[("task.mem", "4MiB")],
-        ),
+        ("decimal unit", edit("mem", "mem = \"12GB\""), &[("task.mem", "GiB")]),
+        ("size without a unit", edit("mem", "mem = \"12\""), &[("task.mem", "no unit")]),
+        ("negative size", edit("disk", "disk = \"-1MiB\""), &[("task.disk", "not a size")]),
+        ("size as an integer", edit("mem", "mem = 12"), &[("task.mem", "12MiB")]),
+        ("mem below the minimum", edit("mem", "mem = \"1MiB\""), &[("task.mem", "4MiB")]),
         // --- cpus
-        (
-            "negative cpus",
-            edit("cpus", "cpus = -1"),
-            &[("task.cpus", "greater than 0")],
-        ),
-        (
-            "zero cpus",
-            edit("cpus", "cpus = 0"),
-            &[("task.cpus", "greater than 0")],
-        ),
-        (
-            "cpus as text",
-            edit("cpus", "cpus = \"a lot\""),
-            &[("task.cpus", "expected a number")],
-        ),
-        (
-            "cpus not finite",
-            edit("cpus", "cpus = nan"),
-            &[("task.cpus", "finite")],
-        ),
-        (
-            "too many cpus",
-            edit("cpus", "cpus = 5000"),
-            &[("task.cpus", "4096")],
-        ),
+        ("negative cpus", edit("cpus", "cpus = -1"), &[("task.cpus", "greater than 0")]),
+        ("zero cpus", edit("cpus", "cpus = 0"), &[("task.cpus", "greater than 0")]),
+        ("cpus as text", edit("cpus", "cpus = \"a lot\""), &[("task.cpus", "expected a number")]),
+        ("cpus not finite", edit("cpus", "cpus = nan"), &[("task.cpus", "finite")]),
+        ("too many cpus", edit("cpus", "cpus = 5000"), &[("task.cpus", "4096")]),
         // --- instances
-        (
-            "zero instances",
-            edit("instances", "instances = 0"),
-            &[("instances", "out of range")],
-        ),
-        (
-            "too many instances",
-            edit("instances", "instances = 100001"),
-            &[("instances", "out of range")],
-        ),
-        (
-            "fractional instances",
-            edit("instances", "instances = 1.5"),
-            &[("instances", "whole number")],
-        ),
-        (
-            "instances not finite",
-            edit("instances", "instances = nan"),
-            &[("instances", "finite")],
-        ),
+        ("zero instances", edit("instances", "instances = 0"), &[("instances", "out of range")]),
+        ("too many instances", edit("instances", "instances = 100001"), &[("instances", "out of range")]),
+        ("fractional instances", edit("instances", "instances = 1.5"), &[("instances", "whole number")]),
+        ("instances not finite", edit("instances", "instances = nan"), &[("instances", "finite")]),
         // --- job keys
-        (
-            "two-part job key",
-            edit("job", "job = \"www/hello\""),
-            &[("job", "role/environment/name")],
-        ),
-        (
-            "uppercase job key",
-            edit("job", "job = \"WWW/prod/hello\""),
-            &[("job", "lowercase")],
-        ),
-        (
-            "empty part in job key",
-            edit("job", "job = \"www//hello\""),
-            &[("job", "environment is empty")],
-        ),
-        (
-            "bad character in job key",
-            edit("job", "job = \"www/prod/hel.lo\""),
-            &[("job", "`.`")],
-        ),
-        (
-            "four-part job key",
-            edit("job", "job = \"a/b/c/d\""),
-            &[("job", "role/environment/name")],
-        ),
-        (
-            "job key not a string",
-            edit("job", "job = 7"),
-            &[("job", "expected a string")],
-        ),
+        ("two-part job key", edit("job", "job = \"www/hello\""), &[("job", "role/environment/name")]),
+        ("uppercase job key", edit("job", "job = \"WWW/prod/hello\""), &[("job", "lowercase")]),
+        ("empty part in job key", edit("job", "job = \"www//hello\""), &[("job", "environment is empty")]),
+        ("bad character in job key", edit("job", "job = \"www/prod/hel.lo\""), &[("job", "`.`")]),
+        ("four-part job key", edit("job", "job = \"a/b/c/d\""), &[("job", "role/environment/name")]),
+        ("job key not a string", edit("job", "job = 7"), &[("job", "expected a string")]),
         ("missing job key", edit("job", ""), &[("job", "required")]),
         // --- command and user
-        (
-            "missing command",
-            edit("command", ""),
-            &[("task.command", "required")],
-        ),
-        (
-            "empty command",
-            edit("command", "command = \"   \""),
-            &[("task.command", "empty")],
-        ),
-        (
-            "missing user",
-            edit("user", ""),
-            &[("task.user", "required")],
-        ),
-        (
-            "root user",
-            edit("user", "user = \"root\""),
-            &[("task.user", "root")],
-        ),
-        (
-            "uid 0",
-            edit("user", "user = \"0\""),
-            &[("task.user", "root")],
-        ),
-        (
-            "user with a space",
-            edit("user", "user = \"no body\""),
-            &[("task.user", "not a valid user name")],
-        ),
+        ("missing command", edit("command", ""), &[("task.command", "required")]),
+        ("empty command", edit("command", "command = \"   \""), &[("task.command", "empty")]),
+        ("missing user", edit("user", ""), &[("task.user", "required")]),
+        ("root user", edit("user", "user = \"root\""), &[("task.user", "root")]),
+        ("uid 0", edit("user", "user = \"0\""), &[("task.user", "root")]),
+        ("user with a space", edit("user", "user = \"no body\""), &[("task.user", "not a valid user name")]),
         (
             "a table where a string belongs",
             edit("user", "user = { name = \"nobody\" }"),
@@ -279,64 +143,24 @@ fn bad_job_files() {
             &[("task.command", "found an array")],
         ),
         // --- the [task] table itself
-        (
-            "missing [task]",
-            "job = \"www/prod/hello\"\ninstances = 1\n".to_string(),
-            &[("task", "required")],
-        ),
-        (
-            "task is a string",
-            "job = \"www/prod/hello\"\ntask = \"run\"\n".to_string(),
-            &[("task", "expected a table")],
-        ),
+        ("missing [task]", "job = \"www/prod/hello\"\ninstances = 1\n".to_string(), &[("task", "required")]),
+        ("task is a string", "job = \"www/prod/hello\"\ntask = \"run\"\n".to_string(), &[("task", "expected a table")]),
         // --- ports
-        (
-            "uppercase port name",
-            edit("ports", "ports = [\"HTTP\"]"),
-            &[("task.ports[0]", "not a port name")],
-        ),
+        ("uppercase port name", edit("ports", "ports = [\"HTTP\"]"), &[("task.ports[0]", "not a port name")]),
         (
             "port name starting with a digit",
             edit("ports", "ports = [\"8080\"]"),
             &[("task.ports[0]", "not a port name")],
         ),
-        (
-            "duplicate port",
-            edit("ports", "ports = [\"http\", \"admin\", \"http\"]"),
-            &[("task.ports[2]", "twice")],
-        ),
-        (
-            "ports not an array",
-            edit("ports", "ports = \"http\""),
-            &[("task.ports", "array")],
-        ),
+        ("duplicate port", edit("ports", "ports = [\"http\", \"admin\", \"http\"]"), &[("task.ports[2]", "twice")]),
+        ("ports not an array", edit("ports", "ports = \"http\""), &[("task.ports", "array")]),
         // --- environment
-        (
-            "reserved PORT_ variable",
-            append("PORT_X = \"1\""),
-            &[("task.env.PORT_X", "reserved")],
-        ),
-        (
-            "reserved CAPSTAN_ variable",
-            append("CAPSTAN_X = \"1\""),
-            &[("task.env.CAPSTAN_X", "reserved")],
-        ),
-        (
-            "bad variable name",
-            append("\"1ABC\" = \"1\""),
-            &[("task.env.1ABC", "not an environment variable name")],
-        ),
-        (
-            "variable holding a table",
-            append("NESTED = { a = 1 }"),
-            &[("task.env.NESTED", "expected a string")],
-        ),
+        ("reserved PORT_ variable", append("PORT_X = \"1\""), &[("task.env.PORT_X", "reserved")]),
+        ("reserved CAPSTAN_ variable", append("CAPSTAN_X = \"1\""), &[("task.env.CAPSTAN_X", "reserved")]),
+        ("bad variable name", append("\"1ABC\" = \"1\""), &[("task.env.1ABC", "not an environment variable name")]),
+        ("variable holding a table", append("NESTED = { a = 1 }"), &[("task.env.NESTED", "expected a string")]),
         // --- durations
-        (
-            "bad kill_grace",
-            edit("kill_grace", "kill_grace = \"10 parsecs\""),
-            &[("task.kill_grace", "not a duration")],
-        ),
+        ("bad kill_grace", edit("kill_grace", "kill_grace = \"10 parsecs\""), &[("task.kill_grace", "not a duration")]),
         (
             "kill_grace as a number",
             edit("kill_grace", "kill_grace = 10"),
@@ -348,42 +172,14 @@ fn bad_job_files() {
             &[("task.kill_grace", "longer than an hour")],
         ),
         // --- job types
-        (
-            "cron type",
-            edit("type", "type = \"cron\""),
-            &[("type", "not yet supported")],
-        ),
-        (
-            "system type",
-            edit("type", "type = \"system\""),
-            &[("type", "not yet supported")],
-        ),
-        (
-            "unknown type",
-            edit("type", "type = \"daemon\""),
-            &[("type", "not one of")],
-        ),
-        (
-            "cron key on a service",
-            format!("cron = \"* * * * *\"\n{GOOD}"),
-            &[("cron", "only applies")],
-        ),
+        ("cron type", edit("type", "type = \"cron\""), &[("type", "not yet supported")]),
+        ("system type", edit("type", "type = \"system\""), &[("type", "not yet supported")]),
+        ("unknown type", edit("type", "type = \"daemon\""), &[("type", "not one of")]),
+        ("cron key on a service", format!("cron = \"* * * * *\"\n{GOOD}"), &[("cron", "only applies")]),
         // --- syntax
-        (
-            "unclosed string",
-            edit("user", "user = \"nobody"),
-            &[("line 8, column 15", "not valid TOML")],
-        ),
-        (
-            "missing value",
-            edit("cpus", "cpus = "),
-            &[("line 9, column 8", "not valid TOML")],
-        ),
-        (
-            "duplicate key",
-            edit("mem", "mem = \"64MiB\"\nmem = \"32MiB\""),
-            &[("line 11, column 1", "not valid TOML")],
-        ),
+        ("unclosed string", edit("user", "user = \"nobody"), &[("line 8, column 15", "not valid TOML")]),
+        ("missing value", edit("cpus", "cpus = "), &[("line 9, column 8", "not valid TOML")]),
+        ("duplicate key", edit("mem", "mem = \"64MiB\"\nmem = \"32MiB\""), &[("line 11, column 1", "not valid TOML")]),
     ];
     assert!(rows.len() >= 25);
     for (name, input, expected) in rows {
@@ -532,8 +328,7 @@ FLAG = true
     for text in [GOOD, batch] {
         let spec = parse_toml(text, &policy).unwrap();
         let json = serde_json::to_string_pretty(&spec).unwrap();
-        let back =
-            parse_json(&json, &policy).unwrap_or_else(|e| panic!("{json}\nwas refused:\n{e}"));
+        let back = parse_json(&json, &policy).unwrap_or_else(|e| panic!("{json}\nwas refused:\n{e}"));
         assert_eq!(back, spec, "{json}");
     }
 }

@@ -11,10 +11,7 @@ fn check(result: Result<JobSpec, Problems>) {
     if let Err(problems) = result {
         assert!(!problems.0.is_empty(), "refused without a problem");
         for p in &problems.0 {
-            assert!(
-                !p.message.trim().is_empty(),
-                "a problem without a message: {p:?}"
-            );
+            assert!(!p.message.trim().is_empty(), "a problem without a message: {p:?}");
             // Display must not panic either.
             let _ = p.to_string();
         }
@@ -143,8 +140,7 @@ fn toml_value() -> impl Strategy<Value = toml::Value> {
     scalar().prop_recursive(4, 48, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(toml::Value::Array),
-            prop::collection::btree_map(key(), inner, 0..6)
-                .prop_map(|m| toml::Value::Table(m.into_iter().collect())),
+            prop::collection::btree_map(key(), inner, 0..6).prop_map(|m| toml::Value::Table(m.into_iter().collect())),
         ]
     })
 }
@@ -167,8 +163,7 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
     leaf.prop_recursive(4, 48, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-            prop::collection::btree_map(key(), inner, 0..6)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            prop::collection::btree_map(key(), inner, 0..6).prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }
@@ -294,9 +289,8 @@ fn valid() -> impl Strategy<Value = Valid> {
         0u64..(1 << 32),
         prop::collection::btree_set("[a-z][a-z0-9_]{0,10}", 0..5),
         prop::collection::btree_map(
-            "[A-Za-z_][A-Za-z0-9_]{0,10}".prop_filter("not reserved", |k| {
-                !k.starts_with("PORT_") && !k.starts_with("CAPSTAN_")
-            }),
+            "[A-Za-z_][A-Za-z0-9_]{0,10}"
+                .prop_filter("not reserved", |k| !k.starts_with("PORT_") && !k.starts_with("CAPSTAN_")),
             "[ -~]{0,20}",
             0..5,
         ),
@@ -330,25 +324,13 @@ impl Valid {
         let q = |s: &str| toml::Value::String(s.to_string()).to_string();
         let mut t = String::new();
         t += &format!("job = {}\n", q(&self.job));
-        t += &format!(
-            "type = \"{}\"\n",
-            if self.batch { "batch" } else { "service" }
-        );
-        t += &format!(
-            "instances = {}\nmax_failures = {}\n",
-            self.instances, self.max_failures
-        );
-        t += &format!(
-            "priority = {}\nproduction = {}\n",
-            self.priority, self.production
-        );
+        t += &format!("type = \"{}\"\n", if self.batch { "batch" } else { "service" });
+        t += &format!("instances = {}\nmax_failures = {}\n", self.instances, self.max_failures);
+        t += &format!("priority = {}\nproduction = {}\n", self.priority, self.production);
         t += "[task]\n";
         t += &format!("command = {}\nuser = {}\n", q(&self.command), q(&self.user));
         t += &format!("cpus = {}\n", f64::from(self.cpus_milli) / 1000.0);
-        t += &format!(
-            "mem = \"{}KiB\"\ndisk = \"{}KiB\"\n",
-            self.mem_kib, self.disk_kib
-        );
+        t += &format!("mem = \"{}KiB\"\ndisk = \"{}KiB\"\n", self.mem_kib, self.disk_kib);
         let ports: Vec<String> = self.ports.iter().map(|p| q(p)).collect();
         t += &format!("ports = [{}]\n", ports.join(", "));
         t += &format!("kill_grace = \"{}ms\"\n", self.kill_grace_ms);

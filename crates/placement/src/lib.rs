@@ -77,7 +77,11 @@ fn free_after(agent: &Agent, t: Option<&Tentative>) -> Demand {
 
 /// Bin-pack: among agents where the task fits, the one with the least left afterwards (cpus and
 /// memory as shares of the agent). Ties go to the lower agent id, so the plan is deterministic.
-fn best_agent<'a>(state: &'a ClusterState, tentative: &BTreeMap<AgentId, Tentative>, d: &Demand) -> Result<&'a Agent, String> {
+fn best_agent<'a>(
+    state: &'a ClusterState,
+    tentative: &BTreeMap<AgentId, Tentative>,
+    d: &Demand,
+) -> Result<&'a Agent, String> {
     if state.agents.is_empty() {
         return Err("no agents are registered".into());
     }

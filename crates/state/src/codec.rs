@@ -16,11 +16,7 @@ pub const SNAPSHOT_FORMAT_VERSION: u16 = 1;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {
     #[error("{what} has format version {found}, but this Capstan reads only up to version {supported}; upgrade Capstan before reading it")]
-    TooNew {
-        what: &'static str,
-        found: u16,
-        supported: u16,
-    },
+    TooNew { what: &'static str, found: u16, supported: u16 },
     #[error("{what} has unknown format version {found}")]
     Unknown { what: &'static str, found: u16 },
     #[error("{what} is not readable: {detail}")]
@@ -39,30 +35,17 @@ fn decode_versioned<T: for<'de> Deserialize<'de>>(
     bytes: &[u8],
 ) -> Result<T, CodecError> {
     if bytes.len() < 2 {
-        return Err(CodecError::Malformed {
-            what,
-            detail: format!("{} bytes is too short", bytes.len()),
-        });
+        return Err(CodecError::Malformed { what, detail: format!("{} bytes is too short", bytes.len()) });
     }
     let version = u16::from_le_bytes([bytes[0], bytes[1]]);
     if version > supported {
-        return Err(CodecError::TooNew {
-            what,
-            found: version,
-            supported,
-        });
+        return Err(CodecError::TooNew { what, found: version, supported });
     }
     if version != supported {
         // Version 1 is the first; migrations from older versions go here when there are any.
-        return Err(CodecError::Unknown {
-            what,
-            found: version,
-        });
+        return Err(CodecError::Unknown { what, found: version });
     }
-    postcard::from_bytes(&bytes[2..]).map_err(|e| CodecError::Malformed {
-        what,
-        detail: e.to_string(),
-    })
+    postcard::from_bytes(&bytes[2..]).map_err(|e| CodecError::Malformed { what, detail: e.to_string() })
 }
 
 pub fn encode_command(c: &Stamped) -> Vec<u8> {
@@ -78,8 +61,7 @@ pub fn encode_snapshot(state: &ClusterState) -> Vec<u8> {
 }
 
 pub fn decode_snapshot(bytes: &[u8]) -> Result<ClusterState, CodecError> {
-    let mut state: ClusterState =
-        decode_versioned("a state snapshot", SNAPSHOT_FORMAT_VERSION, bytes)?;
+    let mut state: ClusterState = decode_versioned("a state snapshot", SNAPSHOT_FORMAT_VERSION, bytes)?;
     state.rebuild_derived();
     Ok(state)
 }

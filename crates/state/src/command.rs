@@ -24,10 +24,7 @@ pub enum Command {
     /// A plan from the scheduler; each placement is re-checked against the state before it takes.
     Place { placements: Vec<Placement> },
     /// Status updates from one agent, in the order the agent produced them.
-    AgentUpdates {
-        agent: AgentId,
-        updates: Vec<StatusUpdate>,
-    },
+    AgentUpdates { agent: AgentId, updates: Vec<StatusUpdate> },
 }
 
 impl Command {
@@ -107,28 +104,15 @@ impl<'de> Visitor<'de> for CompactReport {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Report, A::Error> {
-        fn next<'de, A: SeqAccess<'de>, T: Deserialize<'de>>(
-            seq: &mut A,
-            i: usize,
-        ) -> Result<T, A::Error> {
-            seq.next_element()?
-                .ok_or_else(|| de::Error::invalid_length(i, &CompactReport))
+        fn next<'de, A: SeqAccess<'de>, T: Deserialize<'de>>(seq: &mut A, i: usize) -> Result<T, A::Error> {
+            seq.next_element()?.ok_or_else(|| de::Error::invalid_length(i, &CompactReport))
         }
         let kind: String = next(&mut seq, 0)?;
         Ok(match kind.as_str() {
             "starting" => Report::Starting,
-            "running" => Report::Running {
-                pid: next(&mut seq, 1)?,
-            },
-            "exited" => Report::Exited {
-                exit: next(&mut seq, 1)?,
-            },
-            other => {
-                return Err(de::Error::unknown_variant(
-                    other,
-                    &["starting", "running", "exited"],
-                ))
-            }
+            "running" => Report::Running { pid: next(&mut seq, 1)? },
+            "exited" => Report::Exited { exit: next(&mut seq, 1)? },
+            other => return Err(de::Error::unknown_variant(other, &["starting", "running", "exited"])),
         })
     }
 }

@@ -3,9 +3,7 @@
 use crate::agent::Agent;
 use crate::command::{Command, Placement, Report, Stamped, StatusUpdate};
 use capstan_model::lifecycle::{self, Context, Effect, Event, Outcome, RestartPolicy};
-use capstan_model::{
-    derive_id, AgentId, Desired, JobKey, JobSpec, JobType, TaskExit, TaskId, TaskState, Timestamp,
-};
+use capstan_model::{derive_id, AgentId, Desired, JobKey, JobSpec, JobType, TaskExit, TaskId, TaskState, Timestamp};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -70,11 +68,7 @@ pub struct Task {
 impl Task {
     fn record(&mut self, at: Timestamp, reason: String) {
         self.reason = reason.clone();
-        let rec = TaskEventRecord {
-            at,
-            state: self.state,
-            reason,
-        };
+        let rec = TaskEventRecord { at, state: self.state, reason };
         if self.events.len() >= TASK_EVENTS_MAX {
             // Keep the first event (creation), drop the oldest after it.
             self.events.remove(1);
@@ -165,10 +159,7 @@ impl ClusterState {
                 out.new_pending = true;
             }
             Command::AgentReconcile { agent, known } => {
-                let a = self
-                    .agents
-                    .get(agent)
-                    .ok_or(Rejection::NoSuchAgent(*agent))?;
+                let a = self.agents.get(agent).ok_or(Rejection::NoSuchAgent(*agent))?;
                 let known: BTreeSet<TaskId> = known.iter().copied().collect();
                 let missing: Vec<TaskId> = a
                     .tasks
@@ -176,10 +167,7 @@ impl ClusterState {
                     .filter(|id| !known.contains(id))
                     .filter(|id| {
                         self.tasks.get(id).is_some_and(|t| {
-                            matches!(
-                                t.state,
-                                TaskState::Starting | TaskState::Running | TaskState::Killing
-                            )
+                            matches!(t.state, TaskState::Starting | TaskState::Running | TaskState::Killing)
                         })
                     })
                     .copied()
@@ -216,10 +204,7 @@ impl ClusterState {
                 out.new_pending = true;
             }
             Command::KillJob { job, by } => {
-                let j = self
-                    .jobs
-                    .get_mut(job)
-                    .ok_or_else(|| Rejection::NoSuchJob(job.clone()))?;
+                let j = self.jobs.get_mut(job).ok_or_else(|| Rejection::NoSuchJob(job.clone()))?;
                 if j.killed.is_none() {
                     j.killed = Some(by.clone());
                 }
@@ -233,8 +218,7 @@ impl ClusterState {
                 let t = self.tasks.get(task).ok_or(Rejection::NoSuchTask(*task))?;
                 let restart = !t.state.is_terminal()
                     && self.jobs.get(&t.job).is_some_and(|j| {
-                        j.killed.is_none()
-                            && matches!(j.spec.job_type, JobType::Service | JobType::System)
+                        j.killed.is_none() && matches!(j.spec.job_type, JobType::Service | JobType::System)
                     });
                 self.step(*task, &Event::Kill { by: by.clone() }, at, &mut out);
                 let t = self.tasks.get_mut(task).expect("task exists");
@@ -306,10 +290,7 @@ impl ClusterState {
             events: Vec::new(),
         };
         let reason = if not_before > at {
-            format!(
-                "waiting {} ms before restarting (failed {failures} times in a row)",
-                not_before.since(at)
-            )
+            format!("waiting {} ms before restarting (failed {failures} times in a row)", not_before.since(at))
         } else {
             "waiting for a place".to_string()
         };
@@ -318,9 +299,7 @@ impl ClusterState {
         let history = j.history.entry(instance).or_default();
         history.push(id);
         let forgotten: Vec<TaskId> = if history.len() > ENDED_TASKS_PER_INSTANCE_MAX + 1 {
-            history
-                .drain(..history.len() - ENDED_TASKS_PER_INSTANCE_MAX - 1)
-                .collect()
+            history.drain(..history.len() - ENDED_TASKS_PER_INSTANCE_MAX - 1).collect()
         } else {
             vec![]
         };
@@ -353,8 +332,7 @@ impl ClusterState {
         let distinct: BTreeSet<u16> = p.ports.iter().copied().collect();
         if distinct.len() != p.ports.len()
             || p.ports.iter().any(|port| {
-                agent.used_ports.contains(port)
-                    || !agent.info.capacity.ports.iter().any(|r| r.contains(*port))
+                agent.used_ports.contains(port) || !agent.info.capacity.ports.iter().any(|r| r.contains(*port))
             })
         {
             return false;
@@ -406,10 +384,7 @@ impl ClusterState {
             now: at,
             running_since: task.running_since,
             failures: task.failures,
-            policy: RestartPolicy {
-                job_type: job.spec.job_type,
-                max_failures: job.spec.max_failures,
-            },
+            policy: RestartPolicy { job_type: job.spec.job_type, max_failures: job.spec.max_failures },
         };
         let t = lifecycle::transition(task.state, task.desired, event, &cx);
         match t.outcome {
@@ -502,23 +477,13 @@ impl ClusterState {
 
     /// Starts a fresh task for the instance of `old`, unless the job is gone or being killed, or
     /// the instance already moved on.
-    fn restart_instance(
-        &mut self,
-        old: TaskId,
-        delay_ms: u64,
-        failures: u32,
-        at: Timestamp,
-        out: &mut Applied,
-    ) {
+    fn restart_instance(&mut self, old: TaskId, delay_ms: u64, failures: u32, at: Timestamp, out: &mut Applied) {
         let task = &self.tasks[&old];
         let (job_key, instance) = (task.job.clone(), task.instance);
         let Some(job) = self.jobs.get(&job_key) else {
             return;
         };
-        if job.killed.is_some()
-            || job.current.get(&instance) != Some(&old)
-            || instance >= job.spec.instances
-        {
+        if job.killed.is_some() || job.current.get(&instance) != Some(&old) || instance >= job.spec.instances {
             return;
         }
         let id = self.fresh_id(derive_id(old.0));
@@ -531,10 +496,7 @@ impl ClusterState {
         if j.killed.is_none() {
             return;
         }
-        let live = j
-            .current
-            .values()
-            .any(|id| self.tasks.get(id).is_some_and(|t| !t.state.is_terminal()));
+        let live = j.current.values().any(|id| self.tasks.get(id).is_some_and(|t| !t.state.is_terminal()));
         if live {
             return;
         }
@@ -581,10 +543,7 @@ impl ClusterState {
 
     /// What one agent must run: the tasks that hold resources on it, with their desired state.
     pub fn tasks_on(&self, agent: AgentId) -> impl Iterator<Item = &Task> {
-        self.agents
-            .get(&agent)
-            .into_iter()
-            .flat_map(move |a| a.tasks.iter().filter_map(|id| self.tasks.get(id)))
+        self.agents.get(&agent).into_iter().flat_map(move |a| a.tasks.iter().filter_map(|id| self.tasks.get(id)))
     }
 
     pub fn job_of(&self, task: &Task) -> Option<&Job> {
@@ -592,10 +551,7 @@ impl ClusterState {
     }
 
     pub fn tasks_of<'a>(&'a self, job: &'a Job) -> impl Iterator<Item = &'a Task> + 'a {
-        job.history
-            .values()
-            .flatten()
-            .filter_map(|id| self.tasks.get(id))
+        job.history.values().flatten().filter_map(|id| self.tasks.get(id))
     }
 
     /// Counts of tasks by state across the cluster.

@@ -10,8 +10,8 @@ mod common;
 
 use capstan_model::{AgentId, JobKey, PortRange, TaskExit, TaskId, TaskState};
 use capstan_state::{
-    decode_command, decode_snapshot, encode_command, encode_snapshot, ClusterState, Command,
-    Placement, Report, Stamped, StatusUpdate,
+    decode_command, decode_snapshot, encode_command, encode_snapshot, ClusterState, Command, Placement, Report,
+    Stamped, StatusUpdate,
 };
 use common::{agent_info, stamped, JobShape, MIB};
 use proptest::prelude::*;
@@ -106,54 +106,21 @@ enum ReportKind {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let register = (
-        1..=AGENTS_MAX,
-        500u32..4000,
-        64u64..2048,
-        0u64..2048,
-        31000u16..31100,
-        0u16..6,
-        any::<bool>(),
-    )
-        .prop_map(
-            |(id, cpus_milli, mem_mib, disk_mib, port_first, port_count, split)| {
-                Op::RegisterAgent {
-                    id,
-                    cpus_milli,
-                    mem_mib,
-                    disk_mib,
-                    port_first,
-                    port_count,
-                    split,
-                }
-            },
-        );
-    let create = (
-        0..JOBS_MAX,
-        any::<bool>(),
-        1u32..5,
-        0u32..3,
-        100u32..1500,
-        4u64..600,
-        0u64..600,
-        0u32..3,
-        any::<u64>(),
-    )
-        .prop_map(
-            |(name, batch, instances, max_failures, cpus_milli, mem_mib, disk_mib, ports, seed)| {
-                Op::CreateJob {
-                    name,
-                    batch,
-                    instances,
-                    max_failures,
-                    cpus_milli,
-                    mem_mib,
-                    disk_mib,
-                    ports,
-                    seed,
-                }
-            },
-        );
+    let register = (1..=AGENTS_MAX, 500u32..4000, 64u64..2048, 0u64..2048, 31000u16..31100, 0u16..6, any::<bool>())
+        .prop_map(|(id, cpus_milli, mem_mib, disk_mib, port_first, port_count, split)| Op::RegisterAgent {
+            id,
+            cpus_milli,
+            mem_mib,
+            disk_mib,
+            port_first,
+            port_count,
+            split,
+        });
+    let create =
+        (0..JOBS_MAX, any::<bool>(), 1u32..5, 0u32..3, 100u32..1500, 4u64..600, 0u64..600, 0u32..3, any::<u64>())
+            .prop_map(|(name, batch, instances, max_failures, cpus_milli, mem_mib, disk_mib, ports, seed)| {
+                Op::CreateJob { name, batch, instances, max_failures, cpus_milli, mem_mib, disk_mib, ports, seed }
+            });
     let bad = prop_oneof![
         Just(BadPlacement::OverCommit),
         Just(BadPlacement::TakenPort),
@@ -226,17 +193,7 @@ fn first_fit(state: &ClusterState, now: u64, count_plan: bool) -> Vec<Placement>
     let mut used: BTreeMap<AgentId, (u64, u64, u64, BTreeSet<u16>)> = state
         .agents
         .iter()
-        .map(|(id, a)| {
-            (
-                *id,
-                (
-                    u64::from(a.used.cpus_milli),
-                    a.used.mem_bytes,
-                    a.used.disk_bytes,
-                    BTreeSet::new(),
-                ),
-            )
-        })
+        .map(|(id, a)| (*id, (u64::from(a.used.cpus_milli), a.used.mem_bytes, a.used.disk_bytes, BTreeSet::new())))
         .collect();
     let mut out = Vec::new();
     for id in &state.pending {
@@ -264,11 +221,7 @@ fn first_fit(state: &ClusterState, now: u64, count_plan: bool) -> Vec<Placement>
                 u.2 += spec.disk.0;
                 u.3.extend(ports.iter().copied());
             }
-            out.push(Placement {
-                task: *id,
-                agent: *agent_id,
-                ports,
-            });
+            out.push(Placement { task: *id, agent: *agent_id, ports });
             break;
         }
     }
@@ -287,26 +240,16 @@ fn bad_placement(state: &ClusterState, i: usize, how: BadPlacement) -> Option<Pl
             let task = task?;
             let d = demand_of(task);
             let agent = agents.iter().copied().find(|a| !state.agents[a].fits(&d))?;
-            let ports = free_ports(state, agent, &BTreeSet::new())
-                .into_iter()
-                .take(d.ports as usize)
-                .collect();
+            let ports = free_ports(state, agent, &BTreeSet::new()).into_iter().take(d.ports as usize).collect();
             Some(Placement { task, agent, ports })
         }
         BadPlacement::TakenPort => {
             let task = pending.iter().copied().find(|t| demand_of(*t).ports > 0)?;
             let d = demand_of(task);
-            let agent = agents
-                .iter()
-                .copied()
-                .find(|a| !state.agents[a].used_ports.is_empty())?;
+            let agent = agents.iter().copied().find(|a| !state.agents[a].used_ports.is_empty())?;
             let taken = *state.agents[&agent].used_ports.iter().next().unwrap();
             let mut ports = vec![taken];
-            ports.extend(
-                free_ports(state, agent, &BTreeSet::new())
-                    .into_iter()
-                    .take(d.ports as usize - 1),
-            );
+            ports.extend(free_ports(state, agent, &BTreeSet::new()).into_iter().take(d.ports as usize - 1));
             (ports.len() == d.ports as usize).then_some(Placement { task, agent, ports })
         }
         BadPlacement::PortOutOfRange => {
@@ -315,11 +258,7 @@ fn bad_placement(state: &ClusterState, i: usize, how: BadPlacement) -> Option<Pl
             let agent = agent?;
             // Agents' ranges lie within 31000..31200; port 80 never does.
             let mut ports = vec![80];
-            ports.extend(
-                free_ports(state, agent, &BTreeSet::new())
-                    .into_iter()
-                    .take(d.ports as usize - 1),
-            );
+            ports.extend(free_ports(state, agent, &BTreeSet::new()).into_iter().take(d.ports as usize - 1));
             (ports.len() == d.ports as usize).then_some(Placement { task, agent, ports })
         }
         BadPlacement::SamePortTwice => {
@@ -335,41 +274,22 @@ fn bad_placement(state: &ClusterState, i: usize, how: BadPlacement) -> Option<Pl
             let task = task?;
             let agent = agent?;
             let want = demand_of(task).ports as usize + 1;
-            let ports: Vec<u16> = free_ports(state, agent, &BTreeSet::new())
-                .into_iter()
-                .take(want)
-                .collect();
+            let ports: Vec<u16> = free_ports(state, agent, &BTreeSet::new()).into_iter().take(want).collect();
             (ports.len() == want).then_some(Placement { task, agent, ports })
         }
         BadPlacement::UnknownAgent => {
             let task = task?;
-            let ports = (0..demand_of(task).ports as u16)
-                .map(|p| 31000 + p)
-                .collect();
-            Some(Placement {
-                task,
-                agent: AgentId(999),
-                ports,
-            })
+            let ports = (0..demand_of(task).ports as u16).map(|p| 31000 + p).collect();
+            Some(Placement { task, agent: AgentId(999), ports })
         }
-        BadPlacement::UnknownTask => Some(Placement {
-            task: TaskId(0xdead),
-            agent: agent?,
-            ports: vec![],
-        }),
+        BadPlacement::UnknownTask => Some(Placement { task: TaskId(0xdead), agent: agent?, ports: vec![] }),
         BadPlacement::NotPending => {
-            let ids: Vec<TaskId> = state
-                .tasks
-                .values()
-                .filter(|t| t.state != TaskState::Pending)
-                .map(|t| t.id)
-                .collect();
+            let ids: Vec<TaskId> =
+                state.tasks.values().filter(|t| t.state != TaskState::Pending).map(|t| t.id).collect();
             let task = pick(&ids, i)?;
             let agent = agent?;
-            let ports = free_ports(state, agent, &BTreeSet::new())
-                .into_iter()
-                .take(demand_of(task).ports as usize)
-                .collect();
+            let ports =
+                free_ports(state, agent, &BTreeSet::new()).into_iter().take(demand_of(task).ports as usize).collect();
             Some(Placement { task, agent, ports })
         }
     }
@@ -378,18 +298,10 @@ fn bad_placement(state: &ClusterState, i: usize, how: BadPlacement) -> Option<Pl
 fn report(kind: ReportKind, seq: u64) -> Report {
     match kind {
         ReportKind::Starting => Report::Starting,
-        ReportKind::Running => Report::Running {
-            pid: 1000 + seq as u32,
-        },
-        ReportKind::Exited(code) => Report::Exited {
-            exit: TaskExit::Exited { code },
-        },
-        ReportKind::Killed => Report::Exited {
-            exit: TaskExit::Killed { by: "agent".into() },
-        },
-        ReportKind::Signaled => Report::Exited {
-            exit: TaskExit::Signaled { signal: 9 },
-        },
+        ReportKind::Running => Report::Running { pid: 1000 + seq as u32 },
+        ReportKind::Exited(code) => Report::Exited { exit: TaskExit::Exited { code } },
+        ReportKind::Killed => Report::Exited { exit: TaskExit::Killed { by: "agent".into() } },
+        ReportKind::Signaled => Report::Exited { exit: TaskExit::Signaled { signal: 9 } },
     }
 }
 
@@ -398,15 +310,7 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
     let agents: Vec<AgentId> = state.agents.keys().copied().collect();
     let mut expect = Expect::default();
     let command = match op {
-        Op::RegisterAgent {
-            id,
-            cpus_milli,
-            mem_mib,
-            disk_mib,
-            port_first,
-            port_count,
-            split,
-        } => {
+        Op::RegisterAgent { id, cpus_milli, mem_mib, disk_mib, port_first, port_count, split } => {
             if state.agents.contains_key(&AgentId(*id)) {
                 return None; // a new capacity under running tasks is not what this test is about
             }
@@ -415,19 +319,10 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
                 let last = port_first + port_count - 1;
                 if *split && *port_count > 1 {
                     let mid = port_first + port_count / 2;
-                    ports.push(PortRange {
-                        first: *port_first,
-                        last: mid - 1,
-                    });
-                    ports.push(PortRange {
-                        first: mid + 50,
-                        last: last + 50,
-                    });
+                    ports.push(PortRange { first: *port_first, last: mid - 1 });
+                    ports.push(PortRange { first: mid + 50, last: last + 50 });
                 } else {
-                    ports.push(PortRange {
-                        first: *port_first,
-                        last,
-                    });
+                    ports.push(PortRange { first: *port_first, last });
                 }
             }
             let info = agent_info(*id, *cpus_milli, mem_mib * MIB, disk_mib * MIB, ports);
@@ -444,23 +339,9 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
             }
             Command::RegisterAgent { info }
         }
-        Op::CreateJob {
-            name,
-            batch,
-            instances,
-            max_failures,
-            cpus_milli,
-            mem_mib,
-            disk_mib,
-            ports,
-            seed,
-        } => {
+        Op::CreateJob { name, batch, instances, max_failures, cpus_milli, mem_mib, disk_mib, ports, seed } => {
             let shape = JobShape {
-                job_type: if *batch {
-                    capstan_model::JobType::Batch
-                } else {
-                    capstan_model::JobType::Service
-                },
+                job_type: if *batch { capstan_model::JobType::Batch } else { capstan_model::JobType::Service },
                 instances: *instances,
                 max_failures: *max_failures,
                 cpus_milli: *cpus_milli,
@@ -469,10 +350,7 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
                 ports: *ports,
             };
             expect.rejected = state.jobs.contains_key(&job_key(*name));
-            Command::CreateJob {
-                spec: shape.spec(&job_key(*name).to_string()),
-                seed: *seed,
-            }
+            Command::CreateJob { spec: shape.spec(&job_key(*name).to_string()), seed: *seed }
         }
         Op::PlaceFirstFit => {
             let placements = first_fit(state, now, true);
@@ -492,34 +370,18 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
         Op::PlaceBad { pick, how } => {
             let p = bad_placement(state, *pick, *how)?;
             expect.placement_refused = Some(p.task);
-            Command::Place {
-                placements: vec![p],
-            }
+            Command::Place { placements: vec![p] }
         }
-        Op::Updates {
-            agent_pick,
-            updates,
-            duplicate,
-        } => {
+        Op::Updates { agent_pick, updates, duplicate } => {
             let agent = pick(&agents, *agent_pick)?;
-            let on_agent: Vec<TaskId> = state
-                .tasks
-                .values()
-                .filter(|t| t.agent == Some(agent))
-                .map(|t| t.id)
-                .collect();
+            let on_agent: Vec<TaskId> = state.tasks.values().filter(|t| t.agent == Some(agent)).map(|t| t.id).collect();
             let last = state.agents[&agent].last_update_seq;
             let mut seq = last;
             let mut out = Vec::new();
             for (i, kind) in updates {
                 let task = pick(&on_agent, *i)?;
                 seq += 1;
-                out.push(StatusUpdate {
-                    seq,
-                    task,
-                    report: report(*kind, seq),
-                    at: capstan_model::Timestamp(now),
-                });
+                out.push(StatusUpdate { seq, task, report: report(*kind, seq), at: capstan_model::Timestamp(now) });
             }
             if *duplicate && last > 0 {
                 // A redelivery of updates already applied: the seq says so, whatever they carry.
@@ -528,10 +390,7 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
                 }
                 expect.duplicates = out.len() as u64;
             }
-            Command::AgentUpdates {
-                agent,
-                updates: out,
-            }
+            Command::AgentUpdates { agent, updates: out }
         }
         Op::UpdateUnknown { agent_pick, task } => {
             let (agent, rejected) = match pick(&agents, *agent_pick) {
@@ -539,20 +398,10 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
                 None => (AgentId(777), true),
             };
             expect.rejected = rejected;
-            let seq = state
-                .agents
-                .get(&agent)
-                .map_or(1, |a| a.last_update_seq + 1);
-            let update = StatusUpdate {
-                seq,
-                task: TaskId(*task),
-                report: Report::Starting,
-                at: capstan_model::Timestamp(now),
-            };
-            Command::AgentUpdates {
-                agent,
-                updates: vec![update],
-            }
+            let seq = state.agents.get(&agent).map_or(1, |a| a.last_update_seq + 1);
+            let update =
+                StatusUpdate { seq, task: TaskId(*task), report: Report::Starting, at: capstan_model::Timestamp(now) };
+            Command::AgentUpdates { agent, updates: vec![update] }
         }
         Op::KillTask { pick: i, unknown } => {
             let ids: Vec<TaskId> = state.tasks.keys().copied().collect();
@@ -563,17 +412,11 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
                     TaskId(0xdead_beef)
                 }
             };
-            Command::KillTask {
-                task,
-                by: "test".into(),
-            }
+            Command::KillTask { task, by: "test".into() }
         }
         Op::KillJob { name } => {
             expect.rejected = !state.jobs.contains_key(&job_key(*name));
-            Command::KillJob {
-                job: job_key(*name),
-                by: "test".into(),
-            }
+            Command::KillJob { job: job_key(*name), by: "test".into() }
         }
         Op::Wait { .. } => return None,
     };
@@ -605,66 +448,27 @@ fn check_derived(state: &ClusterState) -> Result<(), TestCaseError> {
 fn check_invariants(state: &ClusterState) -> Result<(), TestCaseError> {
     for (id, a) in &state.agents {
         let cap = &a.info.capacity;
-        prop_assert!(
-            a.used.cpus_milli <= cap.cpus_milli,
-            "agent {} cpus over-committed",
-            id
-        );
-        prop_assert!(
-            a.used.mem_bytes <= cap.mem_bytes,
-            "agent {} mem over-committed",
-            id
-        );
-        prop_assert!(
-            a.used.disk_bytes <= cap.disk_bytes,
-            "agent {} disk over-committed",
-            id
-        );
-        prop_assert!(
-            a.used_ports.len() as u32 <= cap.port_count(),
-            "agent {} ports over-committed",
-            id
-        );
+        prop_assert!(a.used.cpus_milli <= cap.cpus_milli, "agent {} cpus over-committed", id);
+        prop_assert!(a.used.mem_bytes <= cap.mem_bytes, "agent {} mem over-committed", id);
+        prop_assert!(a.used.disk_bytes <= cap.disk_bytes, "agent {} disk over-committed", id);
+        prop_assert!(a.used_ports.len() as u32 <= cap.port_count(), "agent {} ports over-committed", id);
         // Ports held by the tasks on the agent: in its ranges, none twice.
         let mut seen = BTreeSet::new();
-        for t in state
-            .tasks
-            .values()
-            .filter(|t| t.agent == Some(*id) && t.state.holds_resources())
-        {
-            prop_assert_eq!(
-                t.ports.len(),
-                state.jobs[&t.job].spec.task.ports.len(),
-                "task {} ports",
-                t.id
-            );
+        for t in state.tasks.values().filter(|t| t.agent == Some(*id) && t.state.holds_resources()) {
+            prop_assert_eq!(t.ports.len(), state.jobs[&t.job].spec.task.ports.len(), "task {} ports", t.id);
             for p in &t.ports {
-                prop_assert!(
-                    cap.ports.iter().any(|r| r.contains(*p)),
-                    "port {} outside agent {}'s ranges",
-                    p,
-                    id
-                );
+                prop_assert!(cap.ports.iter().any(|r| r.contains(*p)), "port {} outside agent {}'s ranges", p, id);
                 prop_assert!(seen.insert(*p), "port {} used twice on agent {}", p, id);
             }
         }
-        prop_assert_eq!(
-            &seen,
-            &a.used_ports,
-            "agent {}: used_ports vs the tasks' ports",
-            id
-        );
+        prop_assert_eq!(&seen, &a.used_ports, "agent {}: used_ports vs the tasks' ports", id);
     }
     // At most one live task per (job, instance); every task belongs to a job that has it in its history.
     let mut live: BTreeSet<(JobKey, u32)> = BTreeSet::new();
     for t in state.tasks.values() {
         let job = state.jobs.get(&t.job);
         prop_assert!(job.is_some(), "task {} of a job that is gone", t.id);
-        prop_assert!(
-            t.instance < job.unwrap().spec.instances,
-            "task {} instance out of range",
-            t.id
-        );
+        prop_assert!(t.instance < job.unwrap().spec.instances, "task {} instance out of range", t.id);
         if !t.state.is_terminal() {
             prop_assert!(
                 live.insert((t.job.clone(), t.instance)),
@@ -673,32 +477,19 @@ fn check_invariants(state: &ClusterState) -> Result<(), TestCaseError> {
                 t.instance
             );
         }
-        prop_assert_eq!(
-            t.state.holds_resources(),
-            t.agent
-                .is_some_and(|a| state.agents[&a].tasks.contains(&t.id))
-        );
+        prop_assert_eq!(t.state.holds_resources(), t.agent.is_some_and(|a| state.agents[&a].tasks.contains(&t.id)));
         prop_assert!(t.events.len() <= capstan_state::state::TASK_EVENTS_MAX);
     }
     for j in state.jobs.values() {
         if j.finished_at.is_some() {
-            prop_assert_eq!(
-                j.done.len() as u32,
-                j.spec.instances,
-                "job {} finished early",
-                j.spec.job
-            );
+            prop_assert_eq!(j.done.len() as u32, j.spec.instances, "job {} finished early", j.spec.job);
         }
     }
     Ok(())
 }
 
 /// Applies `c` and checks everything that must hold after any command.
-fn apply_checked(
-    state: &mut ClusterState,
-    c: &Stamped,
-    expect: &Expect,
-) -> Result<bool, TestCaseError> {
+fn apply_checked(state: &mut ClusterState, c: &Stamped, expect: &Expect) -> Result<bool, TestCaseError> {
     // (f) the stored form reads back as the command.
     let bytes = encode_command(c);
     prop_assert_eq!(&decode_command(&bytes).unwrap(), c);
@@ -708,49 +499,22 @@ fn apply_checked(
     let result = state.apply(c);
     match &result {
         Err(rejection) => {
-            prop_assert!(
-                expect.rejected,
-                "refused unexpectedly: {} for {:?}",
-                rejection,
-                c.command
-            );
+            prop_assert!(expect.rejected, "refused unexpectedly: {} for {:?}", rejection, c.command);
             // (g) a refused command changes nothing.
             prop_assert_eq!(&encode_snapshot(state), &before_bytes);
             prop_assert!(*state == before, "a refused command changed the state");
         }
         Ok(applied) => {
-            prop_assert!(
-                !expect.rejected,
-                "accepted a command that must be refused: {:?}",
-                c.command
-            );
+            prop_assert!(!expect.rejected, "accepted a command that must be refused: {:?}", c.command);
             if expect.all_placed {
-                prop_assert_eq!(
-                    applied.placements_refused,
-                    0,
-                    "first-fit placements refused: {:?}",
-                    c.command
-                );
+                prop_assert_eq!(applied.placements_refused, 0, "first-fit placements refused: {:?}", c.command);
             }
             if let Some(task) = expect.placement_refused {
-                prop_assert_eq!(
-                    applied.placements_refused,
-                    1,
-                    "a bad placement took: {:?}",
-                    c.command
-                );
+                prop_assert_eq!(applied.placements_refused, 1, "a bad placement took: {:?}", c.command);
                 if let Some(t) = before.tasks.get(&task) {
-                    prop_assert_eq!(
-                        &state.tasks[&task],
-                        t,
-                        "a refused placement changed its task"
-                    );
+                    prop_assert_eq!(&state.tasks[&task], t, "a refused placement changed its task");
                 }
-                prop_assert_eq!(
-                    &state.agents,
-                    &before.agents,
-                    "a refused placement changed an agent"
-                );
+                prop_assert_eq!(&state.agents, &before.agents, "a refused placement changed an agent");
             }
             prop_assert_eq!(
                 state.counters.duplicate_updates - before.counters.duplicate_updates,
@@ -758,11 +522,7 @@ fn apply_checked(
                 "duplicates counted"
             );
             if expect.duplicates > 0 {
-                prop_assert_eq!(
-                    &state.tasks,
-                    &before.tasks,
-                    "a duplicate update changed a task"
-                );
+                prop_assert_eq!(&state.tasks, &before.tasks, "a duplicate update changed a task");
             }
         }
     }
@@ -841,22 +601,11 @@ fn every_report_survives_the_stored_form() {
     let exits = [
         TaskExit::Exited { code: -3 },
         TaskExit::Signaled { signal: 9 },
-        TaskExit::OutOfMemory {
-            limit_bytes: 64 << 20,
-        },
-        TaskExit::OverDisk {
-            limit_bytes: 1 << 30,
-            used_bytes: (1 << 30) + 1,
-        },
-        TaskExit::Killed {
-            by: "user request".into(),
-        },
-        TaskExit::LaunchFailed {
-            message: "no such user".into(),
-        },
-        TaskExit::SupervisorLost {
-            message: "gone".into(),
-        },
+        TaskExit::OutOfMemory { limit_bytes: 64 << 20 },
+        TaskExit::OverDisk { limit_bytes: 1 << 30, used_bytes: (1 << 30) + 1 },
+        TaskExit::Killed { by: "user request".into() },
+        TaskExit::LaunchFailed { message: "no such user".into() },
+        TaskExit::SupervisorLost { message: "gone".into() },
     ];
     let mut reports = vec![Report::Starting, Report::Running { pid: 42 }];
     reports.extend(exits.iter().cloned().map(|exit| Report::Exited { exit }));
@@ -870,23 +619,11 @@ fn every_report_survives_the_stored_form() {
             at: capstan_model::Timestamp(7),
         })
         .collect();
-    let c = stamped(
-        1,
-        Command::AgentUpdates {
-            agent: AgentId(1),
-            updates,
-        },
-    );
+    let c = stamped(1, Command::AgentUpdates { agent: AgentId(1), updates });
     assert_eq!(decode_command(&encode_command(&c)).unwrap(), c);
 
-    let json = serde_json::to_value(Report::Exited {
-        exit: TaskExit::Exited { code: 3 },
-    })
-    .unwrap();
-    assert_eq!(
-        json,
-        serde_json::json!({"kind": "exited", "exit": {"kind": "exited", "code": 3}})
-    );
+    let json = serde_json::to_value(Report::Exited { exit: TaskExit::Exited { code: 3 } }).unwrap();
+    assert_eq!(json, serde_json::json!({"kind": "exited", "exit": {"kind": "exited", "code": 3}}));
     for exit in exits {
         let text = serde_json::to_string(&exit).unwrap();
         assert!(text.starts_with("{\"kind\":"), "{text}");

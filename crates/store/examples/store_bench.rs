@@ -17,10 +17,7 @@ const SNAPSHOT_BYTES: usize = 100 << 20;
 const SNAPSHOT_INDEX: u64 = ENTRIES / 2;
 
 fn config(quick_repair: bool) -> EmbeddedConfig {
-    EmbeddedConfig {
-        quick_repair,
-        ..EmbeddedConfig::default()
-    }
+    EmbeddedConfig { quick_repair, ..EmbeddedConfig::default() }
 }
 
 fn main() {
@@ -46,12 +43,8 @@ fn run(dir: &Path, quick_repair: bool) {
     let started = Instant::now();
     let mut next = 1;
     while next <= ENTRIES {
-        let batch: Vec<LogEntry> = (next..next + BATCH_LEN)
-            .map(|index| LogEntry {
-                index,
-                data: data.clone(),
-            })
-            .collect();
+        let batch: Vec<LogEntry> =
+            (next..next + BATCH_LEN).map(|index| LogEntry { index, data: data.clone() }).collect();
         store.append(&batch).unwrap();
         next += BATCH_LEN;
     }
@@ -65,12 +58,7 @@ fn run(dir: &Path, quick_repair: bool) {
 
     let snapshot_data: Vec<u8> = (0..SNAPSHOT_BYTES).map(|i| (i * 7 % 251) as u8).collect();
     let started = Instant::now();
-    store
-        .install_snapshot(&Snapshot {
-            index: SNAPSHOT_INDEX,
-            data: snapshot_data,
-        })
-        .unwrap();
+    store.install_snapshot(&Snapshot { index: SNAPSHOT_INDEX, data: snapshot_data }).unwrap();
     println!(
         "install a {} MiB snapshot at index {SNAPSHOT_INDEX} (drops {SNAPSHOT_INDEX} entries): {} ms",
         SNAPSHOT_BYTES >> 20,
@@ -78,34 +66,21 @@ fn run(dir: &Path, quick_repair: bool) {
     );
     let started = Instant::now();
     let loaded = store.load().unwrap();
-    println!(
-        "load snapshot + {} entries: {} ms",
-        loaded.entries.len(),
-        started.elapsed().as_millis()
-    );
+    println!("load snapshot + {} entries: {} ms", loaded.entries.len(), started.elapsed().as_millis());
     drop(loaded);
     drop(store);
 
     // A clean reopen, then a reopen after a crash (the child appends one batch and aborts).
     let started = Instant::now();
     let store = EmbeddedStore::open_with(dir, config(quick_repair)).unwrap();
-    println!(
-        "reopen after clean close: {} ms",
-        started.elapsed().as_millis()
-    );
+    println!("reopen after clean close: {} ms", started.elapsed().as_millis());
     drop(store);
     let status = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "crash-child",
-            dir.to_str().unwrap(),
-            &quick_repair.to_string(),
-        ])
+        .args(["crash-child", dir.to_str().unwrap(), &quick_repair.to_string()])
         .status()
         .unwrap();
     assert!(!status.success(), "the crash child should have aborted");
-    let file_bytes = std::fs::metadata(dir.join(capstan_store::STORE_FILE_NAME))
-        .unwrap()
-        .len();
+    let file_bytes = std::fs::metadata(dir.join(capstan_store::STORE_FILE_NAME)).unwrap().len();
     let started = Instant::now();
     let store = EmbeddedStore::open_with(dir, config(quick_repair)).unwrap();
     let reopen_ms = started.elapsed().as_millis();
@@ -121,12 +96,8 @@ fn run(dir: &Path, quick_repair: bool) {
 fn crash_child(dir: &Path, quick_repair: bool) {
     let store = EmbeddedStore::open_with(dir, config(quick_repair)).unwrap();
     let next = store.last_index().unwrap() + 1;
-    let batch: Vec<LogEntry> = (next..next + BATCH_LEN)
-        .map(|index| LogEntry {
-            index,
-            data: vec![1; ENTRY_BYTES],
-        })
-        .collect();
+    let batch: Vec<LogEntry> =
+        (next..next + BATCH_LEN).map(|index| LogEntry { index, data: vec![1; ENTRY_BYTES] }).collect();
     store.append(&batch).unwrap();
     std::process::abort(); // no clean close: the file is left as after a crash
 }

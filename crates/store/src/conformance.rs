@@ -47,11 +47,7 @@ where
     R: Fn(&H) -> S,
 {
     pub fn new(fresh: F, reopen: R) -> Self {
-        Self {
-            fresh,
-            reopen,
-            _types: PhantomData,
-        }
+        Self { fresh, reopen, _types: PhantomData }
     }
 }
 
@@ -125,12 +121,7 @@ pub fn entry_data(index: u64) -> Vec<u8> {
 
 /// Entries `from..=to` with [`entry_data`].
 pub fn entries(from: u64, to: u64) -> Vec<LogEntry> {
-    (from..=to)
-        .map(|index| LogEntry {
-            index,
-            data: entry_data(index),
-        })
-        .collect()
+    (from..=to).map(|index| LogEntry { index, data: entry_data(index) }).collect()
 }
 
 /// Snapshot data of `len_bytes` that does not repeat with the chunk size.
@@ -149,29 +140,16 @@ pub fn snapshot_data(len_bytes: usize, seed: u64) -> Vec<u8> {
 
 fn assert_entries(store: &impl Store, expected_snapshot: Option<&Snapshot>, from: u64, to: u64) {
     let loaded = store.load().expect("load");
-    assert_eq!(
-        loaded.snapshot.as_ref().map(|s| s.index),
-        expected_snapshot.map(|s| s.index),
-        "snapshot index"
-    );
+    assert_eq!(loaded.snapshot.as_ref().map(|s| s.index), expected_snapshot.map(|s| s.index), "snapshot index");
     if let (Some(got), Some(want)) = (&loaded.snapshot, expected_snapshot) {
         assert!(got.data == want.data, "snapshot data differs");
     }
     let got: Vec<u64> = loaded.entries.iter().map(|e| e.index).collect();
     let want: Vec<u64> = (from..=to).collect();
     assert_eq!(got.len(), want.len(), "number of entries");
-    assert!(
-        got == want,
-        "entry indexes: got {:?}..",
-        &got[..got.len().min(10)]
-    );
+    assert!(got == want, "entry indexes: got {:?}..", &got[..got.len().min(10)]);
     for entry in &loaded.entries {
-        assert_eq!(
-            entry.data,
-            entry_data(entry.index),
-            "data of entry {}",
-            entry.index
-        );
+        assert_eq!(entry.data, entry_data(entry.index), "data of entry {}", entry.index);
     }
 }
 
@@ -197,16 +175,7 @@ pub fn append_then_load_round_trips(h: &impl Harness) {
     let store = h.reopen(&handle);
     assert_entries(&store, None, 1, 10);
     // Empty and large commands round-trip byte for byte.
-    let odd = vec![
-        LogEntry {
-            index: 11,
-            data: vec![],
-        },
-        LogEntry {
-            index: 12,
-            data: vec![0xff; 100_000],
-        },
-    ];
+    let odd = vec![LogEntry { index: 11, data: vec![] }, LogEntry { index: 12, data: vec![0xff; 100_000] }];
     store.append(&odd).unwrap();
     let loaded = store.load().unwrap();
     assert_eq!(&loaded.entries[10..], &odd[..]);
@@ -223,10 +192,7 @@ pub fn empty_append_is_a_no_op(h: &impl Harness) {
 
 fn assert_out_of_order(result: Result<(), StoreError>, expected: u64, found: u64) {
     match result {
-        Err(StoreError::OutOfOrder {
-            expected: e,
-            found: f,
-        }) => {
+        Err(StoreError::OutOfOrder { expected: e, found: f }) => {
             assert_eq!((e, f), (expected, found), "OutOfOrder fields");
         }
         other => {
@@ -287,10 +253,7 @@ pub fn many_appends_survive_reopen(h: &impl Harness) {
 pub fn snapshot_drops_covered_entries(h: &impl Harness) {
     let (store, _handle) = h.fresh();
     store.append(&entries(1, 100)).unwrap();
-    let snapshot = Snapshot {
-        index: 60,
-        data: snapshot_data(5000, 1),
-    };
+    let snapshot = Snapshot { index: 60, data: snapshot_data(5000, 1) };
     store.install_snapshot(&snapshot).unwrap();
     assert_eq!(store.last_index().unwrap(), 100);
     assert_entries(&store, Some(&snapshot), 61, 100);
@@ -299,10 +262,7 @@ pub fn snapshot_drops_covered_entries(h: &impl Harness) {
 pub fn snapshot_survives_reopen(h: &impl Harness) {
     let (store, handle) = h.fresh();
     store.append(&entries(1, 30)).unwrap();
-    let snapshot = Snapshot {
-        index: 30,
-        data: snapshot_data(100, 2),
-    };
+    let snapshot = Snapshot { index: 30, data: snapshot_data(100, 2) };
     store.install_snapshot(&snapshot).unwrap();
     assert_entries(&store, Some(&snapshot), 31, 30);
     drop(store);
@@ -314,10 +274,7 @@ pub fn snapshot_survives_reopen(h: &impl Harness) {
 pub fn big_snapshot_round_trips(h: &impl Harness) {
     let (store, handle) = h.fresh();
     store.append(&entries(1, 10)).unwrap();
-    let snapshot = Snapshot {
-        index: 5,
-        data: snapshot_data(20 << 20, 3),
-    };
+    let snapshot = Snapshot { index: 5, data: snapshot_data(20 << 20, 3) };
     store.install_snapshot(&snapshot).unwrap();
     assert_entries(&store, Some(&snapshot), 6, 10);
     drop(store);
@@ -327,52 +284,30 @@ pub fn big_snapshot_round_trips(h: &impl Harness) {
 
 pub fn snapshot_sizes_around_chunk_boundaries_round_trip(h: &impl Harness) {
     let (store, handle) = h.fresh();
-    let sizes = [
-        0,
-        1,
-        SNAPSHOT_CHUNK_BYTES - 1,
-        SNAPSHOT_CHUNK_BYTES,
-        SNAPSHOT_CHUNK_BYTES + 1,
-        2 * SNAPSHOT_CHUNK_BYTES,
-    ];
+    let sizes =
+        [0, 1, SNAPSHOT_CHUNK_BYTES - 1, SNAPSHOT_CHUNK_BYTES, SNAPSHOT_CHUNK_BYTES + 1, 2 * SNAPSHOT_CHUNK_BYTES];
     for (i, size) in sizes.into_iter().enumerate() {
         let index = i as u64 + 1;
         store.append(&entries(index, index)).unwrap();
-        let snapshot = Snapshot {
-            index,
-            data: snapshot_data(size, index),
-        };
+        let snapshot = Snapshot { index, data: snapshot_data(size, index) };
         store.install_snapshot(&snapshot).unwrap();
         let loaded = store.load().unwrap();
-        assert_eq!(
-            loaded.snapshot.as_ref(),
-            Some(&snapshot),
-            "size {size} bytes"
-        );
+        assert_eq!(loaded.snapshot.as_ref(), Some(&snapshot), "size {size} bytes");
         assert!(loaded.entries.is_empty());
     }
     drop(store);
     let store = h.reopen(&handle);
     let last = sizes.len() as u64;
     let loaded = store.load().unwrap();
-    assert_eq!(
-        loaded.snapshot.map(|s| (s.index, s.data)),
-        Some((last, snapshot_data(2 * SNAPSHOT_CHUNK_BYTES, last)))
-    );
+    assert_eq!(loaded.snapshot.map(|s| (s.index, s.data)), Some((last, snapshot_data(2 * SNAPSHOT_CHUNK_BYTES, last))));
 }
 
 pub fn newer_snapshot_replaces_older(h: &impl Harness) {
     let (store, handle) = h.fresh();
     store.append(&entries(1, 50)).unwrap();
-    let first = Snapshot {
-        index: 10,
-        data: snapshot_data(3 * SNAPSHOT_CHUNK_BYTES, 10),
-    };
+    let first = Snapshot { index: 10, data: snapshot_data(3 * SNAPSHOT_CHUNK_BYTES, 10) };
     store.install_snapshot(&first).unwrap();
-    let second = Snapshot {
-        index: 40,
-        data: snapshot_data(1000, 40),
-    };
+    let second = Snapshot { index: 40, data: snapshot_data(1000, 40) };
     store.install_snapshot(&second).unwrap();
     assert_entries(&store, Some(&second), 41, 50);
     drop(store);
@@ -384,20 +319,11 @@ pub fn newer_snapshot_replaces_older(h: &impl Harness) {
 pub fn older_snapshot_is_refused(h: &impl Harness) {
     let (store, _handle) = h.fresh();
     store.append(&entries(1, 50)).unwrap();
-    let current = Snapshot {
-        index: 30,
-        data: snapshot_data(100, 30),
-    };
+    let current = Snapshot { index: 30, data: snapshot_data(100, 30) };
     store.install_snapshot(&current).unwrap();
-    let older = Snapshot {
-        index: 20,
-        data: snapshot_data(100, 20),
-    };
+    let older = Snapshot { index: 20, data: snapshot_data(100, 20) };
     match store.install_snapshot(&older) {
-        Err(StoreError::StaleSnapshot {
-            offered: 20,
-            installed: 30,
-        }) => {}
+        Err(StoreError::StaleSnapshot { offered: 20, installed: 30 }) => {}
         other => panic!("expected StaleSnapshot {{ offered: 20, installed: 30 }}, got {other:?}"),
     }
     assert_entries(&store, Some(&current), 31, 50);
@@ -407,16 +333,8 @@ pub fn older_snapshot_is_refused(h: &impl Harness) {
 pub fn same_index_snapshot_replaces(h: &impl Harness) {
     let (store, _handle) = h.fresh();
     store.append(&entries(1, 20)).unwrap();
-    store
-        .install_snapshot(&Snapshot {
-            index: 15,
-            data: snapshot_data(2 * SNAPSHOT_CHUNK_BYTES + 5, 1),
-        })
-        .unwrap();
-    let again = Snapshot {
-        index: 15,
-        data: snapshot_data(10, 2),
-    };
+    store.install_snapshot(&Snapshot { index: 15, data: snapshot_data(2 * SNAPSHOT_CHUNK_BYTES + 5, 1) }).unwrap();
+    let again = Snapshot { index: 15, data: snapshot_data(10, 2) };
     store.install_snapshot(&again).unwrap();
     assert_entries(&store, Some(&again), 16, 20);
 }
@@ -424,10 +342,7 @@ pub fn same_index_snapshot_replaces(h: &impl Harness) {
 pub fn appends_continue_after_snapshot(h: &impl Harness) {
     let (store, handle) = h.fresh();
     store.append(&entries(1, 20)).unwrap();
-    let snapshot = Snapshot {
-        index: 20,
-        data: snapshot_data(64, 20),
-    };
+    let snapshot = Snapshot { index: 20, data: snapshot_data(64, 20) };
     store.install_snapshot(&snapshot).unwrap();
     assert_eq!(store.last_index().unwrap(), 20);
     assert_out_of_order(store.append(&entries(1, 3)), 21, 1);
@@ -446,10 +361,7 @@ pub fn appends_continue_after_snapshot(h: &impl Harness) {
 pub fn snapshot_beyond_log_drops_whole_log(h: &impl Harness) {
     let (store, _handle) = h.fresh();
     store.append(&entries(1, 5)).unwrap();
-    let snapshot = Snapshot {
-        index: 1000,
-        data: snapshot_data(10, 1000),
-    };
+    let snapshot = Snapshot { index: 1000, data: snapshot_data(10, 1000) };
     store.install_snapshot(&snapshot).unwrap();
     assert_eq!(store.last_index().unwrap(), 1000);
     assert_out_of_order(store.append(&entries(6, 6)), 1001, 6);
@@ -490,10 +402,7 @@ pub fn concurrent_appends_never_interleave(h: &impl Harness) {
         t.join().unwrap();
     }
     let loaded = store.load().unwrap();
-    assert_eq!(
-        loaded.entries.len() as u64,
-        2 * BATCHES_PER_THREAD * BATCH_LEN
-    );
+    assert_eq!(loaded.entries.len() as u64, 2 * BATCHES_PER_THREAD * BATCH_LEN);
     let mut seen = std::collections::HashSet::new();
     for (i, batch) in loaded.entries.chunks(BATCH_LEN as usize).enumerate() {
         let first = String::from_utf8(batch[0].data.clone()).unwrap();
@@ -518,19 +427,10 @@ pub fn last_index_correct_after_reopen(h: &impl Harness) {
     drop(store);
     let store = h.reopen(&handle);
     assert_eq!(store.last_index().unwrap(), 7);
-    store
-        .install_snapshot(&Snapshot {
-            index: 7,
-            data: vec![1, 2, 3],
-        })
-        .unwrap();
+    store.install_snapshot(&Snapshot { index: 7, data: vec![1, 2, 3] }).unwrap();
     drop(store);
     let store = h.reopen(&handle);
-    assert_eq!(
-        store.last_index().unwrap(),
-        7,
-        "after a snapshot covering the whole log"
-    );
+    assert_eq!(store.last_index().unwrap(), 7, "after a snapshot covering the whole log");
     store.append(&entries(8, 9)).unwrap();
     drop(store);
     let store = h.reopen(&handle);

@@ -37,8 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 
 use redb::{
-    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
-    WriteTransaction,
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle, WriteTransaction,
 };
 
 use crate::envelope;
@@ -60,8 +59,7 @@ pub(crate) const FORMAT_RECORD_VERSION: u32 = 1;
 
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-pub(crate) const CHUNKS: TableDefinition<(u64, u32), &[u8]> =
-    TableDefinition::new("snapshot_chunks");
+pub(crate) const CHUNKS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("snapshot_chunks");
 pub(crate) const KEY_FORMAT: &str = "store_format_version";
 pub(crate) const KEY_SNAPSHOT: &str = "snapshot";
 
@@ -80,10 +78,7 @@ pub struct EmbeddedConfig {
 
 impl Default for EmbeddedConfig {
     fn default() -> Self {
-        Self {
-            quick_repair: false,
-            cache_size_bytes: 256 << 20,
-        }
+        Self { quick_repair: false, cache_size_bytes: 256 << 20 }
     }
 }
 
@@ -120,20 +115,12 @@ impl SnapshotHeader {
         if payload.len() != SNAPSHOT_HEADER_BYTES {
             return Err(StoreError::Corrupt {
                 what: what(),
-                detail: format!(
-                    "snapshot header is {} bytes, expected {SNAPSHOT_HEADER_BYTES}",
-                    payload.len()
-                ),
+                detail: format!("snapshot header is {} bytes, expected {SNAPSHOT_HEADER_BYTES}", payload.len()),
             });
         }
         let u64_at = |at: usize| u64::from_le_bytes(payload[at..at + 8].try_into().expect("8"));
         let u32_at = |at: usize| u32::from_le_bytes(payload[at..at + 4].try_into().expect("4"));
-        Ok(Self {
-            index: u64_at(0),
-            data_bytes: u64_at(8),
-            chunk_count: u32_at(16),
-            data_crc32: u32_at(20),
-        })
+        Ok(Self { index: u64_at(0), data_bytes: u64_at(8), chunk_count: u32_at(16), data_crc32: u32_at(20) })
     }
 }
 
@@ -146,18 +133,11 @@ impl EmbeddedStore {
 
     /// Opens (creating if needed) the store in `dir` with `config`.
     pub fn open_with(dir: &Path, config: EmbeddedConfig) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
-            what: format!("store directory {}", dir.display()),
-            source,
-        })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|source| StoreError::Io { what: format!("store directory {}", dir.display()), source })?;
         let path = dir.join(STORE_FILE_NAME);
         let db = open_database(&path, &config)?;
-        let store = Self {
-            path,
-            config,
-            db: RwLock::new(Some(db)),
-            needs_reopen: AtomicBool::new(false),
-        };
+        let store = Self { path, config, db: RwLock::new(Some(db)), needs_reopen: AtomicBool::new(false) };
         store.with_db(|db| store.check_format(db))?;
         Ok(store)
     }
@@ -182,18 +162,12 @@ impl EmbeddedStore {
 
     /// Runs `op` on the open database, reopening first if an earlier I/O error closed it, and
     /// closing + reopening afterwards if `op` hit one.
-    fn with_db<T>(
-        &self,
-        op: impl FnOnce(&Database) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    fn with_db<T>(&self, op: impl FnOnce(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
         if self.needs_reopen.load(Ordering::Acquire) {
             self.reopen()?;
         }
         let result = {
-            let guard = self
-                .db
-                .read()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let guard = self.db.read().unwrap_or_else(|poisoned| poisoned.into_inner());
             match guard.as_ref() {
                 Some(db) => op(db),
                 None => Err(StoreError::Backend(format!(
@@ -214,10 +188,7 @@ impl EmbeddedStore {
 
     /// Closes the handle and opens the file again (redb recovers to the last commit).
     fn reopen(&self) -> Result<(), StoreError> {
-        let mut guard = self
-            .db
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut guard = self.db.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         if !self.needs_reopen.load(Ordering::Acquire) {
             return Ok(()); // another thread already did it
         }
@@ -231,9 +202,7 @@ impl EmbeddedStore {
     }
 
     fn begin_write(&self, db: &Database) -> Result<WriteTransaction, StoreError> {
-        let mut txn = db
-            .begin_write()
-            .map_err(|e| self.redb_err("starting a write", e))?;
+        let mut txn = db.begin_write().map_err(|e| self.redb_err("starting a write", e))?;
         txn.set_quick_repair(self.config.quick_repair);
         Ok(txn)
     }
@@ -242,9 +211,7 @@ impl EmbeddedStore {
     fn check_format(&self, db: &Database) -> Result<(), StoreError> {
         let what = || format!("store format version record in {}", self.path.display());
         let found = {
-            let txn = db
-                .begin_read()
-                .map_err(|e| self.redb_err("starting a read", e))?;
+            let txn = db.begin_read().map_err(|e| self.redb_err("starting a read", e))?;
             let tables: Vec<String> = txn
                 .list_tables()
                 .map_err(|e| self.redb_err("listing tables", e))?
@@ -261,9 +228,7 @@ impl EmbeddedStore {
                     ),
                 });
             } else {
-                let meta = txn
-                    .open_table(META)
-                    .map_err(|e| self.redb_err("opening meta", e))?;
+                let meta = txn.open_table(META).map_err(|e| self.redb_err("opening meta", e))?;
                 let record = meta
                     .get(KEY_FORMAT)
                     .map_err(|e| self.redb_err("reading the format version", e))?
@@ -272,14 +237,10 @@ impl EmbeddedStore {
                         detail: "the store format version record is missing".to_string(),
                     })?;
                 let decoded = envelope::decode(record.value(), FORMAT_RECORD_VERSION, what)?;
-                let bytes: [u8; 4] =
-                    decoded
-                        .payload
-                        .try_into()
-                        .map_err(|_| StoreError::Corrupt {
-                            what: what(),
-                            detail: format!("expected 4 bytes, found {}", decoded.payload.len()),
-                        })?;
+                let bytes: [u8; 4] = decoded.payload.try_into().map_err(|_| StoreError::Corrupt {
+                    what: what(),
+                    detail: format!("expected 4 bytes, found {}", decoded.payload.len()),
+                })?;
                 Some(u32::from_le_bytes(bytes))
             }
         };
@@ -287,22 +248,14 @@ impl EmbeddedStore {
             None => {
                 let txn = self.begin_write(db)?;
                 {
-                    let mut meta = txn
-                        .open_table(META)
-                        .map_err(|e| self.redb_err("creating meta", e))?;
-                    let record = envelope::encode(
-                        FORMAT_RECORD_VERSION,
-                        &STORE_FORMAT_VERSION.to_le_bytes(),
-                    );
+                    let mut meta = txn.open_table(META).map_err(|e| self.redb_err("creating meta", e))?;
+                    let record = envelope::encode(FORMAT_RECORD_VERSION, &STORE_FORMAT_VERSION.to_le_bytes());
                     meta.insert(KEY_FORMAT, record.as_slice())
                         .map_err(|e| self.redb_err("writing the format version", e))?;
-                    txn.open_table(LOG)
-                        .map_err(|e| self.redb_err("creating log", e))?;
-                    txn.open_table(CHUNKS)
-                        .map_err(|e| self.redb_err("creating snapshot_chunks", e))?;
+                    txn.open_table(LOG).map_err(|e| self.redb_err("creating log", e))?;
+                    txn.open_table(CHUNKS).map_err(|e| self.redb_err("creating snapshot_chunks", e))?;
                 }
-                txn.commit()
-                    .map_err(|e| self.redb_err("creating the store", e))?;
+                txn.commit().map_err(|e| self.redb_err("creating the store", e))?;
                 Ok(())
             }
             Some(version) if version > STORE_FORMAT_VERSION => Err(StoreError::UnsupportedFormat {
@@ -323,10 +276,7 @@ impl EmbeddedStore {
         &self,
         meta: &impl ReadableTable<&'static str, &'static [u8]>,
     ) -> Result<Option<SnapshotHeader>, StoreError> {
-        let Some(record) = meta
-            .get(KEY_SNAPSHOT)
-            .map_err(|e| self.redb_err("reading the snapshot header", e))?
-        else {
+        let Some(record) = meta.get(KEY_SNAPSHOT).map_err(|e| self.redb_err("reading the snapshot header", e))? else {
             return Ok(None);
         };
         let what = || format!("snapshot header in {}", self.path.display());
@@ -334,14 +284,8 @@ impl EmbeddedStore {
         SnapshotHeader::decode(decoded.payload, what).map(Some)
     }
 
-    fn last_log_index(
-        &self,
-        log: &impl ReadableTable<u64, &'static [u8]>,
-    ) -> Result<Option<u64>, StoreError> {
-        Ok(log
-            .last()
-            .map_err(|e| self.redb_err("reading the last log entry", e))?
-            .map(|(key, _)| key.value()))
+    fn last_log_index(&self, log: &impl ReadableTable<u64, &'static [u8]>) -> Result<Option<u64>, StoreError> {
+        Ok(log.last().map_err(|e| self.redb_err("reading the last log entry", e))?.map(|(key, _)| key.value()))
     }
 }
 
@@ -352,79 +296,54 @@ impl Store for EmbeddedStore {
         };
         for pair in entries.windows(2) {
             if pair[1].index != pair[0].index.wrapping_add(1) {
-                return Err(StoreError::OutOfOrder {
-                    expected: pair[0].index.wrapping_add(1),
-                    found: pair[1].index,
-                });
+                return Err(StoreError::OutOfOrder { expected: pair[0].index.wrapping_add(1), found: pair[1].index });
             }
         }
         self.with_db(|db| {
             let txn = self.begin_write(db)?;
             {
-                let mut log = txn
-                    .open_table(LOG)
-                    .map_err(|e| self.redb_err("opening log", e))?;
+                let mut log = txn.open_table(LOG).map_err(|e| self.redb_err("opening log", e))?;
                 let last = match self.last_log_index(&log)? {
                     Some(last) => last,
                     None => {
-                        let meta = txn
-                            .open_table(META)
-                            .map_err(|e| self.redb_err("opening meta", e))?;
+                        let meta = txn.open_table(META).map_err(|e| self.redb_err("opening meta", e))?;
                         self.read_snapshot_header(&meta)?.map_or(0, |h| h.index)
                     }
                 };
                 if first.index != last + 1 {
                     drop(log);
-                    txn.abort()
-                        .map_err(|e| self.redb_err("aborting a write", e))?;
-                    return Err(StoreError::OutOfOrder {
-                        expected: last + 1,
-                        found: first.index,
-                    });
+                    txn.abort().map_err(|e| self.redb_err("aborting a write", e))?;
+                    return Err(StoreError::OutOfOrder { expected: last + 1, found: first.index });
                 }
                 let mut record = Vec::new();
                 for entry in entries {
                     record.clear();
                     envelope::encode_into(&mut record, LOG_ENTRY_VERSION, &entry.data);
-                    log.insert(entry.index, record.as_slice())
-                        .map_err(|e| self.redb_err("writing a log entry", e))?;
+                    log.insert(entry.index, record.as_slice()).map_err(|e| self.redb_err("writing a log entry", e))?;
                 }
             }
-            txn.commit()
-                .map_err(|e| self.redb_err("committing an append", e))
+            txn.commit().map_err(|e| self.redb_err("committing an append", e))
         })
     }
 
     fn load(&self) -> Result<Loaded, StoreError> {
         self.with_db(|db| {
             // One read transaction: a consistent view even while others write.
-            let txn = db
-                .begin_read()
-                .map_err(|e| self.redb_err("starting a read", e))?;
-            let meta = txn
-                .open_table(META)
-                .map_err(|e| self.redb_err("opening meta", e))?;
+            let txn = db.begin_read().map_err(|e| self.redb_err("starting a read", e))?;
+            let meta = txn.open_table(META).map_err(|e| self.redb_err("opening meta", e))?;
             let header = self.read_snapshot_header(&meta)?;
             let snapshot = match header {
                 None => None,
                 Some(header) => {
-                    let chunks = txn
-                        .open_table(CHUNKS)
-                        .map_err(|e| self.redb_err("opening snapshot_chunks", e))?;
+                    let chunks = txn.open_table(CHUNKS).map_err(|e| self.redb_err("opening snapshot_chunks", e))?;
                     Some(self.read_snapshot(&chunks, header)?)
                 }
             };
-            let log = txn
-                .open_table(LOG)
-                .map_err(|e| self.redb_err("opening log", e))?;
+            let log = txn.open_table(LOG).map_err(|e| self.redb_err("opening log", e))?;
             let after = snapshot.as_ref().map_or(0, |s| s.index);
-            let capacity = log
-                .len()
-                .map_err(|e| self.redb_err("counting log entries", e))?;
+            let capacity = log.len().map_err(|e| self.redb_err("counting log entries", e))?;
             let mut entries = Vec::with_capacity(usize::try_from(capacity).unwrap_or(0));
-            let rows = log
-                .iter()
-                .map_err(|e| self.redb_err("reading the log", e))?;
+            let rows = log.iter().map_err(|e| self.redb_err("reading the log", e))?;
             for (expected, item) in (after + 1..).zip(rows) {
                 let (key, value) = item.map_err(|e| self.redb_err("reading the log", e))?;
                 let index = key.value();
@@ -444,10 +363,7 @@ impl Store for EmbeddedStore {
                 let decoded = envelope::decode(value.value(), LOG_ENTRY_VERSION, || {
                     format!("log entry {index} in {}", self.path.display())
                 })?;
-                entries.push(LogEntry {
-                    index,
-                    data: decoded.payload.to_vec(),
-                });
+                entries.push(LogEntry { index, data: decoded.payload.to_vec() });
             }
             Ok(Loaded { snapshot, entries })
         })
@@ -455,10 +371,8 @@ impl Store for EmbeddedStore {
 
     fn install_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
         let data_bytes = snapshot.data.len();
-        let chunk_count =
-            u32::try_from(data_bytes.div_ceil(SNAPSHOT_CHUNK_BYTES)).map_err(|_| {
-                StoreError::Backend(format!("snapshot of {data_bytes} bytes is too large"))
-            })?;
+        let chunk_count = u32::try_from(data_bytes.div_ceil(SNAPSHOT_CHUNK_BYTES))
+            .map_err(|_| StoreError::Backend(format!("snapshot of {data_bytes} bytes is too large")))?;
         let header = SnapshotHeader {
             index: snapshot.index,
             data_bytes: data_bytes as u64,
@@ -468,24 +382,16 @@ impl Store for EmbeddedStore {
         self.with_db(|db| {
             let txn = self.begin_write(db)?;
             {
-                let mut meta = txn
-                    .open_table(META)
-                    .map_err(|e| self.redb_err("opening meta", e))?;
+                let mut meta = txn.open_table(META).map_err(|e| self.redb_err("opening meta", e))?;
                 let old = self.read_snapshot_header(&meta)?;
                 if let Some(old) = old {
                     if snapshot.index < old.index {
                         drop(meta);
-                        txn.abort()
-                            .map_err(|e| self.redb_err("aborting a write", e))?;
-                        return Err(StoreError::StaleSnapshot {
-                            offered: snapshot.index,
-                            installed: old.index,
-                        });
+                        txn.abort().map_err(|e| self.redb_err("aborting a write", e))?;
+                        return Err(StoreError::StaleSnapshot { offered: snapshot.index, installed: old.index });
                     }
                 }
-                let mut chunks = txn
-                    .open_table(CHUNKS)
-                    .map_err(|e| self.redb_err("opening snapshot_chunks", e))?;
+                let mut chunks = txn.open_table(CHUNKS).map_err(|e| self.redb_err("opening snapshot_chunks", e))?;
                 if let Some(old) = old {
                     chunks
                         .retain_in((old.index, 0)..=(old.index, u32::MAX), |_, _| false)
@@ -502,31 +408,22 @@ impl Store for EmbeddedStore {
                 let record = envelope::encode(SNAPSHOT_HEADER_VERSION, &header.encode());
                 meta.insert(KEY_SNAPSHOT, record.as_slice())
                     .map_err(|e| self.redb_err("writing the snapshot header", e))?;
-                let mut log = txn
-                    .open_table(LOG)
-                    .map_err(|e| self.redb_err("opening log", e))?;
+                let mut log = txn.open_table(LOG).map_err(|e| self.redb_err("opening log", e))?;
                 log.retain_in(..=snapshot.index, |_, _| false)
                     .map_err(|e| self.redb_err("dropping covered log entries", e))?;
             }
-            txn.commit()
-                .map_err(|e| self.redb_err("committing a snapshot", e))
+            txn.commit().map_err(|e| self.redb_err("committing a snapshot", e))
         })
     }
 
     fn last_index(&self) -> Result<u64, StoreError> {
         self.with_db(|db| {
-            let txn = db
-                .begin_read()
-                .map_err(|e| self.redb_err("starting a read", e))?;
-            let log = txn
-                .open_table(LOG)
-                .map_err(|e| self.redb_err("opening log", e))?;
+            let txn = db.begin_read().map_err(|e| self.redb_err("starting a read", e))?;
+            let log = txn.open_table(LOG).map_err(|e| self.redb_err("opening log", e))?;
             if let Some(last) = self.last_log_index(&log)? {
                 return Ok(last);
             }
-            let meta = txn
-                .open_table(META)
-                .map_err(|e| self.redb_err("opening meta", e))?;
+            let meta = txn.open_table(META).map_err(|e| self.redb_err("opening meta", e))?;
             Ok(self.read_snapshot_header(&meta)?.map_or(0, |h| h.index))
         })
     }
@@ -542,13 +439,7 @@ impl EmbeddedStore {
         chunks: &impl ReadableTable<(u64, u32), &'static [u8]>,
         header: SnapshotHeader,
     ) -> Result<Snapshot, StoreError> {
-        let what = || {
-            format!(
-                "snapshot at index {} in {}",
-                header.index,
-                self.path.display()
-            )
-        };
+        let what = || format!("snapshot at index {} in {}", header.index, self.path.display());
         let data_bytes = usize::try_from(header.data_bytes).map_err(|_| StoreError::Corrupt {
             what: what(),
             detail: format!("length {} does not fit in memory", header.data_bytes),
@@ -556,20 +447,13 @@ impl EmbeddedStore {
         let mut data = Vec::with_capacity(data_bytes);
         let mut expected_chunk = 0u32;
         let range = chunks
-            .range((
-                Bound::Included((header.index, 0)),
-                Bound::Included((header.index, u32::MAX)),
-            ))
+            .range((Bound::Included((header.index, 0)), Bound::Included((header.index, u32::MAX))))
             .map_err(|e| self.redb_err("reading snapshot chunks", e))?;
         for item in range {
             let (key, value) = item.map_err(|e| self.redb_err("reading a snapshot chunk", e))?;
             let (_, number) = key.value();
             let chunk_what = || {
-                format!(
-                    "snapshot chunk {number} of the snapshot at index {} in {}",
-                    header.index,
-                    self.path.display()
-                )
+                format!("snapshot chunk {number} of the snapshot at index {} in {}", header.index, self.path.display())
             };
             if number != expected_chunk {
                 return Err(StoreError::Corrupt {
@@ -602,10 +486,7 @@ impl EmbeddedStore {
                 ),
             });
         }
-        Ok(Snapshot {
-            index: header.index,
-            data,
-        })
+        Ok(Snapshot { index: header.index, data })
     }
 }
 
@@ -619,16 +500,11 @@ fn open_database(path: &Path, config: &EmbeddedConfig) -> Result<Database, Store
         Ok(Ok(db)) => Ok(db),
         // redb reports "not a redb database" and short reads of a truncated file as I/O errors.
         Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(error))))
-            if matches!(
-                error.kind(),
-                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
-            ) =>
+            if matches!(error.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof) =>
         {
             Err(StoreError::Corrupt {
                 what: format!("store file {}", path.display()),
-                detail: format!(
-                    "not a redb database, or truncated ({error}); is this the right data directory?"
-                ),
+                detail: format!("not a redb database, or truncated ({error}); is this the right data directory?"),
             })
         }
         Ok(Err(error)) => Err(map_redb_error(path, "opening", error.into())),
@@ -640,9 +516,7 @@ fn open_database(path: &Path, config: &EmbeddedConfig) -> Result<Database, Store
                 .unwrap_or_else(|| "unknown panic".to_string());
             Err(StoreError::Corrupt {
                 what: format!("store file {}", path.display()),
-                detail: format!(
-                    "not a valid redb database (truncated or overwritten?): redb panicked: {message}"
-                ),
+                detail: format!("not a valid redb database (truncated or overwritten?): redb panicked: {message}"),
             })
         }
     }
@@ -652,10 +526,9 @@ fn map_redb_error(path: &Path, context: &str, error: redb::Error) -> StoreError 
     let file = format!("store file {}", path.display());
     match error {
         redb::Error::Io(source) => StoreError::Io { what: file, source },
-        redb::Error::Corrupted(detail) => StoreError::Corrupt {
-            what: file,
-            detail: format!("{context}: {detail} (not a redb database, or damaged)"),
-        },
+        redb::Error::Corrupted(detail) => {
+            StoreError::Corrupt { what: file, detail: format!("{context}: {detail} (not a redb database, or damaged)") }
+        }
         redb::Error::DatabaseAlreadyOpen => StoreError::InUse { what: file },
         redb::Error::UpgradeRequired(version) => StoreError::UnsupportedFormat {
             found: u32::from(version),
@@ -685,12 +558,7 @@ pub mod fault_injection {
     pub fn corrupt_log_entry(dir: &Path, index: u64) {
         with_write(dir, |txn| {
             let mut log = txn.open_table(LOG).unwrap();
-            let mut bytes = log
-                .get(index)
-                .unwrap()
-                .expect("entry exists")
-                .value()
-                .to_vec();
+            let mut bytes = log.get(index).unwrap().expect("entry exists").value().to_vec();
             let last = bytes.len() - 1;
             bytes[last] ^= 0x40;
             log.insert(index, bytes.as_slice()).unwrap();
@@ -702,12 +570,7 @@ pub mod fault_injection {
         with_write(dir, |txn| {
             let mut chunks = txn.open_table(CHUNKS).unwrap();
             let key = (snapshot_index, number);
-            let mut bytes = chunks
-                .get(key)
-                .unwrap()
-                .expect("chunk exists")
-                .value()
-                .to_vec();
+            let mut bytes = chunks.get(key).unwrap().expect("chunk exists").value().to_vec();
             bytes[envelope::HEADER_BYTES] ^= 0x01;
             chunks.insert(key, bytes.as_slice()).unwrap();
         });
@@ -717,15 +580,9 @@ pub mod fault_injection {
     pub fn rewrite_log_entry_version(dir: &Path, index: u64, version: u32) {
         with_write(dir, |txn| {
             let mut log = txn.open_table(LOG).unwrap();
-            let bytes = log
-                .get(index)
-                .unwrap()
-                .expect("entry exists")
-                .value()
-                .to_vec();
+            let bytes = log.get(index).unwrap().expect("entry exists").value().to_vec();
             let payload = bytes[envelope::HEADER_BYTES..].to_vec();
-            log.insert(index, envelope::encode(version, &payload).as_slice())
-                .unwrap();
+            log.insert(index, envelope::encode(version, &payload).as_slice()).unwrap();
         });
     }
 

@@ -59,10 +59,7 @@ pub fn decode<'a>(
     if record.len() < HEADER_BYTES {
         return Err(StoreError::Corrupt {
             what: what(),
-            detail: format!(
-                "record is {} bytes, shorter than the {HEADER_BYTES}-byte envelope header",
-                record.len()
-            ),
+            detail: format!("record is {} bytes, shorter than the {HEADER_BYTES}-byte envelope header", record.len()),
         });
     }
     let (header, payload) = record.split_at(HEADER_BYTES);
@@ -81,9 +78,7 @@ pub fn decode<'a>(
     if stored_crc != computed_crc {
         return Err(StoreError::Corrupt {
             what: what(),
-            detail: format!(
-                "checksum mismatch (stored {stored_crc:#010x}, computed {computed_crc:#010x})"
-            ),
+            detail: format!("checksum mismatch (stored {stored_crc:#010x}, computed {computed_crc:#010x})"),
         });
     }
     let version = u32::from_le_bytes(version_bytes);
@@ -94,11 +89,7 @@ pub fn decode<'a>(
         });
     }
     if version > supported_version {
-        return Err(StoreError::UnsupportedFormat {
-            found: version,
-            supported: supported_version,
-            what: what(),
-        });
+        return Err(StoreError::UnsupportedFormat { found: version, supported: supported_version, what: what() });
     }
     Ok(Decoded { version, payload })
 }
@@ -116,13 +107,7 @@ mod tests {
         let record = encode(1, b"hello");
         assert_eq!(record.len(), HEADER_BYTES + 5);
         let decoded = decode(&record, 1, name).unwrap();
-        assert_eq!(
-            decoded,
-            Decoded {
-                version: 1,
-                payload: b"hello"
-            }
-        );
+        assert_eq!(decoded, Decoded { version: 1, payload: b"hello" });
         let empty = encode(1, b"");
         assert_eq!(decode(&empty, 1, name).unwrap().payload, b"");
     }
@@ -135,10 +120,7 @@ mod tests {
                 let mut damaged = record.clone();
                 damaged[byte] ^= 1 << bit;
                 let err = decode(&damaged, 1, name).unwrap_err();
-                assert!(
-                    matches!(err, StoreError::Corrupt { .. }),
-                    "byte {byte} bit {bit}: {err}"
-                );
+                assert!(matches!(err, StoreError::Corrupt { .. }), "byte {byte} bit {bit}: {err}");
             }
         }
     }
@@ -153,11 +135,7 @@ mod tests {
     fn newer_version_is_unsupported() {
         let record = encode(7, b"x");
         match decode(&record, 2, name).unwrap_err() {
-            StoreError::UnsupportedFormat {
-                found,
-                supported,
-                what,
-            } => {
+            StoreError::UnsupportedFormat { found, supported, what } => {
                 assert_eq!((found, supported, what.as_str()), (7, 2, "test record"));
             }
             other => panic!("unexpected {other}"),

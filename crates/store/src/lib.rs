@@ -49,10 +49,7 @@ pub struct Snapshot {
 impl std::fmt::Debug for Snapshot {
     // The data may be 100 MiB: print its size, not its bytes.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Snapshot")
-            .field("index", &self.index)
-            .field("data_bytes", &self.data.len())
-            .finish()
+        f.debug_struct("Snapshot").field("index", &self.index).field("data_bytes", &self.data.len()).finish()
     }
 }
 
@@ -134,11 +131,7 @@ pub enum StoreError {
         "{what} has format version {found}, but this capstan understands only up to version \
          {supported}; run a capstan release that supports version {found}"
     )]
-    UnsupportedFormat {
-        found: u32,
-        supported: u32,
-        what: String,
-    },
+    UnsupportedFormat { found: u32, supported: u32, what: String },
     /// An append did not continue the log exactly; nothing was written.
     #[error("append out of order: expected index {expected}, got {found}; nothing was written")]
     OutOfOrder { expected: u64, found: u64 },

@@ -5,9 +5,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use capstan_store::conformance::{entries, entry_data, snapshot_data};
-use capstan_store::{
-    fault_injection, EmbeddedStore, LogEntry, Snapshot, Store, StoreError, STORE_FILE_NAME,
-};
+use capstan_store::{fault_injection, EmbeddedStore, LogEntry, Snapshot, Store, StoreError, STORE_FILE_NAME};
 use tempfile::TempDir;
 
 capstan_store::conformance_suite!(
@@ -23,10 +21,7 @@ capstan_store::conformance_suite!(
 fn describe_names_the_file() {
     let dir = TempDir::new().unwrap();
     let store = EmbeddedStore::open(dir.path()).unwrap();
-    let expected = format!(
-        "embedded store at {}",
-        dir.path().join(STORE_FILE_NAME).display()
-    );
+    let expected = format!("embedded store at {}", dir.path().join(STORE_FILE_NAME).display());
     assert_eq!(store.describe(), expected);
 }
 
@@ -34,9 +29,7 @@ fn describe_names_the_file() {
 fn second_open_of_the_same_store_is_refused() {
     let dir = TempDir::new().unwrap();
     let _store = EmbeddedStore::open(dir.path()).unwrap();
-    let err = EmbeddedStore::open(dir.path())
-        .err()
-        .expect("second open must fail");
+    let err = EmbeddedStore::open(dir.path()).err().expect("second open must fail");
     assert!(matches!(err, StoreError::InUse { .. }), "{err}");
     assert!(err.to_string().contains(STORE_FILE_NAME), "{err}");
 }
@@ -125,32 +118,21 @@ fn sigkill_loses_nothing_acknowledged() {
         let store = EmbeddedStore::open(dir.path()).unwrap();
         let loaded = store.load().unwrap();
         let last = store.last_index().unwrap();
-        assert!(
-            last >= acked,
-            "attempt {attempt}: acknowledged {acked}, store has {last}"
-        );
+        assert!(last >= acked, "attempt {attempt}: acknowledged {acked}, store has {last}");
         let snapshot_index = loaded.snapshot.as_ref().map_or(0, |s| s.index);
         assert!(
             snapshot_index >= snapshot_acked,
             "attempt {attempt}: snapshot {snapshot_acked} acknowledged, store has {snapshot_index}"
         );
         if let Some(snapshot) = &loaded.snapshot {
-            assert!(
-                snapshot.data == crash_snapshot_data(snapshot.index),
-                "snapshot data"
-            );
+            assert!(snapshot.data == crash_snapshot_data(snapshot.index), "snapshot data");
         }
         for (i, entry) in loaded.entries.iter().enumerate() {
             assert_eq!(entry.index, snapshot_index + 1 + i as u64);
             assert_eq!(entry.data, entry_data(entry.index));
         }
-        assert_eq!(
-            loaded.entries.last().map_or(snapshot_index, |e| e.index),
-            last
-        );
-        eprintln!(
-            "attempt {attempt}: acknowledged {acked}, recovered {last} (snapshot {snapshot_index})"
-        );
+        assert_eq!(loaded.entries.last().map_or(snapshot_index, |e| e.index), last);
+        eprintln!("attempt {attempt}: acknowledged {acked}, recovered {last} (snapshot {snapshot_index})");
     }
 }
 
@@ -169,10 +151,7 @@ fn full_disk_child() {
     let file_bytes = std::fs::metadata(dir.join(STORE_FILE_NAME)).unwrap().len();
     set_file_size_limit(file_bytes + (4 << 20));
 
-    let big = |index: u64| LogEntry {
-        index,
-        data: vec![index as u8; 64 << 10],
-    };
+    let big = |index: u64| LogEntry { index, data: vec![index as u8; 64 << 10] };
     let mut acked = 100;
     let error = loop {
         let batch: Vec<LogEntry> = (acked + 1..=acked + 8).map(big).collect();
@@ -183,10 +162,7 @@ fn full_disk_child() {
         assert!(acked < 10_000, "the file size limit never hit");
     };
     println!("append failed after {acked} as expected: {error}");
-    assert!(
-        matches!(error, StoreError::Io { .. } | StoreError::Backend(_)),
-        "{error}"
-    );
+    assert!(matches!(error, StoreError::Io { .. } | StoreError::Backend(_)), "{error}");
     assert!(error.to_string().contains(STORE_FILE_NAME), "{error}");
 
     // Still usable for reads; nothing acknowledged is lost, nothing of the failed batch is there.
@@ -210,10 +186,7 @@ fn full_disk_child() {
 }
 
 fn set_file_size_limit(bytes: u64) {
-    let limit = libc::rlimit {
-        rlim_cur: bytes as libc::rlim_t,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let limit = libc::rlimit { rlim_cur: bytes as libc::rlim_t, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: setrlimit with a valid pointer.
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &limit) };
     assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());
@@ -226,12 +199,8 @@ fn full_disk_append_fails_and_store_stays_usable() {
     let output = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "child failed: {stdout}");
-    let last: u64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("final "))
-        .expect("child reported its final index")
-        .parse()
-        .unwrap();
+    let last: u64 =
+        stdout.lines().find_map(|l| l.strip_prefix("final ")).expect("child reported its final index").parse().unwrap();
     let store = EmbeddedStore::open(dir.path()).unwrap();
     assert_eq!(store.last_index().unwrap(), last);
     let loaded = store.load().unwrap();
@@ -267,17 +236,12 @@ fn corrupted_snapshot_chunk_is_named() {
     {
         let store = EmbeddedStore::open(dir.path()).unwrap();
         let data = snapshot_data(5 << 20, 9);
-        store
-            .install_snapshot(&Snapshot { index: 9, data })
-            .unwrap();
+        store.install_snapshot(&Snapshot { index: 9, data }).unwrap();
     }
     fault_injection::corrupt_snapshot_chunk(dir.path(), 9, 3);
     let store = EmbeddedStore::open(dir.path()).unwrap();
     let message = store.load().unwrap_err().to_string();
-    assert!(
-        message.contains("snapshot chunk 3 of the snapshot at index 9"),
-        "{message}"
-    );
+    assert!(message.contains("snapshot chunk 3 of the snapshot at index 9"), "{message}");
 }
 
 #[test]
@@ -287,11 +251,7 @@ fn newer_record_version_is_unsupported() {
     fault_injection::rewrite_log_entry_version(dir.path(), 7, 2);
     let store = EmbeddedStore::open(dir.path()).unwrap();
     match store.load().unwrap_err() {
-        StoreError::UnsupportedFormat {
-            found: 2,
-            supported: 1,
-            what,
-        } => {
+        StoreError::UnsupportedFormat { found: 2, supported: 1, what } => {
             assert!(what.contains("log entry 7"), "{what}");
         }
         other => panic!("expected UnsupportedFormat, got {other}"),
@@ -303,26 +263,11 @@ fn newer_store_format_is_refused_on_open() {
     let dir = TempDir::new().unwrap();
     store_with(dir.path(), 10);
     fault_injection::set_store_format_version(dir.path(), 5);
-    let err = EmbeddedStore::open(dir.path())
-        .err()
-        .expect("open must refuse");
+    let err = EmbeddedStore::open(dir.path()).err().expect("open must refuse");
     let message = err.to_string();
-    assert!(
-        matches!(
-            err,
-            StoreError::UnsupportedFormat {
-                found: 5,
-                supported: 1,
-                ..
-            }
-        ),
-        "{message}"
-    );
+    assert!(matches!(err, StoreError::UnsupportedFormat { found: 5, supported: 1, .. }), "{message}");
     assert!(message.contains(STORE_FILE_NAME), "{message}");
-    assert!(
-        message.contains("version 5") && message.contains("version 1"),
-        "{message}"
-    );
+    assert!(message.contains("version 5") && message.contains("version 1"), "{message}");
 }
 
 fn assert_open_fails_naming_file(dir: &Path, case: &str) {
@@ -345,10 +290,7 @@ fn garbage_files_give_a_clear_error() {
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("random bytes", snapshot_data(1 << 20, 42)),
         ("a few bytes", b"hello".to_vec()),
-        (
-            "a text file",
-            b"[master]\nlisten = \"0.0.0.0:5050\"\n".repeat(100),
-        ),
+        ("a text file", b"[master]\nlisten = \"0.0.0.0:5050\"\n".repeat(100)),
         ("zeros", vec![0; 64 << 10]),
     ];
     for (case, bytes) in cases {

@@ -3,31 +3,18 @@
 
 #![allow(dead_code)] // each test file uses a different part
 
-use capstan_model::{
-    AgentId, ByteSize, Capacity, JobKey, JobSpec, JobType, PortRange, TaskSpec, Timestamp,
-};
+use capstan_model::{AgentId, ByteSize, Capacity, JobKey, JobSpec, JobType, PortRange, TaskSpec, Timestamp};
 use capstan_state::{AgentInfo, Command, Stamped};
 use std::collections::BTreeMap;
 
 pub const MIB: u64 = 1 << 20;
 
-pub fn agent_info(
-    id: u64,
-    cpus_milli: u32,
-    mem_bytes: u64,
-    disk_bytes: u64,
-    ports: Vec<PortRange>,
-) -> AgentInfo {
+pub fn agent_info(id: u64, cpus_milli: u32, mem_bytes: u64, disk_bytes: u64, ports: Vec<PortRange>) -> AgentInfo {
     AgentInfo {
         id: AgentId(id),
         hostname: format!("host-{id}"),
         address: format!("http://10.0.0.{id}:5051"),
-        capacity: Capacity {
-            cpus_milli,
-            mem_bytes,
-            disk_bytes,
-            ports,
-        },
+        capacity: Capacity { cpus_milli, mem_bytes, disk_bytes, ports },
         attributes: BTreeMap::new(),
         version: "test".into(),
     }
@@ -57,12 +44,7 @@ impl JobShape {
     }
 
     pub fn batch(instances: u32, max_failures: u32) -> JobShape {
-        JobShape {
-            job_type: JobType::Batch,
-            max_failures,
-            ports: 0,
-            ..JobShape::service(instances)
-        }
+        JobShape { job_type: JobType::Batch, max_failures, ports: 0, ..JobShape::service(instances) }
     }
 
     pub fn spec(&self, key: &str) -> JobSpec {
@@ -97,8 +79,5 @@ impl JobShape {
 }
 
 pub fn stamped(at_ms: u64, command: Command) -> Stamped {
-    Stamped {
-        at: Timestamp(at_ms),
-        command,
-    }
+    Stamped { at: Timestamp(at_ms), command }
 }
