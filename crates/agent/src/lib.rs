@@ -172,12 +172,15 @@ impl Agent {
             let Some(task) = entry.file_name().to_str().and_then(|n| n.parse::<TaskId>().ok()) else { continue };
             let sandbox = entry.path();
             if sandbox.join("reported").exists() {
+                // Over, and the master has its end: remember it so it is never launched again.
+                let (kill, _) = mpsc::unbounded_channel();
+                self.tasks.lock().insert(task, Local { kill, ended: true });
                 continue;
             }
             match self.containerizer.attach(&sandbox) {
                 Ok(Attached::Running(handle)) => {
                     tracing::info!(%task, "re-attached to a running task");
-                    self.watch(task, handle, true);
+                    self.watch(task, handle);
                 }
                 Ok(Attached::Exited(record)) => {
                     tracing::info!(%task, "task ended while the agent was away: {}", record.exit);
@@ -283,7 +286,7 @@ impl Agent {
         };
         self.updates.push(task, Report::Starting);
         match self.containerizer.launch(&sandbox, &spec) {
-            Ok(handle) => self.watch(task, handle, false),
+            Ok(handle) => self.watch(task, handle),
             Err(e) => {
                 tracing::warn!(%task, "launch failed: {e}");
                 let (kill, _) = mpsc::unbounded_channel();
@@ -294,7 +297,7 @@ impl Agent {
     }
 
     /// Watches one task until it ends, reporting what it sees and passing on kill requests.
-    fn watch(self: &Arc<Self>, task: TaskId, mut handle: capstan_containerizer::TaskHandle, recovered: bool) {
+    fn watch(self: &Arc<Self>, task: TaskId, mut handle: capstan_containerizer::TaskHandle) {
         let (kill_tx, mut kill_rx) = mpsc::unbounded_channel::<String>();
         self.tasks.lock().insert(task, Local { kill: kill_tx, ended: false });
         let agent = self.clone();
@@ -331,7 +334,6 @@ impl Agent {
                     }
                 },
             };
-            let _ = recovered;
             if let Some(l) = agent.tasks.lock().get_mut(&task) {
                 l.ended = true;
             }

@@ -261,17 +261,16 @@ impl TaskCgroup {
         pids
     }
 
-    /// SIGKILLs everything in the cgroup until it is empty or `timeout` passes; reaps children
-    /// when `reap` (the supervisor is their subreaper). Returns true when the cgroup is empty.
-    pub fn kill_all(&self, timeout: Duration, reap: bool) -> bool {
+    /// SIGKILLs everything in the cgroup until it is empty or `timeout` passes, calling `reap`
+    /// between rounds (the supervisor reaps its children there and keeps the main process's
+    /// status). Returns true when the cgroup is empty.
+    pub fn kill_all(&self, timeout: Duration, reap: &mut dyn FnMut()) -> bool {
         let deadline = Instant::now() + timeout;
         if let Some((_, dir)) = &self.v2 {
             let _ = v2::kill(dir);
         }
         loop {
-            if reap {
-                reap_all();
-            }
+            reap();
             let pids = self.procs();
             if pids.is_empty() {
                 return true;
@@ -342,16 +341,6 @@ impl TaskCgroup {
             }
         }
         result
-    }
-}
-
-/// Reaps every exited child without blocking.
-pub(crate) fn reap_all() {
-    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-    while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-        if status == WaitStatus::StillAlive {
-            break;
-        }
     }
 }
 

@@ -88,6 +88,8 @@ pub struct Containerizer {
 }
 
 /// What `attach` found.
+// Returned once per sandbox and matched at once; boxing the handle would only cost callers.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Attached {
     Running(TaskHandle),
@@ -226,7 +228,7 @@ fn supervisor_lost(sandbox: &Path, cgroup: &TaskCgroup, message: String) -> Exit
         return record;
     }
     let left = cgroup.procs();
-    let emptied = cgroup.kill_all(LOST_KILL_TIMEOUT, false);
+    let emptied = cgroup.kill_all(LOST_KILL_TIMEOUT, &mut || {});
     let usage = cgroup.evidence().usage;
     if emptied {
         let _ = cgroup.remove();

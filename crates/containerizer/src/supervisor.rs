@@ -38,6 +38,10 @@ const DEFAULT_KILLED_BY: &str = "stop requested (SIGTERM to the supervisor)";
 /// Runs the supervisor for `sandbox` (which holds `launch.json`) and returns the process exit
 /// code. Call it from a fresh process before any thread is started.
 pub fn supervise_main(sandbox: &Path) -> i32 {
+    // Descriptors the launcher leaked without CLOEXEC (a test harness, a jobserver) must not
+    // reach the task or keep the launcher's pipes open: keep only stdin, stdout and stderr.
+    // SAFETY: nothing in this process owns a descriptor above 2 yet.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
     // Own session: a signal to the agent's process group or session never reaches the task.
     let _ = unistd::setsid(); // EPERM when the launcher already made us a session leader.
                               // SAFETY: plain prctl with integer arguments.
@@ -78,7 +82,11 @@ pub fn supervise_main(sandbox: &Path) -> i32 {
         }
     };
     if let Some(cgroup) = &cgroup {
-        if !cgroup.kill_all(KILL_TIMEOUT, true) {
+        if !cgroup.kill_all(KILL_TIMEOUT, &mut || {
+            while let Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) = waitpid(None, Some(WaitPidFlag::WNOHANG))
+            {
+            }
+        }) {
             eprintln!("capstan supervisor: cgroup {} did not empty", cgroup.rel.display());
         }
         if let Err(e) = cgroup.remove() {
@@ -289,34 +297,42 @@ fn exec_child(plan: &ChildPlan, go: OwnedFd, err: OwnedFd) -> ! {
     fail("exec /bin/sh", e)
 }
 
+/// Reaps every exited child without blocking (we are their subreaper) and keeps the main
+/// process's status. Returns false once there are no children left.
+fn reap(task: Pid, status: &mut Option<WaitStatus>) -> bool {
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => return true,
+            Err(nix::Error::ECHILD) => return false,
+            Ok(st @ (WaitStatus::Exited(pid, _) | WaitStatus::Signaled(pid, _, _))) if pid == task => {
+                *status = Some(st)
+            }
+            Ok(_) | Err(nix::Error::EINTR) => continue,
+            Err(e) => {
+                eprintln!("capstan supervisor: waitpid: {e}");
+                return true;
+            }
+        }
+    }
+}
+
 /// Waits for the task's main process, handling stop requests, then gathers the evidence.
 fn watch(task: Pid, spec: &LaunchSpec, cgroup: &TaskCgroup, sandbox: &Path, mask: &SigSet) -> ExitRecord {
     let mut status: Option<WaitStatus> = None;
     let mut killed_by: Option<String> = None;
     let mut hard_kill_at: Option<Instant> = None;
     loop {
-        // Reap everything: the task's main process and any orphan we inherited as subreaper.
-        loop {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(nix::Error::ECHILD) => break,
-                Ok(st @ (WaitStatus::Exited(pid, _) | WaitStatus::Signaled(pid, _, _))) if pid == task => {
-                    status = Some(st)
-                }
-                Ok(_) | Err(nix::Error::EINTR) => continue,
-                Err(e) => {
-                    eprintln!("capstan supervisor: waitpid: {e}");
-                    break;
-                }
-            }
-        }
-        if status.is_some() {
+        let has_children = reap(task, &mut status);
+        if status.is_some() || !has_children {
             break;
         }
         let now = Instant::now();
         if let Some(at) = hard_kill_at {
             if now >= at {
                 let _ = signal::killpg(task, Signal::SIGKILL);
-                cgroup.kill_all(KILL_TIMEOUT, true);
+                cgroup.kill_all(KILL_TIMEOUT, &mut || {
+                    reap(task, &mut status);
+                });
                 hard_kill_at = None;
                 continue;
             }
@@ -338,19 +354,20 @@ fn watch(task: Pid, spec: &LaunchSpec, cgroup: &TaskCgroup, sandbox: &Path, mask
     }
     // The main process is gone: whatever it left behind goes too, before the evidence is read.
     let _ = signal::killpg(task, Signal::SIGKILL);
-    cgroup.kill_all(KILL_TIMEOUT, true);
+    cgroup.kill_all(KILL_TIMEOUT, &mut || {
+        reap(task, &mut status);
+    });
     let evidence = cgroup.evidence();
-    let status = status.expect("loop ends with a status");
     let exit = decide_exit(status, killed_by, evidence.oom_kills, spec.mem_bytes);
     ExitRecord { exit, usage: evidence.usage, ended_at_ms: now_ms() }
 }
 
 /// A requested stop wins; then an OOM kill explains any unsuccessful end; then the status.
-fn decide_exit(status: WaitStatus, killed_by: Option<String>, oom_kills: u64, mem_bytes: u64) -> TaskExit {
+fn decide_exit(status: Option<WaitStatus>, killed_by: Option<String>, oom_kills: u64, mem_bytes: u64) -> TaskExit {
     let by_status = match status {
-        WaitStatus::Exited(_, code) => TaskExit::Exited { code },
-        WaitStatus::Signaled(_, signal, _) => TaskExit::Signaled { signal: signal as i32 },
-        other => TaskExit::SupervisorLost { message: format!("unexpected wait status {other:?}") },
+        Some(WaitStatus::Exited(_, code)) => TaskExit::Exited { code },
+        Some(WaitStatus::Signaled(_, signal, _)) => TaskExit::Signaled { signal: signal as i32 },
+        other => TaskExit::SupervisorLost { message: format!("the task's exit status was lost ({other:?})") },
     };
     match killed_by {
         Some(by) => TaskExit::Killed { by },
@@ -375,12 +392,12 @@ mod tests {
     #[test]
     fn exit_reasons_are_decided_in_order() {
         let pid = Pid::from_raw(1);
-        let killed = decide_exit(WaitStatus::Signaled(pid, Signal::SIGKILL, false), Some("user".into()), 1, 10);
+        let killed = decide_exit(Some(WaitStatus::Signaled(pid, Signal::SIGKILL, false)), Some("user".into()), 1, 10);
         assert_eq!(killed, TaskExit::Killed { by: "user".into() });
-        let oom = decide_exit(WaitStatus::Signaled(pid, Signal::SIGKILL, false), None, 1, 10);
+        let oom = decide_exit(Some(WaitStatus::Signaled(pid, Signal::SIGKILL, false)), None, 1, 10);
         assert_eq!(oom, TaskExit::OutOfMemory { limit_bytes: 10 });
-        let oom_child_but_success = decide_exit(WaitStatus::Exited(pid, 0), None, 1, 10);
+        let oom_child_but_success = decide_exit(Some(WaitStatus::Exited(pid, 0)), None, 1, 10);
         assert_eq!(oom_child_but_success, TaskExit::Exited { code: 0 });
-        assert_eq!(decide_exit(WaitStatus::Exited(pid, 3), None, 0, 10), TaskExit::Exited { code: 3 });
+        assert_eq!(decide_exit(Some(WaitStatus::Exited(pid, 3)), None, 0, 10), TaskExit::Exited { code: 3 });
     }
 }
