@@ -70,8 +70,12 @@ pub struct TaskView {
     pub host: Option<String>,
     pub ports: BTreeMap<String, u16>,
     pub pid: Option<u32>,
+    /// `healthy` or `unhealthy` while it runs with a health check; absent otherwise.
+    pub health: Option<String>,
     pub reason: String,
     pub exit: Option<TaskExit>,
+    /// The latest resource usage its agent reported (kept in the master's memory only).
+    pub usage: Option<TaskUsage>,
     /// Consecutive failures of the instance before this task.
     pub failures: u32,
     pub created_at: String,
@@ -148,4 +152,26 @@ pub struct UpdatesRequest {
 pub struct UpdatesResponse {
     /// Every update up to this sequence number is durable on the master.
     pub acked_seq: u64,
+}
+
+/// Resource usage of one task, as its agent measured it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskUsage {
+    pub task: TaskId,
+    pub cpu_seconds: f64,
+    /// Time the task wanted cpu but its CFS quota held it back.
+    pub throttled_seconds: f64,
+    pub nr_throttled: u64,
+    pub mem_bytes: u64,
+    pub mem_peak_bytes: u64,
+    pub disk_bytes: u64,
+    /// When the agent measured it (RFC 3339).
+    pub at: String,
+}
+
+/// Periodic usage from one agent: not durable, not ordered; the newest wins.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UsageReport {
+    pub agent: AgentId,
+    pub tasks: Vec<TaskUsage>,
 }

@@ -55,13 +55,14 @@ pub fn task_table(tasks: &[TaskView]) -> String {
     if tasks.is_empty() {
         return "no tasks".into();
     }
-    let mut t = table(&["TASK", "JOB", "INST", "STATE", "HOST", "PORTS", "PID", "REASON"]);
+    let mut t = table(&["TASK", "JOB", "INST", "STATE", "HEALTH", "HOST", "PORTS", "PID", "REASON"]);
     for x in tasks {
         t.add_row(vec![
             x.id.to_string(),
             x.job.to_string(),
             x.instance.to_string(),
             x.state.to_string(),
+            x.health.clone().unwrap_or_default(),
             x.host.clone().unwrap_or_default(),
             ports(x),
             x.pid.map(|p| p.to_string()).unwrap_or_default(),
@@ -85,6 +86,21 @@ pub fn task_detail(t: &TaskView) -> String {
         t.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
         t.failures
     );
+    if let Some(h) = &t.health {
+        out.push_str(&format!("health    {h}\n"));
+    }
+    if let Some(u) = &t.usage {
+        out.push_str(&format!(
+            "usage     cpu {:.2} s (throttled {:.2} s, {} times), mem {} (peak {}), disk {}  [at {}]\n",
+            u.cpu_seconds,
+            u.throttled_seconds,
+            u.nr_throttled,
+            capstan_model::ByteSize(u.mem_bytes).human(),
+            capstan_model::ByteSize(u.mem_peak_bytes).human(),
+            capstan_model::ByteSize(u.disk_bytes).human(),
+            u.at
+        ));
+    }
     if let Some(nb) = &t.not_before {
         out.push_str(&format!("restarts  not before {nb}\n"));
     }
@@ -126,8 +142,8 @@ pub fn agent_table(agents: &[AgentView]) -> String {
             a.id.to_string(),
             a.hostname.clone(),
             format!("{}/{}", a.used.cpus, a.capacity.cpus),
-            format!("{}/{}", a.used.mem, a.capacity.mem),
-            format!("{}/{}", a.used.disk, a.capacity.disk),
+            format!("{}/{}", a.used.mem.human(), a.capacity.mem.human()),
+            format!("{}/{}", a.used.disk.human(), a.capacity.disk.human()),
             format!("{}/{}", a.used.ports, a.capacity.ports),
             a.tasks.to_string(),
             a.attributes.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),

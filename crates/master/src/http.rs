@@ -24,6 +24,8 @@ pub struct AppState {
     pub unplaced: Unplaced,
     pub policy: Arc<ValidationPolicy>,
     pub http: reqwest::Client,
+    /// The latest usage of each task, as agents report it; in memory only.
+    pub usage: Arc<parking_lot::Mutex<std::collections::HashMap<TaskId, TaskUsage>>>,
 }
 
 pub fn router(app: AppState) -> Router {
@@ -38,6 +40,7 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/agent/register", post(register_agent))
         .route("/v1/agent/{id}/orders", get(agent_orders))
         .route("/v1/agent/updates", post(agent_updates))
+        .route("/v1/agent/usage", post(agent_usage))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiFailure::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .with_state(app)
@@ -171,9 +174,9 @@ async fn list_tasks(State(app): State<AppState>, Query(q): Query<TaskQuery>) -> 
                 .jobs
                 .get(k)
                 .ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no job {k}")))?;
-            state.tasks_of(j).filter(keep).map(|t| task_view(&state, t)).collect()
+            state.tasks_of(j).filter(keep).map(|t| task_view(&state, t, &app.usage.lock())).collect()
         }
-        None => state.tasks.values().filter(keep).map(|t| task_view(&state, t)).collect(),
+        None => state.tasks.values().filter(keep).map(|t| task_view(&state, t, &app.usage.lock())).collect(),
     };
     views.sort_by(|a, b| (&a.job, a.instance, &a.created_at).cmp(&(&b.job, b.instance, &b.created_at)));
     Ok(Json(views))
@@ -186,7 +189,7 @@ async fn get_task(State(app): State<AppState>, Path(id): Path<String>) -> ApiRes
         .tasks
         .get(&id)
         .ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no task {id}")))?;
-    Ok(Json(task_view(&state, t)))
+    Ok(Json(task_view(&state, t, &app.usage.lock())))
 }
 
 async fn kill_task(State(app): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<TaskView>> {
@@ -197,7 +200,7 @@ async fn kill_task(State(app): State<AppState>, Path(id): Path<String>) -> ApiRe
         .tasks
         .get(&id)
         .ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no task {id}")))?;
-    Ok(Json(task_view(&state, t)))
+    Ok(Json(task_view(&state, t, &app.usage.lock())))
 }
 
 #[derive(Deserialize)]
@@ -352,6 +355,25 @@ fn order_for(t: &Task, spec: &TaskSpec) -> Order {
     }
 }
 
+/// Keeps the newest usage per task, for tasks the master knows on that agent.
+async fn agent_usage(State(app): State<AppState>, body: Bytes) -> ApiResult<Json<serde_json::Value>> {
+    let req: UsageReport = parse_body(&body)?;
+    let state = app.core.state.read();
+    let mut usage = app.usage.lock();
+    let mut kept = 0;
+    for u in req.tasks {
+        if state.tasks.get(&u.task).is_some_and(|t| t.agent == Some(req.agent)) {
+            usage.insert(u.task, u);
+            kept += 1;
+        }
+    }
+    // Forget tasks the state no longer has, so the map is bounded by the number of tasks.
+    if usage.len() > state.tasks.len() {
+        usage.retain(|id, _| state.tasks.contains_key(id));
+    }
+    Ok(Json(serde_json::json!({"kept": kept})))
+}
+
 async fn agent_updates(State(app): State<AppState>, body: Bytes) -> ApiResult<Json<UpdatesResponse>> {
     let req: UpdatesRequest = parse_body(&body)?;
     let agent = req.agent;
@@ -368,7 +390,7 @@ async fn agent_updates(State(app): State<AppState>, body: Bytes) -> ApiResult<Js
 
 // ---- views
 
-fn task_view(state: &ClusterState, t: &Task) -> TaskView {
+fn task_view(state: &ClusterState, t: &Task, usage: &std::collections::HashMap<TaskId, TaskUsage>) -> TaskView {
     let spec_ports = state.job_of(t).map(|j| j.spec.task.ports.clone()).unwrap_or_default();
     let agent = t.agent.and_then(|a| state.agents.get(&a));
     TaskView {
@@ -381,8 +403,10 @@ fn task_view(state: &ClusterState, t: &Task) -> TaskView {
         host: agent.map(|a| a.info.hostname.clone()),
         ports: spec_ports.into_iter().zip(t.ports.iter().copied()).collect(),
         pid: t.pid,
+        health: t.healthy.filter(|_| t.state == TaskState::Running).map(|h| if h { "healthy" } else { "unhealthy" }.to_string()),
         reason: t.reason.clone(),
         exit: t.exit.clone(),
+        usage: usage.get(&t.id).cloned(),
         failures: t.failures,
         created_at: rfc3339(t.created_at),
         not_before: (t.state == TaskState::Pending && t.not_before > now()).then(|| rfc3339(t.not_before)),

@@ -66,6 +66,7 @@ pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
         unplaced: unplaced.clone(),
         policy: Arc::new(ValidationPolicy { allow_root: config.allow_root_tasks }),
         http: reqwest::Client::new(),
+        usage: Default::default(),
     };
     let router = http::router(app);
     let server = tokio::spawn(async move {

@@ -457,9 +457,6 @@ impl Cx {
             Some(v) => self.task(v, policy),
         };
         let health_check = self.get(&o, "health_check").and_then(|v| self.health_check(v, task.as_ref()));
-        if health_check.is_some() {
-            self.not_yet("health_check", "[health_check]");
-        }
         let update = self.get(&o, "update").and_then(|v| self.update(v));
         if update.is_some() {
             self.not_yet("update", "[update]");

@@ -24,6 +24,8 @@ pub enum TaskExit {
     OverDisk { limit_bytes: u64, used_bytes: u64 },
     /// Capstan stopped it on request (user kill, job kill, update, preemption); `by` says who.
     Killed { by: String },
+    /// The task's health check failed too many times in a row and its agent killed it.
+    HealthCheckFailed { reason: String },
     /// The task never started: bad user, missing binary, cgroup failure, …
     LaunchFailed { message: String },
     /// The supervisor that watched the task vanished without recording how the task ended.
@@ -60,6 +62,7 @@ impl fmt::Display for TaskExit {
                 crate::resources::ByteSize(*limit_bytes)
             ),
             TaskExit::Killed { by } => write!(f, "killed: {by}"),
+            TaskExit::HealthCheckFailed { reason } => write!(f, "failed health check: {reason}"),
             TaskExit::LaunchFailed { message } => write!(f, "failed to launch: {message}"),
             TaskExit::SupervisorLost { message } => write!(f, "supervisor lost: {message}"),
         }
@@ -99,7 +102,7 @@ impl<'de> Visitor<'de> for CompactTaskExit {
             seq.next_element()?.ok_or_else(|| de::Error::invalid_length(i, &CompactTaskExit))
         }
         const KINDS: &[&str] =
-            &["exited", "signaled", "out_of_memory", "over_disk", "killed", "launch_failed", "supervisor_lost"];
+            &["exited", "signaled", "out_of_memory", "over_disk", "killed", "health_check_failed", "launch_failed", "supervisor_lost"];
         let kind: String = next(&mut seq, 0)?;
         Ok(match kind.as_str() {
             "exited" => TaskExit::Exited { code: next(&mut seq, 1)? },
@@ -107,6 +110,7 @@ impl<'de> Visitor<'de> for CompactTaskExit {
             "out_of_memory" => TaskExit::OutOfMemory { limit_bytes: next(&mut seq, 1)? },
             "over_disk" => TaskExit::OverDisk { limit_bytes: next(&mut seq, 1)?, used_bytes: next(&mut seq, 2)? },
             "killed" => TaskExit::Killed { by: next(&mut seq, 1)? },
+            "health_check_failed" => TaskExit::HealthCheckFailed { reason: next(&mut seq, 1)? },
             "launch_failed" => TaskExit::LaunchFailed { message: next(&mut seq, 1)? },
             "supervisor_lost" => TaskExit::SupervisorLost { message: next(&mut seq, 1)? },
             other => return Err(de::Error::unknown_variant(other, KINDS)),

@@ -53,6 +53,19 @@ impl FromStr for ByteSize {
     }
 }
 
+impl ByteSize {
+    /// For people: the largest unit, one decimal when it is not exact (`23.5GiB`).
+    pub fn human(self) -> String {
+        let b = self.0;
+        for (unit, size) in [("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
+            if b >= size {
+                return if b % size == 0 { format!("{}{unit}", b / size) } else { format!("{:.1}{unit}", b as f64 / size as f64) };
+            }
+        }
+        format!("{b}B")
+    }
+}
+
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;

@@ -75,6 +75,8 @@ pub enum Report {
     Starting,
     Running { pid: u32 },
     Exited { exit: TaskExit },
+    /// The task's health check passed, or failed `consecutive_failures` times in a row.
+    Health { healthy: bool, reason: String },
 }
 
 impl Serialize for Report {
@@ -112,7 +114,8 @@ impl<'de> Visitor<'de> for CompactReport {
             "starting" => Report::Starting,
             "running" => Report::Running { pid: next(&mut seq, 1)? },
             "exited" => Report::Exited { exit: next(&mut seq, 1)? },
-            other => return Err(de::Error::unknown_variant(other, &["starting", "running", "exited"])),
+            "health" => Report::Health { healthy: next(&mut seq, 1)?, reason: next(&mut seq, 2)? },
+            other => return Err(de::Error::unknown_variant(other, &["starting", "running", "exited", "health"])),
         })
     }
 }

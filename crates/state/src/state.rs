@@ -62,6 +62,8 @@ pub struct Task {
     pub running_since: Option<Timestamp>,
     /// Killed by `KillTask` on a service: start a fresh task for the instance once this one ended.
     pub restart_when_stopped: bool,
+    /// The last health report while it runs: `None` before the first (or without a check).
+    pub healthy: Option<bool>,
     pub events: Vec<TaskEventRecord>,
 }
 
@@ -287,6 +289,7 @@ impl ClusterState {
             created_at: at,
             running_since: None,
             restart_when_stopped: false,
+            healthy: None,
             events: Vec::new(),
         };
         let reason = if not_before > at {
@@ -368,6 +371,16 @@ impl ClusterState {
                 Event::Running { pid: *pid }
             }
             Report::Exited { exit } => Event::Exited(exit.clone()),
+            Report::Health { healthy, reason } => {
+                // Health is observed state beside the lifecycle: it does not move the task.
+                if task.state == TaskState::Running && task.healthy != Some(*healthy) {
+                    task.healthy = Some(*healthy);
+                    let what = if *healthy { "healthy" } else { "unhealthy" };
+                    let reason = if reason.is_empty() { what.to_string() } else { format!("{what}: {reason}") };
+                    task.record(at, reason);
+                }
+                return;
+            }
         };
         self.step(u.task, &event, at, out);
     }

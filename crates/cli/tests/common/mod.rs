@@ -136,15 +136,6 @@ pub fn read_identity(path: &Path) -> Option<(u32, u64)> {
     Some((v["pid"].as_u64()? as u32, v["start_time_ticks"].as_u64()?))
 }
 
-/// SIGKILLs the process recorded in `path` if that very process (same start time) still runs.
-fn kill_recorded(path: &Path) {
-    if let Some((pid, ticks)) = read_identity(path) {
-        if proc_stat(pid).is_some_and(|(_, t)| t == ticks) {
-            sigkill(pid);
-        }
-    }
-}
-
 /// The status code of `GET http://127.0.0.1:PORT/`.
 pub fn http_status(port: u16) -> Result<u16, String> {
     let client = reqwest::blocking::Client::builder()
@@ -250,21 +241,20 @@ pub struct DevCluster {
 }
 
 impl DevCluster {
-    /// A cluster whose data directory the tasks' users can reach (`/tmp/capstan-e2e-*/data`,
-    /// every ancestor world-traversable).
+    /// A cluster whose data directory the tasks' users can reach (`$TMPDIR/capstan-e2e-*/data`,
+    /// the temporary directory made world-traversable).
     pub fn start() -> DevCluster {
         Self::start_with_private_parent(false)
     }
 
-    /// With `private`, the data directory's parent stays 0700 (as a tempdir is, and as `$HOME` of
-    /// root, where `capstan dev` puts its data by default, is).
+    /// With `private`, the data directory's parent is 0700 (as root's `$HOME`, where `capstan dev`
+    /// keeps its data by default, is).
     pub fn start_with_private_parent(private: bool) -> DevCluster {
         let name = std::thread::current().name().unwrap_or("test").to_string();
         let dir = tempfile::Builder::new().prefix("capstan-e2e-").tempdir().expect("temporary directory");
-        if !private {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        }
+        use std::os::unix::fs::PermissionsExt;
+        let mode = if private { 0o700 } else { 0o755 };
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).expect("chmod");
         let data_dir = dir.path().join("data");
         let log = dir.path().join("dev.log");
         let cgroup_root = format!("capstan-test-{:016x}", rand::random::<u64>());
@@ -545,36 +535,43 @@ impl DevCluster {
         eprintln!("===== end of {} =====\n", self.name);
     }
 
-    /// Kills everything of this cluster and removes its cgroups. Touches only processes recorded
-    /// in this cluster's sandboxes or listed in this cluster's cgroups.
+    /// Kills everything of this cluster and removes its cgroups. Touches only processes of this
+    /// cluster: recorded in its sandboxes, listed in its cgroups, or with its (unique) data
+    /// directory on their command line (a supervisor that has not yet recorded itself).
     fn cleanup(&mut self) {
         self.kill9();
-        // Supervisors first (so none reports or reacts), then tasks.
-        if let Ok(entries) = std::fs::read_dir(self.sandboxes()) {
-            let sandboxes: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-            for s in &sandboxes {
-                kill_recorded(&s.join("supervisor.json"));
-            }
-            for s in &sandboxes {
-                kill_recorded(&s.join("task.json"));
-            }
-        }
-        // Anything left in the cgroups (children of tasks, a task not yet recorded).
         let roots = cgroup_dirs(&self.cgroup_root);
         let deadline = Instant::now() + Duration::from_secs(10);
+        // Rounds until one finds nothing alive: a supervisor may be starting a task right now.
         loop {
-            let pids: Vec<u32> = roots.iter().flat_map(|r| cgroup_tree(r)).flat_map(|d| cgroup_pids(&d)).collect();
+            let mut pids = self.own_command_lines();
+            if let Ok(entries) = std::fs::read_dir(self.sandboxes()) {
+                for e in entries.flatten() {
+                    for f in ["supervisor.json", "task.json"] {
+                        if let Some((pid, ticks)) = read_identity(&e.path().join(f)) {
+                            if proc_stat(pid).is_some_and(|(_, t)| t == ticks) {
+                                pids.push(pid);
+                            }
+                        }
+                    }
+                }
+            }
+            let roots = cgroup_dirs(&self.cgroup_root);
+            pids.extend(roots.iter().flat_map(|r| cgroup_tree(r)).flat_map(|d| cgroup_pids(&d)));
+            pids.retain(|p| pid_alive(*p));
+            pids.sort();
+            pids.dedup();
             if pids.is_empty() {
                 break;
             }
             if Instant::now() > deadline {
-                eprintln!("{}: processes {pids:?} of cgroup root {} would not die", self.name, self.cgroup_root);
+                eprintln!("{}: processes {pids:?} of this cluster would not die", self.name);
                 break;
             }
             pids.into_iter().for_each(sigkill);
             std::thread::sleep(Duration::from_millis(20));
         }
-        for root in roots {
+        for root in roots.into_iter().chain(cgroup_dirs(&self.cgroup_root)) {
             for dir in cgroup_tree(&root).into_iter().rev() {
                 let deadline = Instant::now() + Duration::from_secs(5);
                 while let Err(e) = std::fs::remove_dir(&dir) {
@@ -589,6 +586,23 @@ impl DevCluster {
                 }
             }
         }
+    }
+
+    /// Processes whose command line names this cluster's data directory: supervisors
+    /// (`capstan supervise DATA/agent/sandboxes/ID`) and a dev process forked but not yet exec'd.
+    fn own_command_lines(&self) -> Vec<u32> {
+        let needle = self.data_dir.as_os_str().as_encoded_bytes().to_vec();
+        let me = std::process::id();
+        let Ok(entries) = std::fs::read_dir("/proc") else { return vec![] };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| *pid != me)
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle.as_slice()))
+            })
+            .collect()
     }
 }
 
