@@ -200,7 +200,8 @@ impl Client {
 
     pub async fn send_usage(&self, req: &UsageReport) -> Result<serde_json::Value, ApiError> {
         let body = serde_json::to_value(req).expect("serializable");
-        Self::decode(self.send(reqwest::Method::POST, "/v1/agent/usage", Some(body), Duration::from_secs(30)).await?).await
+        Self::decode(self.send(reqwest::Method::POST, "/v1/agent/usage", Some(body), Duration::from_secs(30)).await?)
+            .await
     }
 
     pub async fn send_updates(&self, req: &UpdatesRequest) -> Result<UpdatesResponse, ApiError> {

@@ -122,12 +122,8 @@ fn a_task_over_its_memory_limit_fails_with_out_of_memory() {
     privileged_or_skip!("a_task_over_its_memory_limit_fails_with_out_of_memory");
     let c = DevCluster::start();
     let key = "batch/test/oom";
-    let mut spec = job_spec(
-        key,
-        "batch",
-        1,
-        r#"exec python3 -c "b = bytearray(200*1024*1024); import time; time.sleep(60)""#,
-    );
+    let mut spec =
+        job_spec(key, "batch", 1, r#"exec python3 -c "b = bytearray(200*1024*1024); import time; time.sleep(60)""#);
     spec["max_failures"] = json!(0);
     let ids = c.create_job(&spec);
     let t = c.wait_task_state(&ids[0], "FAILED", Duration::from_secs(30));
@@ -506,7 +502,9 @@ fn a_job_asking_for_more_cpus_than_the_agent_has_stays_pending_with_a_reason() {
     spec["task"]["cpus"] = json!(4096);
     let ids = c.create_job(&spec);
     let job = wait_until(SOON, "the job has a pending reason about cpus", || match c.job(key)? {
-        Some(j) if j["pending_reasons"].as_array().is_some_and(|r| r.iter().any(|s| s.to_string().contains("cpus"))) => {
+        Some(j)
+            if j["pending_reasons"].as_array().is_some_and(|r| r.iter().any(|s| s.to_string().contains("cpus"))) =>
+        {
             Ok(j)
         }
         other => Err(format!("{other:?}")),
@@ -563,7 +561,6 @@ fn the_task_user_can_reach_its_sandbox_when_the_data_directory_is_private() {
         other => Err(format!("{other:?}")),
     });
     let stderr = std::fs::read_to_string(c.sandbox(&ids[0]).join("stderr")).unwrap_or_default();
-    eprintln!("DEBUG {t} {stderr}");
     assert_eq!(t["state"], "FINISHED", "the task could not use $CAPSTAN_SANDBOX: {t}\nits stderr: {stderr}");
 }
 

@@ -411,8 +411,18 @@ impl TaskHandle {
 
     /// [`TaskHandle::kill`] with the reason that ends up in `TaskExit::Killed { by }`.
     pub fn kill_by(&self, by: &str) -> io::Result<()> {
+        self.stop(KillRequest { by: by.to_owned(), exit: None })
+    }
+
+    /// Graceful stop that records `exit` as the task's end (e.g. `OverDisk`, `HealthCheckFailed`)
+    /// instead of `Killed`.
+    pub fn kill_because(&self, exit: capstan_model::TaskExit) -> io::Result<()> {
+        self.stop(KillRequest { by: exit.to_string(), exit: Some(exit) })
+    }
+
+    fn stop(&self, request: KillRequest) -> io::Result<()> {
         if !self.sandbox.join(KILL_FILE).exists() {
-            write_json_atomic(&self.sandbox.join(KILL_FILE), &KillRequest { by: by.to_owned() })?;
+            write_json_atomic(&self.sandbox.join(KILL_FILE), &request)?;
         }
         // SAFETY: pidfd_send_signal with a pidfd we own; signals exactly that process.
         let rc = unsafe {

@@ -123,6 +123,9 @@ pub struct ExitRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct KillRequest {
     pub by: String,
+    /// The end to record instead of `Killed { by }` (over disk quota, failed health check).
+    #[serde(default)]
+    pub exit: Option<TaskExit>,
 }
 
 /// Writes `value` as JSON to `path` atomically: temporary file, fsync, rename, fsync directory.

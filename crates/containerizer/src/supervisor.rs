@@ -319,7 +319,7 @@ fn reap(task: Pid, status: &mut Option<WaitStatus>) -> bool {
 /// Waits for the task's main process, handling stop requests, then gathers the evidence.
 fn watch(task: Pid, spec: &LaunchSpec, cgroup: &TaskCgroup, sandbox: &Path, mask: &SigSet) -> ExitRecord {
     let mut status: Option<WaitStatus> = None;
-    let mut killed_by: Option<String> = None;
+    let mut killed_by: Option<StopCause> = None;
     let mut hard_kill_at: Option<Instant> = None;
     loop {
         let has_children = reap(task, &mut status);
@@ -340,11 +340,12 @@ fn watch(task: Pid, spec: &LaunchSpec, cgroup: &TaskCgroup, sandbox: &Path, mask
         let timeout = hard_kill_at.map_or(IDLE_WAKEUP, |at| at.saturating_duration_since(now));
         match wait_signal(mask, timeout) {
             Some(libc::SIGTERM | libc::SIGINT) if killed_by.is_none() => {
-                let by = read_json::<KillRequest>(&sandbox.join(KILL_FILE))
-                    .ok()
-                    .flatten()
-                    .map_or_else(|| DEFAULT_KILLED_BY.to_owned(), |k| k.by);
-                killed_by = Some(by);
+                let request = read_json::<KillRequest>(&sandbox.join(KILL_FILE)).ok().flatten();
+                killed_by = Some(match request {
+                    Some(KillRequest { exit: Some(exit), .. }) => StopCause::Because(exit),
+                    Some(KillRequest { by, exit: None }) => StopCause::By(by),
+                    None => StopCause::By(DEFAULT_KILLED_BY.to_owned()),
+                });
                 let _ = signal::killpg(task, Signal::SIGTERM);
                 let _ = signal::killpg(task, Signal::SIGCONT);
                 hard_kill_at = Some(Instant::now() + Duration::from_millis(spec.kill_grace_ms));
@@ -362,15 +363,24 @@ fn watch(task: Pid, spec: &LaunchSpec, cgroup: &TaskCgroup, sandbox: &Path, mask
     ExitRecord { exit, usage: evidence.usage, ended_at_ms: now_ms() }
 }
 
+/// Why a stop was requested.
+enum StopCause {
+    /// Someone asked (`TaskExit::Killed { by }`).
+    By(String),
+    /// The agent stopped it for a reason that is the task's end (over disk, failed health check).
+    Because(TaskExit),
+}
+
 /// A requested stop wins; then an OOM kill explains any unsuccessful end; then the status.
-fn decide_exit(status: Option<WaitStatus>, killed_by: Option<String>, oom_kills: u64, mem_bytes: u64) -> TaskExit {
+fn decide_exit(status: Option<WaitStatus>, killed_by: Option<StopCause>, oom_kills: u64, mem_bytes: u64) -> TaskExit {
     let by_status = match status {
         Some(WaitStatus::Exited(_, code)) => TaskExit::Exited { code },
         Some(WaitStatus::Signaled(_, signal, _)) => TaskExit::Signaled { signal: signal as i32 },
         other => TaskExit::SupervisorLost { message: format!("the task's exit status was lost ({other:?})") },
     };
     match killed_by {
-        Some(by) => TaskExit::Killed { by },
+        Some(StopCause::By(by)) => TaskExit::Killed { by },
+        Some(StopCause::Because(exit)) => exit,
         None if oom_kills > 0 && !by_status.is_success() => TaskExit::OutOfMemory { limit_bytes: mem_bytes },
         None => by_status,
     }
@@ -392,7 +402,12 @@ mod tests {
     #[test]
     fn exit_reasons_are_decided_in_order() {
         let pid = Pid::from_raw(1);
-        let killed = decide_exit(Some(WaitStatus::Signaled(pid, Signal::SIGKILL, false)), Some("user".into()), 1, 10);
+        let killed = decide_exit(
+            Some(WaitStatus::Signaled(pid, Signal::SIGKILL, false)),
+            Some(StopCause::By("user".into())),
+            1,
+            10,
+        );
         assert_eq!(killed, TaskExit::Killed { by: "user".into() });
         let oom = decide_exit(Some(WaitStatus::Signaled(pid, Signal::SIGKILL, false)), None, 1, 10);
         assert_eq!(oom, TaskExit::OutOfMemory { limit_bytes: 10 });

@@ -403,7 +403,10 @@ fn task_view(state: &ClusterState, t: &Task, usage: &std::collections::HashMap<T
         host: agent.map(|a| a.info.hostname.clone()),
         ports: spec_ports.into_iter().zip(t.ports.iter().copied()).collect(),
         pid: t.pid,
-        health: t.healthy.filter(|_| t.state == TaskState::Running).map(|h| if h { "healthy" } else { "unhealthy" }.to_string()),
+        health: t
+            .healthy
+            .filter(|_| t.state == TaskState::Running)
+            .map(|h| if h { "healthy" } else { "unhealthy" }.to_string()),
         reason: t.reason.clone(),
         exit: t.exit.clone(),
         usage: usage.get(&t.id).cloned(),

@@ -101,8 +101,16 @@ impl<'de> Visitor<'de> for CompactTaskExit {
         fn next<'de, A: SeqAccess<'de>, T: Deserialize<'de>>(seq: &mut A, i: usize) -> Result<T, A::Error> {
             seq.next_element()?.ok_or_else(|| de::Error::invalid_length(i, &CompactTaskExit))
         }
-        const KINDS: &[&str] =
-            &["exited", "signaled", "out_of_memory", "over_disk", "killed", "health_check_failed", "launch_failed", "supervisor_lost"];
+        const KINDS: &[&str] = &[
+            "exited",
+            "signaled",
+            "out_of_memory",
+            "over_disk",
+            "killed",
+            "health_check_failed",
+            "launch_failed",
+            "supervisor_lost",
+        ];
         let kind: String = next(&mut seq, 0)?;
         Ok(match kind.as_str() {
             "exited" => TaskExit::Exited { code: next(&mut seq, 1)? },

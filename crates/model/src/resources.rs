@@ -59,7 +59,11 @@ impl ByteSize {
         let b = self.0;
         for (unit, size) in [("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
             if b >= size {
-                return if b % size == 0 { format!("{}{unit}", b / size) } else { format!("{:.1}{unit}", b as f64 / size as f64) };
+                return if b % size == 0 {
+                    format!("{}{unit}", b / size)
+                } else {
+                    format!("{:.1}{unit}", b as f64 / size as f64)
+                };
             }
         }
         format!("{b}B")

@@ -73,10 +73,17 @@ pub struct StatusUpdate {
 #[serde(remote = "Self", tag = "kind", rename_all = "snake_case")]
 pub enum Report {
     Starting,
-    Running { pid: u32 },
-    Exited { exit: TaskExit },
+    Running {
+        pid: u32,
+    },
+    Exited {
+        exit: TaskExit,
+    },
     /// The task's health check passed, or failed `consecutive_failures` times in a row.
-    Health { healthy: bool, reason: String },
+    Health {
+        healthy: bool,
+        reason: String,
+    },
 }
 
 impl Serialize for Report {
