@@ -96,7 +96,7 @@ fn service_instances_run_as_nobody_on_their_own_ports_with_the_contract_environm
 #[test]
 fn a_service_task_killed_by_sigkill_is_reported_failed_and_replaced() {
     privileged_or_skip!("a_service_task_killed_by_sigkill_is_reported_failed_and_replaced");
-    let c = DevCluster::start();
+    let mut c = DevCluster::start();
     c.create_job(&http_service(JOB, 2));
     let tasks = c.wait_running(JOB, 2, SOON);
     let victim = &tasks[0];
@@ -112,6 +112,22 @@ fn a_service_task_killed_by_sigkill_is_reported_failed_and_replaced() {
     let other = c.task(&task_id(&tasks[1])).unwrap().unwrap();
     assert_eq!(other["state"], "RUNNING", "the other instance: {other}");
     assert_eq!(other["pid"], tasks[1]["pid"]);
+
+    // A restart does not report the ended task again nor start anything new.
+    let settled = c.wait_running(JOB, 2, SOON);
+    let count = c.tasks_of(JOB).unwrap().len();
+    c.restart();
+    holds_for(Duration::from_secs(1), "nothing changes after a restart", || {
+        let now = c.tasks_of(JOB)?;
+        ensure(now.len() == count, summary(&now))?;
+        let dead = now.iter().find(|t| t["id"] == id.as_str()).ok_or("the failed task is gone")?;
+        ensure(dead["state"] == "FAILED", summary(&now))?;
+        for t in &settled {
+            let same = now.iter().any(|n| n["id"] == t["id"] && n["state"] == "RUNNING" && n["pid"] == t["pid"]);
+            ensure(same, summary(&now))?;
+        }
+        Ok(())
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -206,6 +222,8 @@ fn tasks_survive_a_kill_9_of_the_dev_process_and_are_reattached() {
     c.restart();
 
     assert!(c.job(JOB).unwrap().is_some(), "the job survives the restart");
+    let agents = c.get("/v1/agents");
+    assert_eq!(agents.as_array().map(Vec::len), Some(1), "the agent comes back as itself: {agents}");
     holds_for(Duration::from_secs(2), "the same 2 tasks keep running with the same processes", || {
         let now = c.tasks_of(JOB)?;
         ensure(now.len() == 2, format!("no new tasks: {}", summary(&now)))?;
@@ -269,7 +287,7 @@ fn a_task_killed_while_the_dev_process_is_down_is_reported_and_replaced_after_re
 #[test]
 fn killing_a_job_stops_every_process_removes_cgroups_and_forgets_the_job() {
     privileged_or_skip!("killing_a_job_stops_every_process_removes_cgroups_and_forgets_the_job");
-    let c = DevCluster::start();
+    let mut c = DevCluster::start();
     c.create_job(&http_service(JOB, 2));
     let tasks = c.wait_running(JOB, 2, SOON);
     let mut pids = vec![];
@@ -313,6 +331,12 @@ fn killing_a_job_stops_every_process_removes_cgroups_and_forgets_the_job() {
         let exit = std::fs::read_to_string(c.sandbox(&id).join("exit.json")).unwrap_or_default();
         assert!(exit.contains("killed") || exit.contains("Killed"), "exit.json of {id}: {exit}");
     }
+    // It stays gone across a restart.
+    c.restart();
+    holds_for(Duration::from_millis(500), "the job stays gone", || {
+        let tasks = c.tasks_of(JOB)?;
+        ensure(c.job(JOB)?.is_none() && tasks.is_empty(), summary(&tasks))
+    });
 }
 
 // ---------------------------------------------------------------------------------------------

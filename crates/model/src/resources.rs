@@ -59,7 +59,7 @@ impl ByteSize {
         let b = self.0;
         for (unit, size) in [("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
             if b >= size {
-                return if b % size == 0 {
+                return if b.is_multiple_of(size) {
                     format!("{}{unit}", b / size)
                 } else {
                     format!("{:.1}{unit}", b as f64 / size as f64)
@@ -74,7 +74,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
         for (unit, size) in [("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
-            if b >= size && b % size == 0 {
+            if b >= size && b.is_multiple_of(size) {
                 return write!(f, "{}{unit}", b / size);
             }
         }
@@ -93,7 +93,7 @@ impl From<ByteSize> for String {
     fn from(s: ByteSize) -> String {
         let b = s.0;
         for (unit, size) in [("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
-            if b >= size && b % size == 0 {
+            if b >= size && b.is_multiple_of(size) {
                 return format!("{}{unit}", b / size);
             }
         }
