@@ -1,5 +1,7 @@
 //! The agent's own API: task logs straight from the sandbox (the master proxies `capstan task logs`
-//! here).
+//! here). Following a log survives its rotation (`stdout` → `stdout.1`): the reader notices
+//! that the path names a new file, finishes the old one and reopens; `tail=N` reaches into
+//! `stdout.1` when `stdout` has fewer than N lines.
 
 use crate::Agent;
 use axum::body::{Body, Bytes};
@@ -11,6 +13,7 @@ use axum::{Json, Router};
 use capstan_model::TaskId;
 use serde::Deserialize;
 use std::io::SeekFrom;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -36,11 +39,12 @@ struct LogQuery {
     tail: Option<u64>,
 }
 
-/// Where the last `lines` lines of the file start.
-async fn tail_offset(file: &mut tokio::fs::File, lines: u64) -> std::io::Result<u64> {
+/// Where the last `lines` lines of the file start, and how many lines the file has when it has
+/// fewer (then the offset is 0): `(offset, lines found, at most lines)`.
+async fn tail_start(file: &mut tokio::fs::File, lines: u64) -> std::io::Result<(u64, u64)> {
     let len = file.metadata().await?.len();
     if lines == 0 {
-        return Ok(len);
+        return Ok((len, 0));
     }
     let mut pos = len;
     let mut seen = 0u64;
@@ -59,13 +63,102 @@ async fn tail_offset(file: &mut tokio::fs::File, lines: u64) -> std::io::Result<
                 }
                 seen += 1;
                 if seen == lines {
-                    return Ok(pos + i as u64 + 1);
+                    return Ok((pos + i as u64 + 1, lines));
                 }
             }
         }
         skip_last_newline = false;
     }
-    Ok(0)
+    // The first line has no newline before it.
+    Ok((0, if len > 0 { seen + 1 } else { 0 }))
+}
+
+/// True when `path` no longer names the file `file` reads (rotated: another inode), or the file
+/// shrank below what was read (truncated).
+async fn replaced(file: &tokio::fs::File, path: &std::path::Path, read_bytes: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata().await, tokio::fs::metadata(path).await) {
+        (Ok(open), Ok(now)) => (open.dev(), open.ino()) != (now.dev(), now.ino()) || now.len() < read_bytes,
+        _ => false,
+    }
+}
+
+/// What a log response reads: optionally the end of the rotated file first, then the live file,
+/// reopened when it is rotated while being followed.
+struct LogReader {
+    /// Whether the task still runs (following stops after it ended).
+    running: Box<dyn Fn() -> bool + Send + Sync>,
+    path: PathBuf,
+    follow: bool,
+    /// The end of `stream.1`, read before `file` (for `tail` beyond the live file's lines).
+    rotated: Option<tokio::fs::File>,
+    file: tokio::fs::File,
+    /// Bytes of `file` consumed (from its start).
+    read_bytes: u64,
+    /// `file` was replaced: read what is left of it, then reopen `path`.
+    draining: bool,
+    done: bool,
+}
+
+impl LogReader {
+    async fn next_chunk(&mut self) -> Option<std::io::Result<Bytes>> {
+        if self.done {
+            return None;
+        }
+        let mut buf = vec![0u8; CHUNK_BYTES];
+        if let Some(rotated) = &mut self.rotated {
+            match rotated.read(&mut buf).await {
+                Ok(0) => self.rotated = None,
+                Ok(n) => return Some(Ok(Bytes::copy_from_slice(&buf[..n]))),
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        loop {
+            match self.file.read(&mut buf).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    self.read_bytes += n as u64;
+                    return Some(Ok(Bytes::copy_from_slice(&buf[..n])));
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+            if !self.follow {
+                return None;
+            }
+            if self.draining {
+                // What was left of the old file is read: continue with the new one from its start.
+                self.draining = false;
+                match tokio::fs::File::open(&self.path).await {
+                    Ok(f) => {
+                        self.file = f;
+                        self.read_bytes = 0;
+                        continue;
+                    }
+                    Err(e) => {
+                        self.done = true;
+                        return Some(Err(e));
+                    }
+                }
+            }
+            if replaced(&self.file, &self.path, self.read_bytes).await {
+                // One more read of the old file catches what was written to it before the rename.
+                self.draining = true;
+                continue;
+            }
+            if !(self.running)() {
+                // One last read after the task ended catches its final words.
+                self.follow = false;
+                continue;
+            }
+            tokio::time::sleep(FOLLOW_POLL).await;
+        }
+    }
 }
 
 async fn logs(State(agent): State<Arc<Agent>>, Path(task): Path<String>, Query(q): Query<LogQuery>) -> Response {
@@ -97,41 +190,123 @@ async fn logs(State(agent): State<Arc<Agent>>, Path(task): Path<String>, Query(q
             )
         }
     };
+    let internal = |e: std::io::Error| failure(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string());
+    let mut rotated = None;
     let start = match q.tail {
-        Some(n) => match tail_offset(&mut file, n).await {
-            Ok(o) => o,
-            Err(e) => return failure(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
-        },
+        Some(n) => {
+            let (offset, found) = match tail_start(&mut file, n).await {
+                Ok(t) => t,
+                Err(e) => return internal(e),
+            };
+            if found < n {
+                // Fewer lines than asked: the rest comes from the end of the rotated file.
+                let older = agent.sandbox(task).join(format!("{stream}.1"));
+                if let Ok(mut old) = tokio::fs::File::open(&older).await {
+                    match tail_start(&mut old, n - found).await {
+                        Ok((o, _)) => match old.seek(SeekFrom::Start(o)).await {
+                            Ok(_) => rotated = Some(old),
+                            Err(e) => return internal(e),
+                        },
+                        Err(e) => return internal(e),
+                    }
+                }
+            }
+            offset
+        }
         None => 0,
     };
     if let Err(e) = file.seek(SeekFrom::Start(start)).await {
-        return failure(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string());
+        return internal(e);
     }
-    let follow = q.follow.unwrap_or(false);
-    let body = futures::stream::unfold((file, agent, false), move |(mut file, agent, done)| async move {
-        if done {
-            return None;
-        }
-        let mut buf = vec![0u8; CHUNK_BYTES];
-        loop {
-            match file.read(&mut buf).await {
-                Ok(0) => {
-                    if !follow || !agent.is_running(task) {
-                        // One last read after the task ended catches its final words.
-                        return match file.read(&mut buf).await {
-                            Ok(n) if n > 0 => Some((
-                                Ok::<Bytes, std::io::Error>(Bytes::copy_from_slice(&buf[..n])),
-                                (file, agent, false),
-                            )),
-                            _ => None,
-                        };
-                    }
-                    tokio::time::sleep(FOLLOW_POLL).await;
-                }
-                Ok(n) => return Some((Ok(Bytes::copy_from_slice(&buf[..n])), (file, agent, false))),
-                Err(e) => return Some((Err(e), (file, agent, true))),
-            }
-        }
+    let reader = LogReader {
+        running: Box::new(move || agent.is_running(task)),
+        path,
+        follow: q.follow.unwrap_or(false),
+        rotated,
+        file,
+        read_bytes: start,
+        draining: false,
+        done: false,
+    };
+    let body = futures::stream::unfold(reader, |mut reader| async move {
+        let chunk = reader.next_chunk().await?;
+        Some((chunk, reader))
     });
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from_stream(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    async fn reader(path: &std::path::Path, tail: Option<u64>, running: Arc<AtomicBool>) -> LogReader {
+        let mut file = tokio::fs::File::open(path).await.unwrap();
+        let mut rotated = None;
+        let mut start = 0;
+        if let Some(n) = tail {
+            let (offset, found) = tail_start(&mut file, n).await.unwrap();
+            if found < n {
+                let mut old = tokio::fs::File::open(path.with_extension("1")).await.unwrap();
+                let (o, _) = tail_start(&mut old, n - found).await.unwrap();
+                old.seek(SeekFrom::Start(o)).await.unwrap();
+                rotated = Some(old);
+            }
+            start = offset;
+        }
+        file.seek(SeekFrom::Start(start)).await.unwrap();
+        LogReader {
+            running: Box::new(move || running.load(Ordering::SeqCst)),
+            path: path.to_path_buf(),
+            follow: true,
+            rotated,
+            file,
+            read_bytes: start,
+            draining: false,
+            done: false,
+        }
+    }
+
+    async fn read_all(mut r: LogReader) -> String {
+        let mut out = Vec::new();
+        while let Some(chunk) = r.next_chunk().await {
+            out.extend_from_slice(&chunk.unwrap());
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn tail_reaches_into_the_rotated_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdout");
+        std::fs::write(path.with_extension("1"), "a\nb\nc\n").unwrap();
+        std::fs::write(&path, "d\ne\n").unwrap();
+        let stopped = Arc::new(AtomicBool::new(false));
+        assert_eq!(read_all(reader(&path, Some(4), stopped.clone()).await).await, "b\nc\nd\ne\n");
+        assert_eq!(read_all(reader(&path, Some(2), stopped.clone()).await).await, "d\ne\n");
+        assert_eq!(read_all(reader(&path, Some(1), stopped).await).await, "e\n");
+    }
+
+    #[tokio::test]
+    async fn following_survives_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdout");
+        std::fs::write(&path, "one\n").unwrap();
+        let running = Arc::new(AtomicBool::new(true));
+        let follow = tokio::spawn(read_all(reader(&path, None, running.clone()).await));
+        tokio::time::sleep(FOLLOW_POLL * 2).await;
+        // What a rotating writer does: a last write to the old file, rename, a new file.
+        let mut old = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut old, b"two\n").unwrap();
+        std::fs::rename(&path, path.with_extension("1")).unwrap();
+        std::io::Write::write_all(&mut old, b"three\n").unwrap();
+        std::fs::write(&path, "four\n").unwrap();
+        tokio::time::sleep(FOLLOW_POLL * 3).await;
+        // And a truncation of the live file.
+        std::fs::write(&path, "5\n").unwrap();
+        tokio::time::sleep(FOLLOW_POLL * 3).await;
+        running.store(false, Ordering::SeqCst);
+        let text = tokio::time::timeout(Duration::from_secs(5), follow).await.unwrap().unwrap();
+        assert_eq!(text, "one\ntwo\nthree\nfour\n5\n");
+    }
 }

@@ -17,6 +17,8 @@ pub fn detect(data_dir: &Path) -> Capacity {
         })
         .map(|kb| kb * 1024)
         .unwrap_or(0);
+    // fsblkcnt_t and c_ulong are u64 here but not on every target.
+    #[allow(clippy::unnecessary_cast)]
     let disk_bytes = nix::sys::statvfs::statvfs(data_dir)
         .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
         .unwrap_or(0);

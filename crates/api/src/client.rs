@@ -179,6 +179,28 @@ impl Client {
         }
     }
 
+    pub async fn quotas(&self) -> Result<Vec<QuotaView>, ApiError> {
+        self.get("/v1/quotas").await
+    }
+
+    pub async fn set_quota(&self, role: &str, req: &QuotaRequest) -> Result<QuotaView, ApiError> {
+        let body = serde_json::to_value(req).expect("serializable");
+        Self::decode(self.send(reqwest::Method::PUT, &format!("/v1/quotas/{role}"), Some(body), Duration::from_secs(30)).await?).await
+    }
+
+    pub async fn remove_quota(&self, role: &str) -> Result<serde_json::Value, ApiError> {
+        Self::decode(self.send(reqwest::Method::DELETE, &format!("/v1/quotas/{role}"), None, Duration::from_secs(30)).await?).await
+    }
+
+    pub async fn scheduler(&self) -> Result<SchedulerView, ApiError> {
+        self.get("/v1/scheduler").await
+    }
+
+    pub async fn set_scheduler(&self, max_placements_per_second: Option<u32>) -> Result<SchedulerView, ApiError> {
+        let body = serde_json::json!({ "max_placements_per_second": max_placements_per_second });
+        Self::decode(self.send(reqwest::Method::PUT, "/v1/scheduler", Some(body), Duration::from_secs(30)).await?).await
+    }
+
     pub async fn metrics(&self) -> Result<String, ApiError> {
         let resp = self.send(reqwest::Method::GET, "/metrics", None, Duration::from_secs(30)).await?;
         resp.text().await.map_err(|e| ApiError::Protocol { url: "/metrics".into(), detail: e.to_string() })

@@ -140,6 +140,10 @@ pub struct Order {
     pub desired: Desired,
     pub spec: TaskSpec,
     pub ports: BTreeMap<String, u16>,
+    /// The job's health check (it lives on the job spec, not the task spec); the agent runs it
+    /// while the task runs and kills the task when it fails.
+    #[serde(default)]
+    pub health_check: Option<capstan_model::spec::HealthCheckSpec>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -174,4 +178,32 @@ pub struct TaskUsage {
 pub struct UsageReport {
     pub agent: AgentId,
     pub tasks: Vec<TaskUsage>,
+}
+
+/// A role's production quota and what its production jobs hold (`GET /v1/quotas`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QuotaView {
+    pub role: String,
+    pub quota: ResourcesView,
+    pub used: ResourcesView,
+}
+
+/// Body of `PUT /v1/quotas/{role}`: `{"cpus": 10, "mem": "64GiB", "disk": "1TiB"}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaRequest {
+    pub cpus: f64,
+    pub mem: capstan_model::ByteSize,
+    pub disk: capstan_model::ByteSize,
+}
+
+/// `GET`/`PUT /v1/scheduler`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerView {
+    /// At most this many placements per second; null for unlimited.
+    pub max_placements_per_second: Option<u32>,
+    /// Tasks waiting for a place (read only).
+    #[serde(default)]
+    pub pending_tasks: u64,
 }

@@ -16,11 +16,17 @@ pub enum BenchCmd {
         #[arg(long)]
         addr: Option<String>,
     },
+    /// Placement throughput end to end: a master in its own process (embedded store), AGENTS
+    /// simulated agents in this one over the real protocol, TASKS `sim:run` tasks submitted as
+    /// fast as the API takes them, timed until the master counts them all RUNNING; compared with
+    /// the time to merely write as many task records to the same store.
+    Placement(capstan_sim::placement::PlacementArgs),
 }
 
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Launch { count, addr } => launch(count, addr).await,
+        BenchCmd::Placement(args) => capstan_sim::placement::run(args).await,
     }
 }
 

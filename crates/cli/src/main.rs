@@ -1,6 +1,7 @@
 //! `capstan`: one binary for the daemons (dev, master, agent, the per-task supervisor) and the
 //! client commands (job, task, agent list). Client commands talk HTTP/JSON to a master.
 
+mod admin;
 mod bench;
 mod output;
 
@@ -24,13 +25,13 @@ struct Cli {
 }
 
 #[derive(Args, Clone)]
-struct ClientArgs {
+pub struct ClientArgs {
     /// The master(s) to talk to.
     #[arg(long, env = "CAPSTAN_ADDR", default_value = "http://127.0.0.1:7070", global = true)]
-    addr: String,
+    pub addr: String,
     /// How to print results.
     #[arg(long, value_enum, default_value = "table", global = true)]
-    output: Output,
+    pub output: Output,
 }
 
 #[derive(Subcommand)]
@@ -55,10 +56,22 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Operator actions: quotas, scheduler levers.
+    Admin {
+        #[command(subcommand)]
+        cmd: admin::AdminCmd,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Benchmarks that print their figures.
     Bench {
         #[command(subcommand)]
         cmd: bench::BenchCmd,
+    },
+    /// Simulated agents for scale tests (the real agent protocol, a fake executor).
+    Sim {
+        #[command(subcommand)]
+        cmd: capstan_sim::cli::SimCmd,
     },
     /// The per-task supervisor (started by the agent, not by people).
     #[command(hide = true)]
@@ -84,6 +97,56 @@ struct DevArgs {
     /// Cgroup path under which tasks get their cgroups.
     #[arg(long, default_value = "capstan")]
     cgroup_root: String,
+    #[command(flatten)]
+    agent_tuning: AgentTuningArgs,
+}
+
+/// How the agent recovers, measures and cleans up (`capstan agent` and `capstan dev`).
+#[derive(Args, Clone)]
+struct AgentTuningArgs {
+    /// On start: `reattach` to the tasks found in the sandboxes (a damaged or newer checkpoint
+    /// stops the start), or `cleanup`: kill every task found, report nothing for them, move the
+    /// sandboxes aside to DATA/sandboxes.cleanup-<time>/, reset the update log and start clean.
+    #[arg(long, default_value = "reattach")]
+    recover: capstan_agent::RecoverMode,
+    /// How often running tasks are measured (usage sent to the master, disk quota enforced).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    usage_interval: std::time::Duration,
+    /// How often sandboxes of ended tasks are considered for removal.
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+    sandbox_gc_interval: std::time::Duration,
+    /// Sandboxes of tasks that ended (and were reported) longer ago than this are removed.
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    sandbox_max_age: std::time::Duration,
+    /// Below this much free space on the data directory's file system, sandboxes of ended tasks
+    /// are removed, oldest first (`10%`).
+    #[arg(long, default_value = "10%", value_parser = parse_percent)]
+    sandbox_min_free: f64,
+    /// Most processes and threads of one task (its cgroup's pids limit); 0: no limit.
+    #[arg(long, default_value_t = capstan_agent::AgentConfig::DEFAULT_TASK_PIDS_MAX)]
+    task_pids_max: u64,
+}
+
+impl AgentTuningArgs {
+    fn apply(self, c: &mut capstan_agent::AgentConfig) {
+        c.recover = self.recover;
+        c.usage_interval = self.usage_interval;
+        c.gc_interval = self.sandbox_gc_interval;
+        c.sandbox_max_age = self.sandbox_max_age;
+        c.sandbox_min_free_percent = self.sandbox_min_free;
+        c.task_pids_max = self.task_pids_max;
+    }
+}
+
+/// `10%` (or `10`) → 10.0.
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let n: f64 =
+        s.trim().trim_end_matches('%').trim().parse().map_err(|_| format!("`{s}`: use a percentage like 10%"))?;
+    if (0.0..=100.0).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("`{s}`: a percentage from 0% to 100%"))
+    }
 }
 
 #[derive(Args)]
@@ -123,6 +186,8 @@ struct AgentCmdArgs {
     allow_root_tasks: bool,
     #[arg(long, default_value = "capstan")]
     cgroup_root: String,
+    #[command(flatten)]
+    agent_tuning: AgentTuningArgs,
 }
 
 #[derive(Subcommand)]
@@ -188,6 +253,11 @@ fn parse_attributes(text: Option<&str>) -> anyhow::Result<BTreeMap<String, Strin
 }
 
 fn default_data_dir() -> PathBuf {
+    // Tasks run as other users and must be able to reach their sandboxes under this directory;
+    // root's home is private, so root gets the system location.
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/capstan/dev");
+    }
     let base = std::env::var_os("XDG_DATA_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
@@ -226,13 +296,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Dev(a) => {
             init_tracing();
             let data_dir = a.data_dir.unwrap_or_else(default_data_dir);
-            let dev = start_dev(
+            let tuning = a.agent_tuning;
+            let dev = start_dev_with(
                 &data_dir,
                 a.bind,
                 a.resources,
                 parse_attributes(a.attributes.as_deref())?,
                 a.allow_root_tasks,
                 a.cgroup_root,
+                |c| tuning.apply(c),
             )
             .await?;
             println!("capstan dev cluster serving at {} (data in {})", dev.url(), data_dir.display());
@@ -263,9 +335,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let (Some(master), Some(data_dir)) = (a.master, a.data_dir) else {
                     bail!("capstan agent needs --master URL and --data-dir DIR")
                 };
-                let h = capstan_agent::start(capstan_agent::AgentConfig {
-                    masters: master,
-                    data_dir,
+                let mut config = capstan_agent::AgentConfig {
                     bind: a.bind,
                     advertise: a.advertise,
                     attributes: parse_attributes(a.attributes.as_deref())?,
@@ -273,8 +343,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     allow_root_tasks: a.allow_root_tasks,
                     cgroup_root: a.cgroup_root,
                     supervisor_cmd: None,
-                })
-                .await?;
+                    ..capstan_agent::AgentConfig::new(master, data_dir)
+                };
+                a.agent_tuning.apply(&mut config);
+                let h = capstan_agent::start(config).await?;
                 println!("capstan agent {} running; API at http://{}", h.agent.id, h.addr);
                 wait_for_shutdown().await;
                 Ok(())
@@ -282,7 +354,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Cmd::Job { cmd, client } => cmd_job(cmd, &client).await,
         Cmd::Task { cmd, client } => cmd_task(cmd, &client).await,
+        Cmd::Admin { cmd, client } => admin::run(cmd, &client).await,
         Cmd::Bench { cmd } => bench::run(cmd).await,
+        Cmd::Sim { cmd } => {
+            init_tracing();
+            capstan_sim::cli::run(cmd).await
+        }
         Cmd::Supervise { .. } => unreachable!("handled before the runtime starts"),
     }
 }
@@ -307,6 +384,19 @@ pub async fn start_dev(
     allow_root_tasks: bool,
     cgroup_root: String,
 ) -> anyhow::Result<Dev> {
+    start_dev_with(data_dir, bind, resources, attributes, allow_root_tasks, cgroup_root, |_| {}).await
+}
+
+/// [`start_dev`], with the agent's settings adjusted by `tune` (recovery, intervals, limits).
+pub async fn start_dev_with(
+    data_dir: &std::path::Path,
+    bind: SocketAddr,
+    resources: Option<String>,
+    attributes: BTreeMap<String, String>,
+    allow_root_tasks: bool,
+    cgroup_root: String,
+    tune: impl FnOnce(&mut capstan_agent::AgentConfig),
+) -> anyhow::Result<Dev> {
     let master = capstan_master::start(capstan_master::MasterConfig {
         bind,
         data_dir: data_dir.join("master"),
@@ -314,18 +404,15 @@ pub async fn start_dev(
         allow_root_tasks,
     })
     .await?;
-    let agent = capstan_agent::start(capstan_agent::AgentConfig {
-        masters: master.url(),
-        data_dir: data_dir.join("agent"),
-        bind: "127.0.0.1:0".parse().expect("literal address"),
-        advertise: None,
+    let mut config = capstan_agent::AgentConfig {
         attributes,
         resources,
         allow_root_tasks,
         cgroup_root,
-        supervisor_cmd: None,
-    })
-    .await?;
+        ..capstan_agent::AgentConfig::new(master.url(), data_dir.join("agent"))
+    };
+    tune(&mut config);
+    let agent = capstan_agent::start(config).await?;
     Ok(Dev { master, agent })
 }
 
@@ -339,6 +426,11 @@ fn read_job_file(file: &std::path::Path) -> anyhow::Result<capstan_model::JobSpe
         capstan_model::parse_toml
     };
     parse(&text, &policy).map_err(|problems| anyhow::anyhow!("{} is not a valid job file:\n{problems}", file.display()))
+}
+
+/// Checks a job key before it goes into a URL, so a typo gets a clear message.
+fn job_key(key: &str) -> anyhow::Result<String> {
+    key.parse::<capstan_model::JobKey>().map(|k| k.to_string()).map_err(|e| anyhow::anyhow!(e.0))
 }
 
 async fn cmd_job(cmd: JobCmd, c: &ClientArgs) -> anyhow::Result<()> {
@@ -362,10 +454,12 @@ async fn cmd_job(cmd: JobCmd, c: &ClientArgs) -> anyhow::Result<()> {
             )
         }
         JobCmd::Kill { key } => {
+            let key = job_key(&key)?;
             let v = client.kill_job(&key).await?;
             c.output.print(&v, || format!("job {key}: {}", v["status"].as_str().unwrap_or("killing")));
         }
         JobCmd::Status { key } => {
+            let key = job_key(&key)?;
             let job = client.job(&key).await?;
             let tasks = client.tasks(Some(&key), None).await?;
             c.output.print(&serde_json::json!({"job": job, "tasks": tasks}), || output::job_status(&job, &tasks));

@@ -570,12 +570,30 @@ fn a_task_whose_supervisor_also_died_while_the_dev_process_was_down_is_replaced(
 }
 
 #[test]
-fn the_task_user_can_reach_its_sandbox_when_the_data_directory_is_private() {
-    privileged_or_skip!("the_task_user_can_reach_its_sandbox_when_the_data_directory_is_private");
-    // `capstan dev` as root keeps its data under /root (0700) by default; the tasks run as nobody
-    // and are told their sandbox by absolute path (CAPSTAN_SANDBOX). They must be able to use it,
-    // or e.g. the hello example's `python3 -m http.server` answers 404 to everything.
+fn a_sandbox_the_task_user_cannot_reach_fails_the_launch_with_the_reason() {
+    privileged_or_skip!("a_sandbox_the_task_user_cannot_reach_fails_the_launch_with_the_reason");
+    // Tasks run as nobody and are told their sandbox by absolute path (CAPSTAN_SANDBOX). Under a
+    // private (0700) directory they could start (the supervisor enters the sandbox as root) but not
+    // use their own path — e.g. `python3 -m http.server` would answer 404 to everything. The launch
+    // is refused instead, with a reason that names the directory in the way.
     let c = DevCluster::start_with_private_parent(true);
+    let key = "batch/test/sandbox";
+    let mut spec = job_spec(key, "batch", 1, r#"ls "$CAPSTAN_SANDBOX" >/dev/null && echo ok > "$CAPSTAN_SANDBOX/out""#);
+    spec["max_failures"] = json!(0);
+    let ids = c.create_job(&spec);
+    let t = wait_until(SOON, "the task ended", || match c.task(&ids[0])? {
+        Some(t) if is_terminal(&t) => Ok(t),
+        other => Err(format!("{other:?}")),
+    });
+    assert_eq!(t["state"], "FAILED", "{t}");
+    let reason = t["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("cannot reach its sandbox") && reason.contains("mode 700"), "{reason}");
+}
+
+#[test]
+fn the_task_user_can_use_its_sandbox_by_path() {
+    privileged_or_skip!("the_task_user_can_use_its_sandbox_by_path");
+    let c = DevCluster::start_with_private_parent(false);
     let key = "batch/test/sandbox";
     let mut spec = job_spec(key, "batch", 1, r#"ls "$CAPSTAN_SANDBOX" >/dev/null && echo ok > "$CAPSTAN_SANDBOX/out""#);
     spec["max_failures"] = json!(0);
@@ -614,4 +632,23 @@ fn dropping_a_cluster_leaves_no_process_and_no_cgroup_behind() {
     assert!(alive.is_empty(), "still alive after drop: {alive:?}");
     assert!(cgroup_dirs(&root).is_empty(), "cgroups left: {:?}", cgroup_dirs(&root));
     assert!(!data.exists(), "{} is left", data.display());
+}
+
+#[test]
+fn a_job_killed_just_before_the_dev_process_dies_is_still_killed_after_restart() {
+    privileged_or_skip!("a_job_killed_just_before_the_dev_process_dies_is_still_killed_after_restart");
+    let mut c = DevCluster::start();
+    c.create_job(&job_spec(JOB, "service", 2, "exec sleep 600"));
+    let tasks = c.wait_running(JOB, 2, SOON);
+    let (status, body) = c.request("DELETE", &format!("/v1/jobs/{JOB}"), None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    c.restart();
+    wait_until(SOON, "the job is gone after the restart", || {
+        let left = c.tasks_of(JOB)?;
+        ensure(c.job(JOB)?.is_none() && left.is_empty(), summary(&left))
+    });
+    wait_until(SOON, "its processes are gone", || {
+        let alive: Vec<u32> = tasks.iter().map(task_pid).filter(|p| pid_alive(*p)).collect();
+        ensure(alive.is_empty(), alive)
+    });
 }

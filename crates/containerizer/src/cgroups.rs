@@ -308,14 +308,17 @@ impl TaskCgroup {
         }
         let read =
             |controller: &str, file: &str| self.v1_dir(controller).and_then(|d| fs::read_to_string(d.join(file)).ok());
+        let number = |controller: &str, file: &str| read(controller, file).and_then(|s| s.trim().parse().ok());
         let cpu_stat = read("cpu", "cpu.stat").unwrap_or_default();
+        // Current before peak: the peak read afterwards is never below the current read before.
+        let mem_bytes = number("memory", "memory.usage_in_bytes").unwrap_or(0);
         Usage {
-            cpu_usage_ns: read("cpuacct", "cpuacct.usage").and_then(|s| s.trim().parse().ok()).unwrap_or(0),
-            mem_peak_bytes: read("memory", "memory.max_usage_in_bytes")
-                .and_then(|s| s.trim().parse().ok())
-                .unwrap_or(0),
+            cpu_usage_ns: number("cpuacct", "cpuacct.usage").unwrap_or(0),
+            mem_peak_bytes: number("memory", "memory.max_usage_in_bytes").unwrap_or(0),
+            // v1 counts throttled time in nanoseconds.
             throttled_ns: keyed_value(&cpu_stat, "throttled_time").unwrap_or(0),
             nr_throttled: keyed_value(&cpu_stat, "nr_throttled").unwrap_or(0),
+            mem_bytes,
         }
     }
 
@@ -418,15 +421,17 @@ pub mod v2 {
     }
 
     pub fn usage(dir: &Path) -> Usage {
+        let number = |file: &str| fs::read_to_string(dir.join(file)).ok().and_then(|s| s.trim().parse().ok());
         let cpu_stat = fs::read_to_string(dir.join("cpu.stat")).unwrap_or_default();
+        // Current before peak (see the v1 reader). `memory.peak` needs kernel 5.19.
+        let mem_bytes = number("memory.current").unwrap_or(0);
         Usage {
             cpu_usage_ns: keyed_value(&cpu_stat, "usage_usec").unwrap_or(0) * 1000,
-            mem_peak_bytes: fs::read_to_string(dir.join("memory.peak"))
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .unwrap_or(0),
+            mem_peak_bytes: number("memory.peak").unwrap_or(0),
+            // v2 counts throttled time in microseconds.
             throttled_ns: keyed_value(&cpu_stat, "throttled_usec").unwrap_or(0) * 1000,
             nr_throttled: keyed_value(&cpu_stat, "nr_throttled").unwrap_or(0),
+            mem_bytes,
         }
     }
 }
@@ -508,6 +513,7 @@ mod tests {
         v2::create(&mount, &dir).unwrap();
         fs::write(dir.join("memory.events"), "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n").unwrap();
         fs::write(dir.join("memory.peak"), "67108864\n").unwrap();
+        fs::write(dir.join("memory.current"), "33554432\n").unwrap();
         fs::write(
             dir.join("cpu.stat"),
             "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 10\nnr_throttled 4\nthrottled_usec 250\n",
@@ -518,10 +524,47 @@ mod tests {
         assert_eq!(evidence.oom_kills, 1);
         assert_eq!(
             evidence.usage,
-            Usage { cpu_usage_ns: 1_500_000, mem_peak_bytes: 64 << 20, throttled_ns: 250_000, nr_throttled: 4 }
+            Usage {
+                cpu_usage_ns: 1_500_000,
+                mem_peak_bytes: 64 << 20,
+                throttled_ns: 250_000,
+                nr_throttled: 4,
+                mem_bytes: 32 << 20
+            }
         );
         v2::kill(&dir).unwrap();
         assert_eq!(fs::read_to_string(dir.join("cgroup.kill")).unwrap(), "1");
+    }
+
+    #[test]
+    fn v1_usage_is_read_from_cpuacct_cpu_stat_and_memory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = |c: &str| {
+            let d = tmp.path().join(c).join("capstan/0000000000000007");
+            fs::create_dir_all(&d).unwrap();
+            d
+        };
+        let (cpu, cpuacct, memory) = (dir("cpu"), dir("cpuacct"), dir("memory"));
+        fs::write(cpuacct.join("cpuacct.usage"), "123456789\n").unwrap();
+        fs::write(cpu.join("cpu.stat"), "nr_periods 30\nnr_throttled 25\nthrottled_time 2400000000\n").unwrap();
+        fs::write(memory.join("memory.usage_in_bytes"), "4096000\n").unwrap();
+        fs::write(memory.join("memory.max_usage_in_bytes"), "8192000\n").unwrap();
+        let cg = TaskCgroup {
+            mode: CgroupMode::Legacy,
+            rel: PathBuf::from("capstan/0000000000000007"),
+            v1: vec![(vec!["cpu".into()], cpu), (vec!["cpuacct".into()], cpuacct), (vec!["memory".into()], memory)],
+            v2: None,
+        };
+        assert_eq!(
+            cg.usage(),
+            Usage {
+                cpu_usage_ns: 123_456_789,
+                mem_peak_bytes: 8_192_000,
+                throttled_ns: 2_400_000_000,
+                nr_throttled: 25,
+                mem_bytes: 4_096_000
+            }
+        );
     }
 
     #[test]

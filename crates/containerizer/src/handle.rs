@@ -63,6 +63,11 @@ pub enum LaunchError {
     RootRefused { user: String },
     #[error("sandbox {0} was already used by a launch")]
     SandboxInUse(PathBuf),
+    #[error(
+        "user `{user}` cannot reach its sandbox {sandbox}: {blocker} is mode {mode:o} and not open to it; \
+         give the agent a --data-dir that task users can traverse (e.g. /var/lib/capstan/agent), or chmod o+x {blocker}"
+    )]
+    SandboxUnreachable { user: String, sandbox: PathBuf, blocker: PathBuf, mode: u32 },
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
 }
@@ -145,6 +150,7 @@ impl Containerizer {
             return Err(LaunchError::SandboxInUse(sandbox.to_path_buf()));
         }
         if let Some(user) = &user {
+            check_reachable(sandbox, user)?;
             nix::unistd::chown(sandbox, Some(user.uid), Some(user.gid))
                 .map_err(|e| LaunchError::Io { what: format!("chown {}", sandbox.display()), source: e.into() })?;
             fs::set_permissions(sandbox, fs::Permissions::from_mode(0o750))
@@ -467,4 +473,39 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 fn parent_pid(pid: u32) -> Option<u32> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find_map(|l| l.strip_prefix("PPid:")).and_then(|v| v.trim().parse().ok())
+}
+
+/// The task runs as `user` with its sandbox as working directory and `$CAPSTAN_SANDBOX`: every
+/// directory above the sandbox must let that user through (execute permission), or the task can
+/// start (the supervisor enters the sandbox before it drops privileges) but not use its own path.
+fn check_reachable(sandbox: &Path, user: &User) -> Result<(), LaunchError> {
+    use std::os::unix::fs::MetadataExt;
+    if user.uid.is_root() {
+        return Ok(());
+    }
+    let groups: Vec<u32> = std::ffi::CString::new(user.name.clone())
+        .ok()
+        .and_then(|name| nix::unistd::getgrouplist(&name, user.gid).ok())
+        .map(|gs| gs.into_iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_else(|| vec![user.gid.as_raw()]);
+    for dir in sandbox.ancestors().skip(1) {
+        let Ok(meta) = fs::metadata(dir) else { continue };
+        let mode = meta.mode();
+        let allowed = if meta.uid() == user.uid.as_raw() {
+            mode & 0o100 != 0
+        } else if groups.contains(&meta.gid()) {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        if !allowed {
+            return Err(LaunchError::SandboxUnreachable {
+                user: user.name.clone(),
+                sandbox: sandbox.to_path_buf(),
+                blocker: dir.to_path_buf(),
+                mode: mode & 0o7777,
+            });
+        }
+    }
+    Ok(())
 }

@@ -10,13 +10,20 @@
 //! pidfd), never by pid alone; a failed privilege drop fails the launch, it never runs as root.
 
 pub mod cgroups;
+pub mod check;
+mod disk;
 mod handle;
+pub mod logs;
 pub mod records;
 mod supervisor;
 
 pub use cgroups::{CgroupLimits, CgroupMode, TaskCgroup};
+pub use disk::{disk_usage_bytes, DISK_USAGE_MAX_DEPTH};
 pub use handle::{
     AttachError, Attached, Containerizer, ContainerizerConfig, ContainerizerError, LaunchError, TaskHandle,
 };
-pub use records::{ExitRecord, LaunchSpec, ProcessIdentity, Usage};
+pub use records::{
+    ExitRecord, LaunchSpec, ProcessIdentity, Usage, DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES, MAX_LOG_KEEP, STDERR_FILE,
+    STDOUT_FILE,
+};
 pub use supervisor::supervise_main;

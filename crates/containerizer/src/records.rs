@@ -21,10 +21,17 @@ pub const TASK_FILE: &str = "task.json";
 pub const EXIT_FILE: &str = "exit.json";
 /// `kill.json`: who asked for a stop ([`KillRequest`]), written before the supervisor gets SIGTERM.
 pub const KILL_FILE: &str = "kill.json";
-/// The task's standard output (appended to).
+/// The task's standard output, appended to by the supervisor and rotated at
+/// [`LaunchSpec::log_max_bytes`] into `stdout.1` (newest) … `stdout.N` (see [`crate::logs`]).
 pub const STDOUT_FILE: &str = "stdout";
-/// The task's standard error (appended to).
+/// The task's standard error, rotated like [`STDOUT_FILE`].
 pub const STDERR_FILE: &str = "stderr";
+/// `log_max_bytes` when the launch spec says 0 or nothing: 10 MiB.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 10 << 20;
+/// `log_keep` when the launch spec says 0 or nothing.
+pub const DEFAULT_LOG_KEEP: u32 = 3;
+/// Upper bound of `log_keep` (a rotation renames that many files).
+pub const MAX_LOG_KEEP: u32 = 100;
 /// The supervisor's own diagnostics (its stderr).
 pub const SUPERVISOR_LOG_FILE: &str = "supervisor.log";
 
@@ -46,6 +53,34 @@ pub struct LaunchSpec {
     pub pids_max: Option<u64>,
     /// On kill: SIGTERM to the task's process group, wait this long, then SIGKILL the cgroup.
     pub kill_grace_ms: u64,
+    /// Size at which `stdout` and `stderr` are each rotated; 0 (or absent) means
+    /// [`DEFAULT_LOG_MAX_BYTES`]. A live file never exceeds it.
+    #[serde(default)]
+    pub log_max_bytes: u64,
+    /// Rotated files kept per stream (`stdout.1` newest … `stdout.N`); 0 (or absent) means
+    /// [`DEFAULT_LOG_KEEP`]; at most [`MAX_LOG_KEEP`].
+    #[serde(default)]
+    pub log_keep: u32,
+}
+
+impl LaunchSpec {
+    /// `log_max_bytes` with its default applied.
+    pub fn log_max_bytes_effective(&self) -> u64 {
+        if self.log_max_bytes == 0 {
+            DEFAULT_LOG_MAX_BYTES
+        } else {
+            self.log_max_bytes
+        }
+    }
+
+    /// `log_keep` with its default and bound applied.
+    pub fn log_keep_effective(&self) -> u32 {
+        if self.log_keep == 0 {
+            DEFAULT_LOG_KEEP
+        } else {
+            self.log_keep.min(MAX_LOG_KEEP)
+        }
+    }
 }
 
 /// The supervisor's share of the containerizer configuration (`supervisor-config.json`).
@@ -100,13 +135,21 @@ pub(crate) fn parse_proc_stat(text: &str) -> io::Result<ProcStat> {
     Ok(ProcStat { state, start_time_ticks })
 }
 
-/// Resource usage of a task's cgroup.
+/// Resource usage of a task's cgroup. Zero means "could not be read" as well as zero.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
+    /// CPU time of all the task's processes (v1 `cpuacct.usage`, v2 `cpu.stat usage_usec`).
     pub cpu_usage_ns: u64,
+    /// Highest memory use so far (v1 `memory.max_usage_in_bytes`, v2 `memory.peak`).
     pub mem_peak_bytes: u64,
+    /// Time spent throttled by the CPU quota (v1 `cpu.stat throttled_time`, v2 `throttled_usec`).
     pub throttled_ns: u64,
+    /// Periods in which the quota throttled the task (`cpu.stat nr_throttled`).
     pub nr_throttled: u64,
+    /// Memory in use now (v1 `memory.usage_in_bytes`, v2 `memory.current`); absent in records
+    /// written before it existed.
+    #[serde(default)]
+    pub mem_bytes: u64,
 }
 
 /// How a task ended, written as `SANDBOX/exit.json` by its supervisor before the supervisor exits
@@ -185,9 +228,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.json");
         assert!(read_json::<Usage>(&path).unwrap().is_none());
-        let usage = Usage { cpu_usage_ns: 1, mem_peak_bytes: 2, throttled_ns: 3, nr_throttled: 4 };
+        let usage = Usage { cpu_usage_ns: 1, mem_peak_bytes: 2, throttled_ns: 3, nr_throttled: 4, mem_bytes: 5 };
         write_json_atomic(&path, &usage).unwrap();
         assert_eq!(read_json::<Usage>(&path).unwrap(), Some(usage));
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+    }
+
+    #[test]
+    fn records_from_before_the_log_and_memory_fields_still_read() {
+        let usage: Usage =
+            serde_json::from_str(r#"{"cpu_usage_ns":1,"mem_peak_bytes":2,"throttled_ns":3,"nr_throttled":4}"#).unwrap();
+        assert_eq!(usage.mem_bytes, 0);
+        let spec: LaunchSpec = serde_json::from_str(
+            r#"{"task_id":"00000000000000ab","command":"true","user":"nobody","env":[],"cpus_milli":0,
+                "mem_bytes":0,"pids_max":null,"kill_grace_ms":0}"#,
+        )
+        .unwrap();
+        assert_eq!((spec.log_max_bytes, spec.log_keep), (0, 0));
+        assert_eq!(spec.log_max_bytes_effective(), DEFAULT_LOG_MAX_BYTES);
+        assert_eq!(spec.log_keep_effective(), DEFAULT_LOG_KEEP);
+        let spec = LaunchSpec { log_max_bytes: 5, log_keep: 1000, ..spec };
+        assert_eq!((spec.log_max_bytes_effective(), spec.log_keep_effective()), (5, MAX_LOG_KEEP));
     }
 }

@@ -1,8 +1,15 @@
 //! The per-task supervisor process (`capstan supervise SANDBOX`): starts the task in its cgroup as
-//! its user, reaps, enforces stops, and records the end in `exit.json`.
+//! its user, copies its output into rotated log files, reaps, enforces stops, and records the end
+//! in `exit.json`.
 //!
-//! Single-threaded on purpose (it forks): no tokio, no threads. Signals are blocked and taken with
-//! `sigtimedwait`, so there are no signal handlers.
+//! Single-threaded on purpose (it forks): no tokio, no threads. One `poll` loop waits on a
+//! signalfd (SIGCHLD, SIGTERM, SIGINT are blocked and read from it, so there are no signal
+//! handlers) and on the task's stdout and stderr pipes, whose bytes go to `stdout` / `stderr` in
+//! the sandbox (see [`crate::logs`]). When the main process has exited, everything left in the
+//! cgroup is killed; then the pipes, whose writers are all gone, are read to EOF, and only then is
+//! `exit.json` written — so the task's last words are in the files when the record appears. The
+//! pipes give back-pressure: a task that writes faster than the disk takes blocks in `write`
+//! until the supervisor catches up, never longer.
 //!
 //! Protocol with a live agent: the supervisor's stdout is a pipe to the agent; it writes one line
 //! `started PID` once the task runs (after `task.json` is on disk) and `exited` after `exit.json`
@@ -10,28 +17,37 @@
 //! are ignored.
 
 use crate::cgroups::{CgroupLimits, Hierarchies, TaskCgroup};
+use crate::logs::{LogPump, RotatingLog};
 use crate::records::{
     now_ms, read_json, write_json_atomic, ExitRecord, KillRequest, LaunchSpec, ProcessIdentity, SupervisorConfig,
     Usage, EXIT_FILE, KILL_FILE, LAUNCH_FILE, STDERR_FILE, STDOUT_FILE, SUPERVISOR_CONFIG_FILE, SUPERVISOR_FILE,
     TASK_FILE,
 };
 use capstan_model::TaskExit;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{self, SigHandler, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{self, ForkResult, Gid, Pid, Uid, User};
 use std::ffi::CString;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// How long to wait for a cgroup to empty after SIGKILL before giving up on it.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
-/// Upper bound of one `sigtimedwait`: the loop re-checks its children at least this often.
+/// Upper bound of one `poll`: the loop re-checks its children at least this often.
 const IDLE_WAKEUP: Duration = Duration::from_secs(5);
+/// How long the output pipes may stay open after every process of the task's cgroup is gone
+/// (only a process outside the cgroup, handed the pipe, could hold them).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes per read from an output pipe.
+const PIPE_READ_BYTES: usize = 64 << 10;
+/// Reads per pipe per turn of the loop (1 MiB), so that one stream cannot starve the rest.
+const READS_PER_TURN: usize = 16;
 /// `by` of [`TaskExit::Killed`] when nobody wrote `kill.json`.
 const DEFAULT_KILLED_BY: &str = "stop requested (SIGTERM to the supervisor)";
 
@@ -56,6 +72,14 @@ pub fn supervise_main(sandbox: &Path) -> i32 {
         eprintln!("capstan supervisor: cannot block signals: {e}");
         return 1;
     }
+    // Blocked signals stay pending until read here; one that came before this still shows.
+    let signals = match SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC) {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("capstan supervisor: signalfd: {e}");
+            return 1;
+        }
+    };
 
     let me = match ProcessIdentity::of(std::process::id()) {
         Ok(me) => me,
@@ -75,10 +99,10 @@ pub fn supervise_main(sandbox: &Path) -> i32 {
             eprintln!("capstan supervisor: launch failed: {message}");
             ExitRecord { exit: TaskExit::LaunchFailed { message }, usage: Usage::default(), ended_at_ms: now_ms() }
         }
-        Ok((task, spec)) => {
+        Ok((task, spec, mut output)) => {
             notify(&format!("started {task}"));
             let cgroup = cgroup.as_ref().expect("a started task has a cgroup");
-            watch(Pid::from_raw(task as i32), &spec, cgroup, sandbox, &mask)
+            watch(Pid::from_raw(task as i32), &spec, cgroup, sandbox, &signals, &mut output)
         }
     };
     if let Some(cgroup) = &cgroup {
@@ -124,21 +148,92 @@ struct ChildPlan {
     uid: Uid,
     gid: Gid,
     groups: Vec<Gid>,
-    stdout: File,
-    stderr: File,
+    /// Write ends of the output pipes; the parent closes its copies right after the fork.
+    stdout: OwnedFd,
+    stderr: OwnedFd,
     devnull: File,
+}
+
+/// The task's stdout and stderr, from their pipes into the sandbox's log files.
+struct Output {
+    pumps: [LogPump; 2],
+    buf: Box<[u8]>,
+}
+
+impl Output {
+    fn any_open(&self) -> bool {
+        self.pumps.iter().any(LogPump::is_open)
+    }
+
+    /// Moves what the pipes hold now (a bounded amount) into the files.
+    fn pump(&mut self) {
+        for pump in &mut self.pumps {
+            pump.pump(&mut self.buf, READS_PER_TURN);
+        }
+    }
+
+    /// After every process of the task is gone: reads the pipes to EOF (bounded by `timeout`)
+    /// and syncs the files.
+    fn drain(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.pump();
+            if !self.any_open() {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                eprintln!(
+                    "capstan supervisor: the task's output pipes are still open {timeout:?} after its processes were \
+                     killed (held by a process outside its cgroup?); not waiting any longer"
+                );
+                break;
+            }
+            wait_ready(None, self, deadline - now);
+        }
+        for pump in &self.pumps {
+            pump.sync();
+        }
+    }
+}
+
+/// Waits until a signal or task output is ready, or `timeout` passes.
+fn wait_ready(signals: Option<&SignalFd>, output: &Output, timeout: Duration) {
+    let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(3);
+    fds.extend(signals.map(|s| PollFd::new(s.as_fd(), PollFlags::POLLIN)));
+    fds.extend(output.pumps.iter().filter_map(LogPump::fd).map(|fd| PollFd::new(fd, PollFlags::POLLIN)));
+    // Rounded up, so that a deadline less than a millisecond away is not a busy loop.
+    let millis = timeout.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
+    match poll(&mut fds, PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX)) {
+        Ok(_) | Err(nix::Error::EINTR) => {}
+        Err(e) => {
+            eprintln!("capstan supervisor: poll: {e}");
+            // Not a busy loop if poll keeps failing; the loop re-checks its children anyway.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Reads every pending signal; true if one of them asks for a stop. (SIGCHLD needs no action:
+/// the loop reaps on every turn.)
+fn stop_requested(signals: &SignalFd) -> bool {
+    let mut stop = false;
+    while let Ok(Some(info)) = signals.read_signal() {
+        stop |= matches!(info.ssi_signo as i32, libc::SIGTERM | libc::SIGINT);
+    }
+    stop
 }
 
 /// Resolves the user, prepares files, forks, places the child in its cgroup and lets it exec.
 /// Returns the task pid, or the reason it could not start.
-fn start_task(sandbox: &Path, cgroup_slot: &mut Option<TaskCgroup>) -> Result<(u32, LaunchSpec), String> {
+fn start_task(sandbox: &Path, cgroup_slot: &mut Option<TaskCgroup>) -> Result<(u32, LaunchSpec, Output), String> {
     let spec: LaunchSpec = read_json(&sandbox.join(LAUNCH_FILE))
         .map_err(|e| format!("reading {LAUNCH_FILE}: {e}"))?
         .ok_or_else(|| format!("{LAUNCH_FILE} is missing in {}", sandbox.display()))?;
     let config: SupervisorConfig = read_json(&sandbox.join(SUPERVISOR_CONFIG_FILE))
         .map_err(|e| format!("reading {SUPERVISOR_CONFIG_FILE}: {e}"))?
         .ok_or_else(|| format!("{SUPERVISOR_CONFIG_FILE} is missing in {}", sandbox.display()))?;
-    let plan = plan_child(sandbox, &spec, &config)?;
+    let (plan, output) = plan_child(sandbox, &spec, &config)?;
 
     let hierarchies = Hierarchies::discover()?;
     let cgroup = hierarchies.task_cgroup(&config.cgroup_root, spec.task_id);
@@ -155,7 +250,8 @@ fn start_task(sandbox: &Path, cgroup_slot: &mut Option<TaskCgroup>) -> Result<(u
         }
         ForkResult::Parent { child } => child,
     };
-    drop((go_read, err_write));
+    // Our copies of the output pipes' write ends must go, or the pipes never reach EOF.
+    drop((go_read, err_write, plan));
     *cgroup_slot = Some(cgroup.clone());
 
     let fail = |message: String| {
@@ -187,10 +283,10 @@ fn start_task(sandbox: &Path, cgroup_slot: &mut Option<TaskCgroup>) -> Result<(u
         // Already exited (and a zombie at most): still a started task; the wait loop records it.
         Err(e) => eprintln!("capstan supervisor: task {pid} vanished before {TASK_FILE}: {e}"),
     }
-    Ok((pid, spec))
+    Ok((pid, spec, output))
 }
 
-fn plan_child(sandbox: &Path, spec: &LaunchSpec, config: &SupervisorConfig) -> Result<ChildPlan, String> {
+fn plan_child(sandbox: &Path, spec: &LaunchSpec, config: &SupervisorConfig) -> Result<(ChildPlan, Output), String> {
     let user = User::from_name(&spec.user)
         .map_err(|e| format!("looking up user `{}`: {e}", spec.user))?
         .ok_or_else(|| format!("user `{}` does not exist on this host", spec.user))?;
@@ -204,19 +300,24 @@ fn plan_child(sandbox: &Path, spec: &LaunchSpec, config: &SupervisorConfig) -> R
     let groups =
         unistd::getgrouplist(&name, user.gid).map_err(|e| format!("supplementary groups of `{}`: {e}", spec.user))?;
 
-    let open_output = |file: &str| -> Result<File, String> {
+    // The files belong to the task's user (it may read its own logs); only the supervisor writes.
+    let output_pipe = |file: &str| -> Result<(LogPump, OwnedFd), String> {
         let path = sandbox.join(file);
-        let f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o640)
-            .open(&path)
-            .map_err(|e| format!("opening {}: {e}", path.display()))?;
-        unistd::fchown(&f, Some(user.uid), Some(user.gid)).map_err(|e| format!("chown {}: {e}", path.display()))?;
-        Ok(f)
+        let log = RotatingLog::open(
+            &path,
+            spec.log_max_bytes_effective(),
+            spec.log_keep_effective(),
+            Some((user.uid, user.gid)),
+        )
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        let (read_end, write_end) =
+            unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe for {file}: {e}"))?;
+        let pump = LogPump::new(read_end, log).map_err(|e| format!("pipe for {file}: {e}"))?;
+        Ok((pump, write_end))
     };
-    let stdout = open_output(STDOUT_FILE)?;
-    let stderr = open_output(STDERR_FILE)?;
+    let (stdout_pump, stdout) = output_pipe(STDOUT_FILE)?;
+    let (stderr_pump, stderr) = output_pipe(STDERR_FILE)?;
+    let output = Output { pumps: [stdout_pump, stderr_pump], buf: vec![0; PIPE_READ_BYTES].into_boxed_slice() };
     let devnull = File::open("/dev/null").map_err(|e| format!("opening /dev/null: {e}"))?;
 
     let cstring = |s: String| CString::new(s).map_err(|_| "command or environment contains NUL".to_owned());
@@ -232,7 +333,7 @@ fn plan_child(sandbox: &Path, spec: &LaunchSpec, config: &SupervisorConfig) -> R
     env.push(("LOGNAME".into(), spec.user.clone()));
     let envp = env.into_iter().map(|(k, v)| cstring(format!("{k}={v}"))).collect::<Result<_, _>>()?;
 
-    Ok(ChildPlan {
+    let plan = ChildPlan {
         argv,
         envp,
         sandbox: CString::new(sandbox.as_os_str().as_bytes()).map_err(|_| "sandbox path contains NUL")?,
@@ -242,7 +343,8 @@ fn plan_child(sandbox: &Path, spec: &LaunchSpec, config: &SupervisorConfig) -> R
         stdout,
         stderr,
         devnull,
-    })
+    };
+    Ok((plan, output))
 }
 
 /// In the forked child: wait to be placed in the cgroup, then set up and exec. Never returns.
@@ -271,9 +373,10 @@ fn exec_child(plan: &ChildPlan, go: OwnedFd, err: OwnedFd) -> ! {
             fail("resetting signal dispositions", e);
         }
     }
-    for (from, to) in [(&plan.devnull, 0), (&plan.stdout, 1), (&plan.stderr, 2)] {
+    // dup2 clears close-on-exec on the copies, so the task keeps exactly these three.
+    for (from, to) in [(plan.devnull.as_raw_fd(), 0), (plan.stdout.as_raw_fd(), 1), (plan.stderr.as_raw_fd(), 2)] {
         // SAFETY: dup2 onto the standard descriptors, which this process owns.
-        if unsafe { libc::dup2(from.as_raw_fd(), to) } < 0 {
+        if unsafe { libc::dup2(from, to) } < 0 {
             fail("redirecting standard streams", nix::Error::last());
         }
     }
@@ -316,8 +419,16 @@ fn reap(task: Pid, status: &mut Option<WaitStatus>) -> bool {
     }
 }
 
-/// Waits for the task's main process, handling stop requests, then gathers the evidence.
-fn watch(task: Pid, spec: &LaunchSpec, cgroup: &TaskCgroup, sandbox: &Path, mask: &SigSet) -> ExitRecord {
+/// Waits for the task's main process while copying its output and handling stop requests; then
+/// kills what is left, drains the output and gathers the evidence.
+fn watch(
+    task: Pid,
+    spec: &LaunchSpec,
+    cgroup: &TaskCgroup,
+    sandbox: &Path,
+    signals: &SignalFd,
+    output: &mut Output,
+) -> ExitRecord {
     let mut status: Option<WaitStatus> = None;
     let mut killed_by: Option<StopCause> = None;
     let mut hard_kill_at: Option<Instant> = None;
@@ -338,19 +449,19 @@ fn watch(task: Pid, spec: &LaunchSpec, cgroup: &TaskCgroup, sandbox: &Path, mask
             }
         }
         let timeout = hard_kill_at.map_or(IDLE_WAKEUP, |at| at.saturating_duration_since(now));
-        match wait_signal(mask, timeout) {
-            Some(libc::SIGTERM | libc::SIGINT) if killed_by.is_none() => {
-                let request = read_json::<KillRequest>(&sandbox.join(KILL_FILE)).ok().flatten();
-                killed_by = Some(match request {
-                    Some(KillRequest { exit: Some(exit), .. }) => StopCause::Because(exit),
-                    Some(KillRequest { by, exit: None }) => StopCause::By(by),
-                    None => StopCause::By(DEFAULT_KILLED_BY.to_owned()),
-                });
-                let _ = signal::killpg(task, Signal::SIGTERM);
-                let _ = signal::killpg(task, Signal::SIGCONT);
-                hard_kill_at = Some(Instant::now() + Duration::from_millis(spec.kill_grace_ms));
-            }
-            _ => {}
+        wait_ready(Some(signals), output, timeout);
+        output.pump();
+        // Read the signals first: they are drained even when a stop is already under way.
+        if stop_requested(signals) && killed_by.is_none() {
+            let request = read_json::<KillRequest>(&sandbox.join(KILL_FILE)).ok().flatten();
+            killed_by = Some(match request {
+                Some(KillRequest { exit: Some(exit), .. }) => StopCause::Because(exit),
+                Some(KillRequest { by, exit: None }) => StopCause::By(by),
+                None => StopCause::By(DEFAULT_KILLED_BY.to_owned()),
+            });
+            let _ = signal::killpg(task, Signal::SIGTERM);
+            let _ = signal::killpg(task, Signal::SIGCONT);
+            hard_kill_at = Some(Instant::now() + Duration::from_millis(spec.kill_grace_ms));
         }
     }
     // The main process is gone: whatever it left behind goes too, before the evidence is read.
@@ -358,6 +469,8 @@ fn watch(task: Pid, spec: &LaunchSpec, cgroup: &TaskCgroup, sandbox: &Path, mask
     cgroup.kill_all(KILL_TIMEOUT, &mut || {
         reap(task, &mut status);
     });
+    // Every writer is gone now: what the pipes hold is the rest of the output.
+    output.drain(DRAIN_TIMEOUT);
     let evidence = cgroup.evidence();
     let exit = decide_exit(status, killed_by, evidence.oom_kills, spec.mem_bytes);
     ExitRecord { exit, usage: evidence.usage, ended_at_ms: now_ms() }
@@ -384,15 +497,6 @@ fn decide_exit(status: Option<WaitStatus>, killed_by: Option<StopCause>, oom_kil
         None if oom_kills > 0 && !by_status.is_success() => TaskExit::OutOfMemory { limit_bytes: mem_bytes },
         None => by_status,
     }
-}
-
-/// `sigtimedwait` for the blocked signals; `None` on timeout or interruption.
-fn wait_signal(mask: &SigSet, timeout: Duration) -> Option<i32> {
-    let ts =
-        libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
-    // SAFETY: valid sigset and timespec pointers; a null siginfo is allowed.
-    let signal = unsafe { libc::sigtimedwait(mask.as_ref(), std::ptr::null_mut(), &ts) };
-    (signal > 0).then_some(signal)
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Integration test: a task outlives the `kill -9` of the process that launched it (an agent
 //! restart), and a new containerizer attaches to its supervisor and stops it.
 //!
-//! The "agent" is this test binary re-executed with `CAPSTAN_TEST_LAUNCH_INTO` set: it runs only
+//! The task keeps writing output, and its supervisor keeps copying it into the sandbox, while no
+//! agent is there. The "agent" is this test binary re-executed with `CAPSTAN_TEST_LAUNCH_INTO` set: it runs only
 //! the `launcher_process` test, which launches a task, prints a marker line and waits forever.
 
 mod common;
@@ -11,6 +12,7 @@ use capstan_model::TaskExit;
 use common::*;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 const LAUNCH_INTO: &str = "CAPSTAN_TEST_LAUNCH_INTO";
 const MARKER: &str = "CAPSTAN-TEST-LAUNCHED";
@@ -19,7 +21,8 @@ const MARKER: &str = "CAPSTAN-TEST-LAUNCHED";
 #[tokio::test]
 async fn launcher_process() {
     let Some(sandbox) = std::env::var_os(LAUNCH_INTO) else { return };
-    let mut handle = containerizer(false).launch(sandbox.as_ref(), &spec("sleep 1000")).unwrap();
+    let spec = spec("while :; do echo tick; sleep 0.05; done");
+    let mut handle = containerizer(false).launch(sandbox.as_ref(), &spec).unwrap();
     let pid = handle.started().await.unwrap();
     println!("\n{MARKER} {pid}"); // libtest prints its own text in front
     std::future::pending::<()>().await;
@@ -47,6 +50,10 @@ async fn task_survives_kill_9_of_its_launcher_and_attach_stops_it() {
     launcher.wait().unwrap();
 
     assert!(alive(task_pid), "the task outlived its launcher");
+    // Its supervisor still copies its output into the sandbox.
+    let stdout = sb.path.join("stdout");
+    let written = std::fs::metadata(&stdout).unwrap().len();
+    assert!(eventually(Duration::from_secs(20), || std::fs::metadata(&stdout).unwrap().len() > written));
     let c = containerizer(false);
     let Attached::Running(mut handle) = c.attach(&sb.path).unwrap() else { panic!("not running") };
     assert_eq!(handle.started().await.unwrap(), task_pid as u32);

@@ -37,6 +37,9 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/tasks/{id}", get(get_task).delete(kill_task))
         .route("/v1/tasks/{id}/logs", get(task_logs))
         .route("/v1/agents", get(list_agents))
+        .route("/v1/quotas", get(list_quotas))
+        .route("/v1/quotas/{role}", axum::routing::put(set_quota).delete(remove_quota))
+        .route("/v1/scheduler", get(get_scheduler).put(set_scheduler))
         .route("/v1/agent/register", post(register_agent))
         .route("/v1/agent/{id}/orders", get(agent_orders))
         .route("/v1/agent/updates", post(agent_updates))
@@ -80,6 +83,7 @@ impl From<CoreError> for ApiFailure {
                 (StatusCode::NOT_FOUND, "not_found")
             }
             CoreError::Rejected(Rejection::Invalid(_)) => (StatusCode::BAD_REQUEST, "bad_request"),
+            CoreError::Rejected(Rejection::OverQuota(_)) => (StatusCode::CONFLICT, "over_quota"),
             CoreError::Store(_) | CoreError::Closed => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         ApiFailure::new(status, code, e.to_string())
@@ -288,6 +292,74 @@ async fn list_agents(State(app): State<AppState>) -> Json<Vec<AgentView>> {
     )
 }
 
+fn quota_view(state: &ClusterState, role: &str, q: &capstan_state::Quota) -> QuotaView {
+    let used = state.production_usage(role);
+    let view = |q: &capstan_state::Quota| ResourcesView {
+        cpus: q.cpus_milli as f64 / 1000.0,
+        mem: ByteSize(q.mem_bytes),
+        disk: ByteSize(q.disk_bytes),
+        ports: 0,
+    };
+    QuotaView { role: role.to_string(), quota: view(q), used: view(&used) }
+}
+
+async fn list_quotas(State(app): State<AppState>) -> Json<Vec<QuotaView>> {
+    let state = app.core.state.read();
+    Json(state.quotas.iter().map(|(role, q)| quota_view(&state, role, q)).collect())
+}
+
+fn check_role(role: &str) -> ApiResult<()> {
+    // A role is the first part of a job key: check it the same way.
+    format!("{role}/x/x").parse::<JobKey>().map(|_| ()).map_err(|e| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", e.0))
+}
+
+async fn set_quota(State(app): State<AppState>, Path(role): Path<String>, body: Bytes) -> ApiResult<Json<QuotaView>> {
+    check_role(&role)?;
+    let req: QuotaRequest = parse_body(&body)?;
+    if !req.cpus.is_finite() || req.cpus < 0.0 || req.cpus > 1e9 {
+        return Err(ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", format!("cpus {}: must be a number from 0 up", req.cpus)));
+    }
+    let quota = capstan_state::Quota { cpus_milli: (req.cpus * 1000.0).round() as u64, mem_bytes: req.mem.0, disk_bytes: req.disk.0 };
+    app.core.submit(Command::SetQuota { role: role.clone(), quota: Some(quota) }).await?;
+    let state = app.core.state.read();
+    Ok(Json(quota_view(&state, &role, &quota)))
+}
+
+async fn remove_quota(State(app): State<AppState>, Path(role): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    check_role(&role)?;
+    if !app.core.state.read().quotas.contains_key(&role) {
+        return Err(ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("role {role} has no quota")));
+    }
+    app.core.submit(Command::SetQuota { role: role.clone(), quota: None }).await?;
+    Ok(Json(serde_json::json!({"role": role, "quota": null})))
+}
+
+fn scheduler_view(state: &ClusterState) -> SchedulerView {
+    SchedulerView {
+        max_placements_per_second: state.scheduler.max_placements_per_second,
+        pending_tasks: state.pending.len() as u64,
+    }
+}
+
+async fn get_scheduler(State(app): State<AppState>) -> Json<SchedulerView> {
+    Json(scheduler_view(&app.core.state.read()))
+}
+
+async fn set_scheduler(State(app): State<AppState>, body: Bytes) -> ApiResult<Json<SchedulerView>> {
+    let req: SchedulerView = parse_body(&body)?;
+    if req.max_placements_per_second == Some(0) {
+        return Err(ApiFailure::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "max_placements_per_second 0 would stop all scheduling; use a positive number, or null for unlimited",
+        ));
+    }
+    let settings = capstan_state::SchedulerSettings { max_placements_per_second: req.max_placements_per_second };
+    app.core.submit(Command::SetSchedulerSettings { settings }).await?;
+    app.core.pending_changed.notify_one();
+    Ok(Json(scheduler_view(&app.core.state.read())))
+}
+
 async fn metrics(State(app): State<AppState>) -> Response {
     let text = app.core.metrics.render(&app.core.state.read());
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
@@ -338,13 +410,13 @@ async fn agent_orders(
         .tasks_on(agent)
         .filter_map(|t| {
             let job = state.job_of(t)?;
-            Some(order_for(t, &job.spec.task))
+            Some(order_for(t, &job.spec.task, job.spec.health_check.as_ref()))
         })
         .collect();
     Ok(Json(Orders { master_epoch: epoch, version: a.orders_version, tasks }))
 }
 
-fn order_for(t: &Task, spec: &TaskSpec) -> Order {
+fn order_for(t: &Task, spec: &TaskSpec, health_check: Option<&capstan_model::spec::HealthCheckSpec>) -> Order {
     Order {
         task: t.id,
         job: t.job.clone(),
@@ -352,6 +424,7 @@ fn order_for(t: &Task, spec: &TaskSpec) -> Order {
         desired: t.desired,
         spec: spec.clone(),
         ports: spec.ports.iter().cloned().zip(t.ports.iter().copied()).collect(),
+        health_check: health_check.cloned(),
     }
 }
 
@@ -423,7 +496,7 @@ fn task_view(state: &ClusterState, t: &Task, usage: &std::collections::HashMap<T
 
 fn job_view(state: &ClusterState, j: &Job, unplaced: &std::collections::HashMap<TaskId, String>) -> JobView {
     let mut tasks: BTreeMap<String, u64> = BTreeMap::new();
-    let mut reasons: Vec<String> = Vec::new();
+    let mut why_pending: BTreeMap<String, u32> = BTreeMap::new();
     let mut all_running = true;
     for id in j.current.values() {
         let Some(t) = state.tasks.get(id) else { continue };
@@ -431,11 +504,11 @@ fn job_view(state: &ClusterState, j: &Job, unplaced: &std::collections::HashMap<
         all_running &= t.state == TaskState::Running && t.desired == Desired::Run;
         if t.state == TaskState::Pending {
             let why = unplaced.get(id).cloned().unwrap_or_else(|| t.reason.clone());
-            if !reasons.contains(&why) {
-                reasons.push(why);
-            }
+            *why_pending.entry(why).or_default() += 1;
         }
     }
+    let reasons: Vec<String> =
+        why_pending.into_iter().map(|(why, n)| format!("{n} of {} instances pending: {why}", j.spec.instances)).collect();
     let batch = matches!(j.spec.job_type, JobType::Batch | JobType::Cron);
     let status = if j.killed.is_some() {
         "killing"

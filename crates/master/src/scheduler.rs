@@ -18,17 +18,51 @@ const IDLE_RECHECK: Duration = Duration::from_secs(5);
 /// Why tasks could not be placed in the last pass; shown in job status. In memory only.
 pub type Unplaced = Arc<Mutex<HashMap<TaskId, String>>>;
 
+/// The operator's ceiling on placements per second, as a token bucket holding at most one
+/// second's worth.
+struct RateLimit {
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    /// How many tasks this pass may place; `None` means unlimited.
+    fn allowance(&mut self, per_second: Option<u32>) -> Option<usize> {
+        let rate = f64::from(per_second?);
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(rate.max(1.0));
+        self.last = now;
+        Some(self.tokens.floor() as usize)
+    }
+
+    fn spend(&mut self, n: usize) {
+        self.tokens = (self.tokens - n as f64).max(0.0);
+    }
+}
+
 pub async fn run(core: Arc<Core>, unplaced: Unplaced) {
+    let mut rate = RateLimit { tokens: 0.0, last: Instant::now() };
     loop {
         let notified = core.pending_changed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
 
+        let per_second = core.state.read().scheduler.max_placements_per_second;
+        let limit = match rate.allowance(per_second) {
+            None => PLACEMENTS_PER_PASS_MAX,
+            Some(0) => {
+                // Wait for the next token.
+                let wait = Duration::from_secs_f64(1.0 / f64::from(per_second.unwrap_or(1).max(1)));
+                tokio::time::sleep(wait.min(IDLE_RECHECK)).await;
+                continue;
+            }
+            Some(n) => n.min(PLACEMENTS_PER_PASS_MAX),
+        };
         let at = now();
         let started = Instant::now();
         let (plan, became_placeable) = {
             let state = core.state.read();
-            let plan = capstan_placement::plan(&state, at, rand::random(), PLACEMENTS_PER_PASS_MAX);
+            let plan = capstan_placement::plan(&state, at, rand::random(), limit);
             let since: Vec<u64> = plan
                 .placements
                 .iter()
@@ -45,7 +79,15 @@ pub async fn run(core: Arc<Core>, unplaced: Unplaced) {
                 u.insert(x.task, x.why.clone());
             }
         }
+        if !plan.preemptions.is_empty() {
+            let n = plan.preemptions.len();
+            match core.submit(Command::Preempt { preemptions: plan.preemptions }).await {
+                Ok(_) => tracing::info!("preempting {n} lower-priority tasks for production work"),
+                Err(e) => tracing::warn!("preemptions not applied: {e}"),
+            }
+        }
         let placed = plan.placements.len();
+        rate.spend(placed);
         if placed > 0 {
             match core.submit(Command::Place { placements: plan.placements }).await {
                 Ok(applied) => {
@@ -62,7 +104,7 @@ pub async fn run(core: Arc<Core>, unplaced: Unplaced) {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
-            if placed == PLACEMENTS_PER_PASS_MAX {
+            if placed == limit {
                 continue;
             }
         }

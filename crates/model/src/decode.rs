@@ -406,9 +406,6 @@ impl Cx {
                 &[("binpack", PlacementPolicy::Binpack), ("spread", PlacementPolicy::Spread)],
             ),
         };
-        if placement == Some(PlacementPolicy::Spread) {
-            self.not_yet("placement", "placement = \"spread\"");
-        }
         let cron = self.get(&o, "cron").and_then(|v| self.string("cron", v));
         let cron_timezone = self.get(&o, "cron_timezone").and_then(|v| self.string("cron_timezone", v));
         let cron_collision_policy = self.get(&o, "cron_collision_policy").and_then(|v| {
@@ -466,9 +463,6 @@ impl Cx {
             Some(Value::Array(items)) => {
                 let parsed: Vec<Option<ConstraintSpec>> =
                     items.iter().enumerate().map(|(i, v)| self.constraint(&format!("constraint[{i}]"), v)).collect();
-                if !items.is_empty() {
-                    self.not_yet("constraint", "[[constraint]]");
-                }
                 parsed.into_iter().collect()
             }
             Some(other) => {
@@ -823,6 +817,9 @@ impl Cx {
             self.get(&o, "limit").and_then(|v| self.integer(&join(path, "limit"), v, 1, 100_000)).map(|i| i as u32);
         let distinct_hosts =
             self.get(&o, "distinct_hosts").and_then(|v| self.boolean(&join(path, "distinct_hosts"), v));
+        if distinct_hosts == Some(false) {
+            self.err(join(path, "distinct_hosts"), "false asks for nothing", Some("remove this constraint".into()));
+        }
         let forms = [value.is_some(), not.is_some(), in_set.is_some(), limit.is_some()].iter().filter(|b| **b).count();
         let standalone = [distinct_hosts.is_some(), spread.is_some()].iter().filter(|b| **b).count();
         if attribute.is_some() {

@@ -220,3 +220,48 @@ pub struct ConstraintSpec {
     pub distinct_hosts: Option<bool>,
     pub spread: Option<String>,
 }
+
+/// A constraint in its checked form: exactly one of these per `[[constraint]]` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Constraint<'a> {
+    /// The agent's attribute has this value.
+    Equals { attribute: &'a str, value: &'a str },
+    /// The agent's attribute is absent or has another value.
+    NotEquals { attribute: &'a str, value: &'a str },
+    /// The agent's attribute is one of these.
+    In { attribute: &'a str, values: &'a [String] },
+    /// At most `limit` live instances of the job per value of the attribute (Aurora's `rack: limit:1`).
+    Limit { attribute: &'a str, limit: u32 },
+    /// At most one live instance of the job per agent.
+    DistinctHosts,
+    /// Instances spread evenly over the values of the attribute.
+    Spread { attribute: &'a str },
+}
+
+impl ConstraintSpec {
+    /// The one form this entry takes; `None` only for an entry the decoder would have refused.
+    pub fn kind(&self) -> Option<Constraint<'_>> {
+        match (&self.attribute, &self.value, &self.not, &self.in_set, self.limit, self.distinct_hosts, &self.spread) {
+            (Some(a), Some(v), None, None, None, None, None) => Some(Constraint::Equals { attribute: a, value: v }),
+            (Some(a), None, Some(v), None, None, None, None) => Some(Constraint::NotEquals { attribute: a, value: v }),
+            (Some(a), None, None, Some(vs), None, None, None) => Some(Constraint::In { attribute: a, values: vs }),
+            (Some(a), None, None, None, Some(l), None, None) => Some(Constraint::Limit { attribute: a, limit: l }),
+            (None, None, None, None, None, Some(true), None) => Some(Constraint::DistinctHosts),
+            (None, None, None, None, None, None, Some(a)) => Some(Constraint::Spread { attribute: a }),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Constraint<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Constraint::Equals { attribute, value } => write!(f, "{attribute} = {value}"),
+            Constraint::NotEquals { attribute, value } => write!(f, "{attribute} != {value}"),
+            Constraint::In { attribute, values } => write!(f, "{attribute} in [{}]", values.join(", ")),
+            Constraint::Limit { attribute, limit } => write!(f, "at most {limit} per {attribute}"),
+            Constraint::DistinctHosts => write!(f, "one per host"),
+            Constraint::Spread { attribute } => write!(f, "spread over {attribute}"),
+        }
+    }
+}

@@ -1,11 +1,28 @@
 //! Placement: which agent each pending task goes to. A pure function of (cluster state, now, seed):
-//! feasibility (resources and ports actually free) → ranking (bin-pack: the agent left fullest)
-//! → selection, with reservations made during one pass so a plan never over-commits an agent.
-//! The master's `apply` re-checks every placement against the latest state before it commits it.
+//! feasibility (resources and ports actually free, constraints) → ranking (bin-pack, spread,
+//! fault-domain spread) → selection, with reservations made during one pass so a plan never
+//! over-commits an agent. The master's `apply` re-checks every placement against the latest state
+//! before it commits it.
+//!
+//! Cost: agents are visited in a seeded random order and the search stops after
+//! `CANDIDATES` feasible agents, so placing a task costs about the same on 100 or 10,000 agents
+//! while the cluster has room; only a task that fits almost nowhere looks at every agent.
 
-use capstan_model::{AgentId, Demand, TaskId, Timestamp};
+mod constraints;
+mod preempt;
+
+use capstan_model::spec::{Constraint, PlacementPolicy};
+use capstan_model::{derive_id, AgentId, Demand, JobKey, TaskId, Timestamp};
 use capstan_state::{Agent, ClusterState, Placement};
-use std::collections::{BTreeMap, BTreeSet};
+use constraints::{JobSpread, Verdict};
+use std::collections::{BTreeSet, HashMap};
+
+pub use capstan_state::Preemption;
+
+/// Feasible agents looked at before choosing the best of them.
+pub const CANDIDATES: usize = 16;
+/// Production tasks that may look for victims in one pass (preemption scans many agents).
+pub const PREEMPTION_SEARCHES_PER_PASS: usize = 64;
 
 /// A task that could not be placed in this pass, and why, in words.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,53 +34,24 @@ pub struct Unplaced {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub placements: Vec<Placement>,
+    /// Lower-priority tasks to stop so that production tasks can run; the preemptors are placed
+    /// in a later pass, once the victims' resources are released.
+    pub preemptions: Vec<Preemption>,
     pub unplaced: Vec<Unplaced>,
     /// The earliest time a task in backoff becomes placeable, if any is waiting.
     pub next_wakeup: Option<Timestamp>,
 }
 
 /// What one pass has reserved on top of the state, per agent.
-#[derive(Default)]
-struct Tentative {
-    used: Demand,
-    ports: BTreeSet<u16>,
+#[derive(Default, Clone)]
+pub(crate) struct Tentative {
+    pub(crate) used: Demand,
+    pub(crate) ports: BTreeSet<u16>,
 }
 
-/// Places up to `limit` pending tasks whose backoff has passed, highest priority first.
-pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Plan {
-    let mut out = Plan::default();
-    let mut queue: Vec<(i32, u64, TaskId, Demand)> = Vec::new();
-    for id in &state.pending {
-        let Some(task) = state.tasks.get(id) else { continue };
-        let Some(job) = state.jobs.get(&task.job) else { continue };
-        if task.not_before > now {
-            out.next_wakeup = Some(out.next_wakeup.map_or(task.not_before, |w| w.min(task.not_before)));
-            continue;
-        }
-        queue.push((job.spec.priority, task.seq, *id, job.spec.task.demand()));
-    }
-    queue.sort_by_key(|(priority, seq, _, _)| (-(*priority as i64), *seq));
-    let mut tentative: BTreeMap<AgentId, Tentative> = BTreeMap::new();
-    for (_, _, task, demand) in queue.into_iter().take(limit) {
-        match best_agent(state, &tentative, &demand) {
-            Ok(agent) => {
-                let t = tentative.entry(agent.info.id).or_default();
-                let ports = choose_ports(agent, &t.ports, demand.ports, seed ^ task.0);
-                t.used.cpus_milli += demand.cpus_milli;
-                t.used.mem_bytes += demand.mem_bytes;
-                t.used.disk_bytes += demand.disk_bytes;
-                t.used.ports += demand.ports;
-                t.ports.extend(ports.iter().copied());
-                out.placements.push(Placement { task, agent: agent.info.id, ports });
-            }
-            Err(why) => out.unplaced.push(Unplaced { task, why }),
-        }
-    }
-    out
-}
-
-fn free_after(agent: &Agent, t: Option<&Tentative>) -> Demand {
-    let f = agent.free();
+/// What is left on `agent` after this pass's reservations `t`; `ports_free` is `free_ports(agent)`.
+pub(crate) fn free_after(agent: &Agent, ports_free: u32, t: Option<&Tentative>) -> Demand {
+    let f = Demand { ports: ports_free, ..agent.free() };
     match t {
         None => f,
         Some(t) => Demand {
@@ -75,51 +63,197 @@ fn free_after(agent: &Agent, t: Option<&Tentative>) -> Demand {
     }
 }
 
-/// Bin-pack: among agents where the task fits, the one with the least left afterwards (cpus and
-/// memory as shares of the agent). Ties go to the lower agent id, so the plan is deterministic.
-fn best_agent<'a>(
-    state: &'a ClusterState,
-    tentative: &BTreeMap<AgentId, Tentative>,
-    d: &Demand,
-) -> Result<&'a Agent, String> {
-    if state.agents.is_empty() {
-        return Err("no agents are registered".into());
-    }
-    let mut best: Option<(u64, &Agent)> = None;
-    let mut lacking = [0u32; 4];
-    for agent in state.agents.values() {
-        let free = free_after(agent, tentative.get(&agent.info.id));
-        let fails = [
-            free.cpus_milli < d.cpus_milli,
-            free.mem_bytes < d.mem_bytes,
-            free.disk_bytes < d.disk_bytes,
-            free.ports < d.ports,
-        ];
-        if fails.iter().any(|f| *f) {
-            for (i, f) in fails.iter().enumerate() {
-                lacking[i] += u32::from(*f);
-            }
-            continue;
-        }
-        let cap = &agent.info.capacity;
-        // Leftover shares in parts per million; smaller is a tighter fit.
-        let left_cpu = u64::from(free.cpus_milli - d.cpus_milli) * 1_000_000 / u64::from(cap.cpus_milli.max(1));
-        let left_mem = (free.mem_bytes - d.mem_bytes) as u128 * 1_000_000 / u128::from(cap.mem_bytes.max(1));
-        let score = left_cpu + left_mem as u64;
-        if best.is_none_or(|(s, _)| score < s) {
-            best = Some((score, agent));
+/// Ports that can really be handed out on `agent`: distinct ports of its ranges (ranges may
+/// overlap: `31000-31005;31003-31008` holds 9 ports, not 12) that no task holds. Never more than
+/// the state's own count (`Agent::fits`), so that `apply` accepts what the plan promises.
+pub(crate) fn free_ports(agent: &Agent) -> u32 {
+    let by_count = agent.free().ports;
+    let mut ranges = agent.info.capacity.ports.clone();
+    ranges.sort();
+    let mut merged: Vec<(u32, u32)> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        let (first, last) = (u32::from(r.first), u32::from(r.last));
+        match merged.last_mut() {
+            Some((_, l)) if first <= *l + 1 => *l = (*l).max(last),
+            _ => merged.push((first, last)),
         }
     }
-    best.map(|(_, a)| a).ok_or_else(|| {
-        let n = state.agents.len();
-        let parts: Vec<String> = ["cpus", "mem", "disk", "ports"]
+    let distinct: u32 = merged.iter().map(|(f, l)| l - f + 1).sum();
+    let held =
+        agent.used_ports.iter().filter(|p| merged.iter().any(|(f, l)| (*f..=*l).contains(&u32::from(**p)))).count();
+    distinct.saturating_sub(held as u32).min(by_count)
+}
+
+/// Why agents were turned down for one task, counted, to explain an unplaceable task.
+#[derive(Default)]
+struct Refusals {
+    resources: [u32; 4],
+    constraints: HashMap<String, u32>,
+}
+
+impl Refusals {
+    fn explain(&self, agents: usize) -> String {
+        if agents == 0 {
+            return "no agents are registered".into();
+        }
+        let mut parts: Vec<String> = ["cpus", "mem", "disk", "ports"]
             .iter()
-            .zip(lacking)
+            .zip(self.resources)
             .filter(|(_, c)| *c > 0)
             .map(|(what, c)| format!("{c} lack {what}"))
             .collect();
-        format!("no agent has room: of {n} agents, {}", parts.join(", "))
-    })
+        let mut cs: Vec<(&String, &u32)> = self.constraints.iter().collect();
+        cs.sort();
+        parts.extend(cs.into_iter().map(|(what, c)| format!("{c} fail {what}")));
+        format!("no agent can take it: of {agents} agents, {}", parts.join(", "))
+    }
+}
+
+/// Places up to `limit` pending tasks whose backoff has passed, highest priority first.
+pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Plan {
+    let mut out = Plan::default();
+    let mut queue: Vec<(i32, u64, TaskId)> = Vec::new();
+    for id in &state.pending {
+        let Some(task) = state.tasks.get(id) else { continue };
+        let Some(job) = state.jobs.get(&task.job) else { continue };
+        if task.not_before > now {
+            out.next_wakeup = Some(out.next_wakeup.map_or(task.not_before, |w| w.min(task.not_before)));
+            continue;
+        }
+        queue.push((job.spec.priority, task.seq, *id));
+    }
+    queue.sort_by_key(|(priority, seq, _)| (-i64::from(*priority), *seq));
+
+    let agents: Vec<&Agent> = state.agents.values().collect();
+    let ports_free: Vec<u32> = agents.iter().map(|a| free_ports(a)).collect();
+    // One random order per pass; each task starts at a different place in it.
+    let mut order: Vec<usize> = (0..agents.len()).collect();
+    let mut rng = seed;
+    for i in (1..order.len()).rev() {
+        rng = derive_id(rng);
+        order.swap(i, (rng % (i as u64 + 1)) as usize);
+    }
+    let mut tentative: HashMap<AgentId, Tentative> = HashMap::new();
+    let mut spreads: HashMap<JobKey, JobSpread> = HashMap::new();
+    // A job none of whose tasks fit in this pass: its other tasks will not fit either.
+    let mut hopeless: HashMap<JobKey, String> = HashMap::new();
+    let mut preemption_searches = 0;
+    // Room on an agent that production tasks of this pass will take once it is released.
+    let mut promised: HashMap<AgentId, Demand> = HashMap::new();
+
+    for (_, _, task_id) in queue.into_iter().take(limit) {
+        let task = &state.tasks[&task_id];
+        let job = &state.jobs[&task.job];
+        if let Some(why) = hopeless.get(&task.job) {
+            out.unplaced.push(Unplaced { task: task_id, why: why.clone() });
+            continue;
+        }
+        let spec = &job.spec;
+        let demand = spec.task.demand();
+        let cons: Vec<Constraint> = spec.constraint.iter().filter_map(|c| c.kind()).collect();
+        let spread = if cons.is_empty() {
+            None
+        } else {
+            Some(spreads.entry(task.job.clone()).or_insert_with(|| JobSpread::of(state, job)) as &mut JobSpread)
+        };
+        rng = derive_id(rng ^ task_id.0);
+        let start = if agents.is_empty() { 0 } else { (rng % agents.len() as u64) as usize };
+        let mut refusals = Refusals::default();
+        let mut best: Option<((u64, u64), usize)> = None;
+        let mut found = 0;
+        for k in 0..agents.len() {
+            let idx = order[(start + k) % agents.len()];
+            let agent = agents[idx];
+            let free = free_after(agent, ports_free[idx], tentative.get(&agent.info.id));
+            let lacks = [
+                free.cpus_milli < demand.cpus_milli,
+                free.mem_bytes < demand.mem_bytes,
+                free.disk_bytes < demand.disk_bytes,
+                free.ports < demand.ports,
+            ];
+            if lacks.iter().any(|l| *l) {
+                for (i, l) in lacks.iter().enumerate() {
+                    refusals.resources[i] += u32::from(*l);
+                }
+                continue;
+            }
+            let mut spread_rank = 0;
+            if let Some(s) = spread.as_deref() {
+                match s.check(&cons, agent) {
+                    Verdict::Refused(what) => {
+                        *refusals.constraints.entry(what).or_default() += 1;
+                        continue;
+                    }
+                    Verdict::Ok { spread_rank: r } => spread_rank = r,
+                }
+            }
+            let score = (spread_rank, fit_score(agent, &free, &demand, spec.placement));
+            if best.is_none_or(|(s, _)| score < s) {
+                best = Some((score, idx));
+            }
+            found += 1;
+            if found >= CANDIDATES {
+                break;
+            }
+        }
+        match best {
+            Some((_, idx)) => {
+                let agent = agents[idx];
+                let t = tentative.entry(agent.info.id).or_default();
+                let ports = choose_ports(agent, &t.ports, demand.ports, rng);
+                t.used.cpus_milli += demand.cpus_milli;
+                t.used.mem_bytes += demand.mem_bytes;
+                t.used.disk_bytes += demand.disk_bytes;
+                t.used.ports += demand.ports;
+                t.ports.extend(ports.iter().copied());
+                if let Some(s) = spread {
+                    s.add(agent);
+                }
+                out.placements.push(Placement { task: task_id, agent: agent.info.id, ports });
+            }
+            None => {
+                let why = refusals.explain(agents.len());
+                if spec.production && preemption_searches < PREEMPTION_SEARCHES_PER_PASS {
+                    preemption_searches += 1;
+                    let already: BTreeSet<TaskId> = out.preemptions.iter().map(|p| p.victim).collect();
+                    let found =
+                        preempt::find(state, &agents, &ports_free, &tentative, &promised, task, &cons, &already);
+                    if let Some(found) = found {
+                        let why = if found.victims.is_empty() {
+                            format!("{why}; waiting for tasks stopping on agent {} to release room", found.agent)
+                        } else {
+                            format!("{why}; preempting lower-priority tasks on agent {}", found.agent)
+                        };
+                        let p = promised.entry(found.agent).or_default();
+                        p.cpus_milli = p.cpus_milli.saturating_add(demand.cpus_milli);
+                        p.mem_bytes = p.mem_bytes.saturating_add(demand.mem_bytes);
+                        p.disk_bytes = p.disk_bytes.saturating_add(demand.disk_bytes);
+                        p.ports = p.ports.saturating_add(demand.ports);
+                        out.preemptions.extend(found.victims);
+                        out.unplaced.push(Unplaced { task: task_id, why });
+                        continue;
+                    }
+                }
+                // Tasks of one job are alike: if this one fits nowhere, neither do its siblings.
+                hopeless.insert(task.job.clone(), why.clone());
+                out.unplaced.push(Unplaced { task: task_id, why });
+            }
+        }
+    }
+    out
+}
+
+/// Smaller is better. Bin-pack: the least left afterwards (cpus and memory as shares of the
+/// agent, parts per million); spread: the most left.
+fn fit_score(agent: &Agent, free: &Demand, d: &Demand, policy: PlacementPolicy) -> u64 {
+    let cap = &agent.info.capacity;
+    let left_cpu = u64::from(free.cpus_milli - d.cpus_milli) * 1_000_000 / u64::from(cap.cpus_milli.max(1));
+    let left_mem = ((free.mem_bytes - d.mem_bytes) as u128 * 1_000_000 / u128::from(cap.mem_bytes.max(1))) as u64;
+    let left = left_cpu + left_mem;
+    match policy {
+        PlacementPolicy::Binpack => left,
+        PlacementPolicy::Spread => 2_000_000 - left.min(2_000_000),
+    }
 }
 
 /// Picks `count` free ports from the agent's ranges, starting at a seed-chosen offset so that a
@@ -130,7 +264,7 @@ fn choose_ports(agent: &Agent, taken_now: &BTreeSet<u16>, count: u32, seed: u64)
     if count == 0 || total == 0 {
         return vec![];
     }
-    let start = (capstan_model::derive_id(seed) % u64::from(total)) as u32;
+    let start = (derive_id(seed) % u64::from(total)) as u32;
     let nth = |mut i: u32| -> u16 {
         for r in ranges {
             if i < r.len() {

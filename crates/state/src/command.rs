@@ -26,6 +26,12 @@ pub enum Command {
     KillTask { task: TaskId, by: String },
     /// A plan from the scheduler; each placement is re-checked against the state before it takes.
     Place { placements: Vec<Placement> },
+    /// Stop lower-priority tasks so that a production task can run (from the scheduler's plan).
+    Preempt { preemptions: Vec<Preemption> },
+    /// Sets (or with `None` removes) the production quota of a role.
+    SetQuota { role: String, quota: Option<Quota> },
+    /// Operator settings of the scheduler.
+    SetSchedulerSettings { settings: SchedulerSettings },
     /// Status updates from one agent, in the order the agent produced them.
     AgentUpdates { agent: AgentId, updates: Vec<StatusUpdate> },
 }
@@ -39,6 +45,9 @@ impl Command {
             Command::KillJob { .. } => "kill_job",
             Command::KillTask { .. } => "kill_task",
             Command::Place { .. } => "place",
+            Command::Preempt { .. } => "preempt",
+            Command::SetQuota { .. } => "set_quota",
+            Command::SetSchedulerSettings { .. } => "set_scheduler_settings",
             Command::AgentUpdates { .. } => "agent_updates",
         }
     }
@@ -128,4 +137,26 @@ impl<'de> Visitor<'de> for CompactReport {
             other => return Err(de::Error::unknown_variant(other, &["starting", "running", "exited", "health"])),
         })
     }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Preemption {
+    pub victim: TaskId,
+    /// The production task that needs the room.
+    pub by: TaskId,
+}
+
+/// What the production jobs of one role may hold at most, in total.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    pub cpus_milli: u64,
+    pub mem_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+/// Levers an operator pulls at run time; kept in the state so they survive restarts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchedulerSettings {
+    /// At most this many placements per second; `None` is unlimited.
+    pub max_placements_per_second: Option<u32>,
 }

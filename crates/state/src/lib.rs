@@ -8,5 +8,5 @@ pub mod state;
 
 pub use agent::{Agent, AgentInfo};
 pub use codec::{decode_command, decode_snapshot, encode_command, encode_snapshot, CodecError};
-pub use command::{Command, Placement, Report, Stamped, StatusUpdate};
+pub use command::{Command, Placement, Preemption, Quota, Report, SchedulerSettings, Stamped, StatusUpdate};
 pub use state::{Applied, ClusterState, Job, Rejection, Task, TaskEventRecord};

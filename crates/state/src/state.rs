@@ -1,7 +1,7 @@
 //! The cluster state and the one function that changes it.
 
 use crate::agent::Agent;
-use crate::command::{Command, Placement, Report, Stamped, StatusUpdate};
+use crate::command::{Command, Placement, Quota, Report, SchedulerSettings, Stamped, StatusUpdate};
 use capstan_model::lifecycle::{self, Context, Effect, Event, Outcome, RestartPolicy};
 use capstan_model::{derive_id, AgentId, Desired, JobKey, JobSpec, JobType, TaskExit, TaskId, TaskState, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -99,6 +99,9 @@ pub struct ClusterState {
     pub task_seq: u64,
     pub agents: BTreeMap<AgentId, Agent>,
     pub counters: Counters,
+    /// Production quotas per role; a role without one is not limited.
+    pub quotas: BTreeMap<String, Quota>,
+    pub scheduler: SchedulerSettings,
     // --- derived
     /// Tasks waiting for a place, by id.
     #[serde(skip)]
@@ -118,6 +121,8 @@ pub enum Rejection {
     NoSuchAgent(AgentId),
     #[error("job {0} is being killed")]
     JobKilled(JobKey),
+    #[error("{0}")]
+    OverQuota(String),
     #[error("invalid command: {0}")]
     Invalid(String),
 }
@@ -182,6 +187,9 @@ impl ClusterState {
                 if self.jobs.contains_key(&spec.job) {
                     return Err(Rejection::JobExists(spec.job.clone()));
                 }
+                if spec.production {
+                    self.check_quota(&spec.job.role, &spec.task.demand(), spec.instances)?;
+                }
                 let spec = Arc::new(spec.clone());
                 self.jobs.insert(
                     spec.job.clone(),
@@ -217,20 +225,38 @@ impl ClusterState {
                 self.forget_job_if_over(job);
             }
             Command::KillTask { task, by } => {
-                let t = self.tasks.get(task).ok_or(Rejection::NoSuchTask(*task))?;
-                let restart = !t.state.is_terminal()
-                    && self.jobs.get(&t.job).is_some_and(|j| {
-                        j.killed.is_none() && matches!(j.spec.job_type, JobType::Service | JobType::System)
-                    });
-                self.step(*task, &Event::Kill { by: by.clone() }, at, &mut out);
-                let t = self.tasks.get_mut(task).expect("task exists");
-                if restart {
-                    t.restart_when_stopped = true;
-                    if t.state.is_terminal() {
-                        self.restart_instance(*task, 0, 0, at, &mut out);
+                if !self.tasks.contains_key(task) {
+                    return Err(Rejection::NoSuchTask(*task));
+                }
+                self.kill_task(*task, by, at, &mut out);
+            }
+            Command::Preempt { preemptions } => {
+                for p in preemptions {
+                    let (Some(victim), Some(by)) = (self.tasks.get(&p.victim), self.tasks.get(&p.by)) else { continue };
+                    let (Some(vj), Some(bj)) = (self.jobs.get(&victim.job), self.jobs.get(&by.job)) else { continue };
+                    // Re-checked here, as placements are: never a production victim, never an equal or higher priority.
+                    if vj.spec.production || !bj.spec.production || vj.spec.priority >= bj.spec.priority {
+                        continue;
                     }
+                    if !victim.state.holds_resources() || victim.desired != Desired::Run {
+                        continue;
+                    }
+                    let reason = format!(
+                        "preempted by task {} of job {} (production, priority {})",
+                        p.by, by.job, bj.spec.priority
+                    );
+                    self.kill_task(p.victim, &reason, at, &mut out);
                 }
             }
+            Command::SetQuota { role, quota } => match quota {
+                Some(q) => {
+                    self.quotas.insert(role.clone(), *q);
+                }
+                None => {
+                    self.quotas.remove(role);
+                }
+            },
+            Command::SetSchedulerSettings { settings } => self.scheduler = *settings,
             Command::Place { placements } => {
                 for p in placements {
                     if self.place(p) {
@@ -251,6 +277,74 @@ impl ClusterState {
             }
         }
         Ok(out)
+    }
+
+    /// Stops one task; a live service instance gets a fresh task once this one ended.
+    fn kill_task(&mut self, task: TaskId, by: &str, at: Timestamp, out: &mut Applied) {
+        let Some(t) = self.tasks.get(&task) else { return };
+        let restart = !t.state.is_terminal()
+            && self.jobs.get(&t.job).is_some_and(|j| {
+                j.killed.is_none() && matches!(j.spec.job_type, JobType::Service | JobType::System)
+            });
+        self.step(task, &Event::Kill { by: by.to_string() }, at, out);
+        let t = self.tasks.get_mut(&task).expect("task exists");
+        if restart {
+            t.restart_when_stopped = true;
+            if t.state.is_terminal() {
+                self.restart_instance(task, 0, 0, at, out);
+            }
+        }
+    }
+
+    /// What the production jobs of a role hold now (all their instances, placed or not).
+    pub fn production_usage(&self, role: &str) -> Quota {
+        let mut q = Quota::default();
+        for j in self.jobs.values().filter(|j| j.spec.production && j.spec.job.role == role && j.killed.is_none()) {
+            let d = j.spec.task.demand();
+            let n = u64::from(j.spec.instances);
+            q.cpus_milli += u64::from(d.cpus_milli) * n;
+            q.mem_bytes += d.mem_bytes * n;
+            q.disk_bytes += d.disk_bytes * n;
+        }
+        q
+    }
+
+    fn check_quota(&self, role: &str, demand: &capstan_model::Demand, instances: u32) -> Result<(), Rejection> {
+        let Some(quota) = self.quotas.get(role) else { return Ok(()) };
+        let used = self.production_usage(role);
+        let n = u64::from(instances);
+        let want = Quota {
+            cpus_milli: u64::from(demand.cpus_milli) * n,
+            mem_bytes: demand.mem_bytes * n,
+            disk_bytes: demand.disk_bytes * n,
+        };
+        let mut over = Vec::new();
+        let cpus = |m: u64| format!("{}", m as f64 / 1000.0);
+        let size = |b: u64| capstan_model::ByteSize(b).human();
+        if used.cpus_milli + want.cpus_milli > quota.cpus_milli {
+            over.push(format!(
+                "cpus: {} in use + {} asked > {} quota",
+                cpus(used.cpus_milli),
+                cpus(want.cpus_milli),
+                cpus(quota.cpus_milli)
+            ));
+        }
+        if used.mem_bytes + want.mem_bytes > quota.mem_bytes {
+            over.push(format!("mem: {} in use + {} asked > {} quota", size(used.mem_bytes), size(want.mem_bytes), size(quota.mem_bytes)));
+        }
+        if used.disk_bytes + want.disk_bytes > quota.disk_bytes {
+            over.push(format!(
+                "disk: {} in use + {} asked > {} quota",
+                size(used.disk_bytes),
+                size(want.disk_bytes),
+                size(quota.disk_bytes)
+            ));
+        }
+        if over.is_empty() {
+            Ok(())
+        } else {
+            Err(Rejection::OverQuota(format!("role {role} is over its production quota: {}", over.join("; "))))
+        }
     }
 
     fn fresh_id(&self, mut candidate: u64) -> TaskId {

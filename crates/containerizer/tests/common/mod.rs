@@ -71,6 +71,8 @@ pub fn spec(command: &str) -> LaunchSpec {
         mem_bytes: 128 << 20,
         pids_max: Some(64),
         kill_grace_ms: 300,
+        log_max_bytes: 0,
+        log_keep: 0,
     }
 }
 

@@ -1,0 +1,24 @@
+//! Simulated agents for scale tests: thousands of agents in one process that speak the real
+//! agent protocol (register, long-poll orders, numbered status updates acknowledged by
+//! `acked_seq`) to a real master, with a fake executor instead of processes; and the pieces of
+//! `capstan bench placement` (job generator, `/metrics` reader, `/proc` figures, the raw store
+//! write that is the benchmark's physical limit).
+//!
+//! Architecture invariant: nothing here reaches into the master; everything goes over HTTP, so
+//! a benchmark measures what a real cluster would see.
+//! Architecture invariant: the cost of an agent is one tokio task (its long poll) and a small
+//! struct; there are no per-agent threads or timers, and every queue and concurrency has a bound
+//! (`fleet::POSTS_IN_FLIGHT_MAX`, `fleet::REGISTRATIONS_IN_FLIGHT_MAX`,
+//! `fleet::UPDATES_PER_POST_MAX`).
+//! Architecture invariant: the fake executor is a pure function of the task's command.
+
+pub mod baseline;
+pub mod cli;
+pub mod executor;
+pub mod fleet;
+pub mod jobs;
+pub mod os;
+pub mod placement;
+pub mod prom;
+
+pub use fleet::{Fleet, FleetConfig, StatsSnapshot};

@@ -1,0 +1,533 @@
+//! `capstan bench placement`: placement throughput end to end over the real protocol, durable.
+//!
+//! A master runs as its own process (`capstan master`, embedded store, in a temporary directory),
+//! so its memory and CPU are its own; the simulated agents run in this process. Once every agent
+//! is registered, the jobs are submitted as fast as the API takes them, and the clock runs from
+//! the first submission until the master's `/metrics` counts every task RUNNING (scraped every
+//! 200 ms: listing a million tasks over the API would measure the listing). The physical limit
+//! it is compared with is the time to merely append as many task records to a fresh embedded
+//! store on the same file system, in batches of 1,000.
+
+use crate::baseline::{self, RawWrite};
+use crate::fleet::{Fleet, FleetConfig, StatsSnapshot};
+use crate::jobs::{self, JobMix};
+use crate::os;
+use crate::prom::Scrape;
+use anyhow::Context as _;
+use capstan_api::Client;
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
+
+/// How often `/metrics` is scraped while waiting.
+const SCRAPE_EVERY: Duration = Duration::from_millis(200);
+/// Job submissions in flight at once.
+const SUBMISSIONS_IN_FLIGHT_MAX: usize = 4;
+/// Tasks per job by default (jobs = tasks / this, rounded up).
+const TASKS_PER_JOB_DEFAULT: u64 = 10_000;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct PlacementArgs {
+    /// Simulated agents.
+    #[arg(long, default_value_t = 1_000)]
+    pub agents: usize,
+    /// Tasks to place, over all jobs.
+    #[arg(long, default_value_t = 10_000)]
+    pub tasks: u64,
+    /// Jobs to spread the tasks over (default: one per 10,000 tasks).
+    #[arg(long)]
+    pub jobs: Option<u32>,
+    /// Cpus per task (default: an even share of an agent, so the tasks fill every agent).
+    #[arg(long)]
+    pub cpus_per_task: Option<f64>,
+    /// Memory per task, e.g. `64MiB` (default: an even share of an agent).
+    #[arg(long)]
+    pub mem_per_task: Option<String>,
+    /// What each agent offers, over `cpus=8,mem=32GiB,disk=100GiB,ports=31000-32000`.
+    #[arg(long)]
+    pub resources: Option<String>,
+    /// Racks and pods the agents are spread over.
+    #[arg(long, default_value = "rack=50,pod=5")]
+    pub attributes_spread: String,
+    /// Give a mix of jobs placement constraints (rack not r0; a per-rack limit; dc and pod).
+    #[arg(long)]
+    pub constraints: bool,
+    /// Where the temporary directories go (the master's store and the raw-write store share it).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Keep the temporary directory (the master's store and log) and print where it is.
+    #[arg(long)]
+    pub keep_dir: bool,
+    /// Give up when not every task is RUNNING after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout_s: u64,
+    /// Skip the raw store write (the physical limit).
+    #[arg(long)]
+    pub no_raw_write: bool,
+}
+
+/// What one run measured.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct Figures {
+    agents: usize,
+    tasks: u64,
+    jobs: u32,
+    cpus_milli_per_task: u32,
+    mem_bytes_per_task: u64,
+    constraints: bool,
+    registration_s: f64,
+    submitted_s: f64,
+    placed_s: Option<f64>,
+    running_s: Option<f64>,
+    running: u64,
+    tasks_per_s: Option<f64>,
+    placement_latency_p50_s: Option<f64>,
+    placement_latency_p99_s: Option<f64>,
+    placement_latency_mean_s: Option<f64>,
+    master_rss_before_bytes: u64,
+    master_rss_peak_bytes: u64,
+    master_bytes_per_task: Option<f64>,
+    master_cpu_s: f64,
+    master_cpu_by_thread_s: BTreeMap<String, f64>,
+    sim_cpu_s: f64,
+    scheduler_passes: u64,
+    scheduler_pass_mean_ms: f64,
+    scheduler_pass_total_s: f64,
+    store_commits: u64,
+    store_commit_mean_ms: f64,
+    store_commit_total_s: f64,
+    commands_logged: u64,
+    placements_refused: f64,
+    illegal_transitions: f64,
+    duplicate_updates: f64,
+    raw_write: Option<RawWrite>,
+    raw_write_s: Option<f64>,
+    end_to_end_over_raw_write: Option<f64>,
+    sim: StatsSnapshot,
+}
+
+/// The master as a child process; killed when dropped (error, Ctrl-C) or by [`MasterProcess::stop`].
+struct MasterProcess {
+    child: tokio::process::Child,
+    pid: u32,
+    url: String,
+    log: PathBuf,
+}
+
+impl MasterProcess {
+    async fn start(data_dir: PathBuf, log: PathBuf) -> anyhow::Result<MasterProcess> {
+        let exe = std::env::current_exe().context("cannot find the capstan binary to start a master")?;
+        let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        // The open-file limit was raised in this process already; the child inherits it.
+        let mut child = tokio::process::Command::new(exe)
+            .arg("master")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--bind", "127.0.0.1:0"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start `capstan master`")?;
+        let pid = child.id().context("the master exited at once")?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let url = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(url) = line.strip_prefix("capstan master serving at ") {
+                    return Ok(url.trim().to_string());
+                }
+            }
+            anyhow::bail!("the master exited before it served")
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("the master did not serve within 60 s"))?
+        .with_context(|| format!("see {}", log.display()))?;
+        // Keep reading its stdout so that a later line never meets a closed pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(MasterProcess { child, pid, url, log })
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.0} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+fn thousands(n: f64) -> String {
+    let s = format!("{:.0}", n);
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 && c != '-' {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub async fn run(args: PlacementArgs) -> anyhow::Result<()> {
+    tokio::select! {
+        r = measure(args) => r,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the master was stopped"),
+    }
+}
+
+async fn measure(args: PlacementArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.agents > 0 && args.tasks > 0, "--agents and --tasks must be at least 1");
+    let capacity =
+        FleetConfig::capacity_from(args.resources.as_deref()).map_err(|e| anyhow::anyhow!("--resources: {e}"))?;
+    let (racks, pods) =
+        FleetConfig::parse_spread(&args.attributes_spread).map_err(|e| anyhow::anyhow!("--attributes-spread: {e}"))?;
+    let nofile = crate::cli::check_nofile(args.agents)?;
+    let slots = jobs::slots_per_agent(args.tasks, args.agents as u64, args.constraints);
+    let (mut cpus_milli, mut mem_bytes) = jobs::task_size_for(&capacity, slots);
+    if let Some(c) = args.cpus_per_task {
+        cpus_milli = capstan_model::resources::cpus_to_milli(c).map_err(|e| anyhow::anyhow!("--cpus-per-task: {e}"))?;
+    }
+    if let Some(m) = &args.mem_per_task {
+        mem_bytes = m.parse::<capstan_model::ByteSize>().map_err(|e| anyhow::anyhow!("--mem-per-task: {e}"))?.0;
+    }
+    let job_count = args.jobs.unwrap_or(args.tasks.div_ceil(TASKS_PER_JOB_DEFAULT) as u32).max(1);
+    anyhow::ensure!(
+        args.tasks.div_ceil(u64::from(job_count)) <= u64::from(capstan_model::decode::INSTANCES_MAX),
+        "--jobs {job_count}: a job holds at most {} instances; use more jobs",
+        capstan_model::decode::INSTANCES_MAX
+    );
+    let mix = JobMix {
+        run: format!("r{}", rand::random::<u32>() % 1_000_000),
+        jobs: job_count,
+        tasks: args.tasks,
+        cpus_milli,
+        mem_bytes,
+        constraints: args.constraints,
+        racks,
+        pods,
+    };
+
+    let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
+    let tmp = tempfile::Builder::new().prefix("capstan-bench-placement-").tempdir_in(&base)?;
+    let master = MasterProcess::start(tmp.path().join("master"), tmp.path().join("master.log")).await?;
+    eprintln!(
+        "master pid {} at {} (log {}); open-file limit {nofile}",
+        master.pid,
+        master.url,
+        master.log.display()
+    );
+    let result = drive(&args, &mix, &master, capacity, racks, pods).await;
+    let master_log = master.log.clone();
+    master.stop().await;
+    let mut figures = match result {
+        Ok(f) => f,
+        Err(e) => {
+            if args.keep_dir {
+                eprintln!("kept {}", tmp.keep().display());
+            }
+            return Err(e.context(format!("master log: {}", master_log.display())));
+        }
+    };
+
+    if !args.no_raw_write {
+        eprintln!("writing {} task records to a fresh embedded store (the physical limit)…", args.tasks);
+        let dir = tmp.path().join("raw-write");
+        let tasks = args.tasks;
+        let agents = args.agents as u64;
+        let raw = tokio::task::spawn_blocking(move || {
+            let r = baseline::write_task_records(&dir, tasks, agents);
+            let _ = std::fs::remove_dir_all(&dir);
+            r
+        })
+        .await??;
+        let raw_s = raw.elapsed.as_secs_f64();
+        figures.raw_write_s = Some(raw_s);
+        figures.end_to_end_over_raw_write = figures.running_s.map(|e| e / raw_s);
+        figures.raw_write = Some(raw);
+    }
+    print_report(&figures);
+    if args.keep_dir {
+        eprintln!("kept {}", tmp.keep().display());
+    }
+    Ok(())
+}
+
+async fn scrape(client: &Client) -> anyhow::Result<Scrape> {
+    Ok(Scrape::parse(&client.metrics().await?))
+}
+
+async fn drive(
+    args: &PlacementArgs,
+    mix: &JobMix,
+    master: &MasterProcess,
+    capacity: capstan_model::Capacity,
+    racks: u32,
+    pods: u32,
+) -> anyhow::Result<Figures> {
+    let client = Client::new(&master.url);
+    let mut f = Figures {
+        agents: args.agents,
+        tasks: args.tasks,
+        jobs: mix.jobs,
+        cpus_milli_per_task: mix.cpus_milli,
+        mem_bytes_per_task: mix.mem_bytes,
+        constraints: mix.constraints,
+        ..Default::default()
+    };
+
+    // 1. Agents.
+    let started = Instant::now();
+    let fleet = Fleet::start(FleetConfig { master: master.url.clone(), count: args.agents, capacity, racks, pods });
+    let deadline = started + Duration::from_secs(300);
+    loop {
+        let registered = client.agents().await?.len();
+        if registered >= args.agents {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {registered} of {} agents registered after 300 s ({:?})",
+            args.agents,
+            fleet.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    f.registration_s = started.elapsed().as_secs_f64();
+    eprintln!("{} agents registered in {:.1} s", args.agents, f.registration_s);
+    // Let the agents settle into their long polls.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // 2. Submit and wait.
+    f.master_rss_before_bytes = os::status_bytes(master.pid, "VmRSS").unwrap_or(0);
+    let master_cpu_before = os::cpu_seconds(master.pid).unwrap_or(0.0);
+    let threads_before = os::cpu_seconds_by_thread(master.pid);
+    let sim_cpu_before = os::cpu_seconds(std::process::id()).unwrap_or(0.0);
+    // Registration moved these already: the report gives what happened after the first job.
+    let before = scrape(&client).await?;
+    let t0 = Instant::now();
+    let submitter = {
+        let client = client.clone();
+        let mix = mix.clone();
+        tokio::spawn(async move {
+            let mut results = futures::stream::iter(0..mix.jobs)
+                .map(|j| {
+                    let client = client.clone();
+                    let spec = jobs::job_spec(&mix, j);
+                    async move { client.create_job(&spec).await.map_err(|e| (j, e)) }
+                })
+                .buffer_unordered(SUBMISSIONS_IN_FLIGHT_MAX);
+            while let Some(r) = results.next().await {
+                if let Err((j, e)) = r {
+                    anyhow::bail!("job {} was refused: {e}", jobs::job_key(&mix, j));
+                }
+            }
+            Ok(t0.elapsed())
+        })
+    };
+    let mut submitter = Some(submitter);
+    let deadline = t0 + Duration::from_secs(args.timeout_s);
+    let mut last_progress = Instant::now();
+    let mut last: Scrape;
+    loop {
+        tokio::time::sleep(SCRAPE_EVERY).await;
+        if submitter.as_ref().is_some_and(|s| s.is_finished()) {
+            let elapsed = submitter.take().expect("checked").await??;
+            f.submitted_s = elapsed.as_secs_f64();
+            eprintln!("{} jobs accepted in {:.2} s", mix.jobs, f.submitted_s);
+        }
+        last = scrape(&client).await?;
+        let placed = last.get("capstan_placements_total").unwrap_or(0.0) as u64;
+        if f.placed_s.is_none() && placed >= args.tasks {
+            f.placed_s = Some(t0.elapsed().as_secs_f64());
+        }
+        f.running = last.tasks_in("RUNNING");
+        if f.running >= args.tasks {
+            f.running_s = Some(t0.elapsed().as_secs_f64());
+            break;
+        }
+        if last_progress.elapsed() >= Duration::from_secs(5) {
+            last_progress = Instant::now();
+            let s = fleet.stats();
+            eprintln!(
+                "{:>6.1} s  pending {}  assigned {}  running {}  placed {}  master rss {}  sim: posts {} updates {} queued {} errors {}/{}",
+                t0.elapsed().as_secs_f64(),
+                last.tasks_in("PENDING"),
+                last.tasks_in("ASSIGNED"),
+                f.running,
+                placed,
+                mib(os::status_bytes(master.pid, "VmRSS").unwrap_or(0)),
+                s.update_posts,
+                s.updates_sent,
+                fleet.updates_queued(),
+                s.poll_errors,
+                s.update_errors,
+            );
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "gave up after {} s: {} of {} tasks RUNNING (pending {})",
+                args.timeout_s,
+                f.running,
+                args.tasks,
+                last.tasks_in("PENDING")
+            );
+            break;
+        }
+    }
+    if let Some(s) = submitter.take() {
+        match tokio::time::timeout(Duration::from_secs(5), s).await {
+            Ok(joined) => f.submitted_s = joined??.as_secs_f64(),
+            Err(_) => anyhow::bail!("job submissions were still running when the tasks ran; this cannot be"),
+        }
+    }
+
+    // 3. What the master says about itself.
+    f.master_rss_peak_bytes = os::status_bytes(master.pid, "VmHWM").unwrap_or(0);
+    f.master_bytes_per_task =
+        Some(f.master_rss_peak_bytes.saturating_sub(f.master_rss_before_bytes) as f64 / args.tasks as f64);
+    f.master_cpu_s = os::cpu_seconds(master.pid).unwrap_or(0.0) - master_cpu_before;
+    f.master_cpu_by_thread_s = os::cpu_seconds_by_thread(master.pid)
+        .into_iter()
+        .map(|(name, s)| {
+            let before = threads_before.get(&name).copied().unwrap_or(0.0);
+            (name, s - before)
+        })
+        .filter(|(_, s)| *s >= 0.005)
+        .collect();
+    f.sim_cpu_s = os::cpu_seconds(std::process::id()).unwrap_or(0.0) - sim_cpu_before;
+    f.tasks_per_s = f.running_s.map(|s| args.tasks as f64 / s);
+    let latency = "capstan_placement_latency_seconds";
+    f.placement_latency_p50_s = last.quantile(latency, 0.5);
+    f.placement_latency_p99_s = last.quantile(latency, 0.99);
+    let (sum, count) = last.sum_count(latency);
+    f.placement_latency_mean_s = (count > 0).then(|| sum / count as f64);
+    let delta = |name: &str| {
+        let ((s1, c1), (s0, c0)) = (last.sum_count(name), before.sum_count(name));
+        (s1 - s0, c1.saturating_sub(c0))
+    };
+    let (sum, count) = delta("capstan_scheduler_pass_seconds");
+    f.scheduler_passes = count;
+    f.scheduler_pass_total_s = sum;
+    f.scheduler_pass_mean_ms = if count > 0 { sum / count as f64 * 1000.0 } else { 0.0 };
+    let (sum, count) = delta("capstan_store_write_seconds");
+    f.store_commits = count;
+    f.store_commit_total_s = sum;
+    f.store_commit_mean_ms = if count > 0 { sum / count as f64 * 1000.0 } else { 0.0 };
+    f.commands_logged = (last.get("capstan_log_index").unwrap_or(0.0) - before.get("capstan_log_index").unwrap_or(0.0))
+        as u64;
+    f.placements_refused = last.get("capstan_placements_refused").unwrap_or(0.0);
+    f.illegal_transitions = last.get("capstan_illegal_transitions").unwrap_or(0.0);
+    f.duplicate_updates = last.get("capstan_duplicate_status_updates").unwrap_or(0.0);
+    f.sim = fleet.stats();
+    drop(fleet);
+    anyhow::ensure!(
+        f.running_s.is_some(),
+        "not every task ran: {} of {} RUNNING after {} s",
+        f.running,
+        args.tasks,
+        args.timeout_s
+    );
+    Ok(f)
+}
+
+fn print_report(f: &Figures) {
+    let opt_s = |v: Option<f64>| v.map(|s| format!("{s:.2} s")).unwrap_or_else(|| "—".into());
+    let opt_ms = |v: Option<f64>| v.map(|s| format!("{:.0} ms", s * 1000.0)).unwrap_or_else(|| "—".into());
+    let mut rows: Vec<(String, String)> = vec![
+        ("all agents registered".into(), format!("{:.2} s", f.registration_s)),
+        ("all jobs accepted".into(), format!("{:.2} s", f.submitted_s)),
+        ("all tasks placed".into(), opt_s(f.placed_s)),
+        ("all tasks RUNNING (end to end)".into(), opt_s(f.running_s)),
+        (
+            "throughput end to end".into(),
+            f.tasks_per_s.map(|t| format!("{} tasks/s (target ≥ 16,700/s)", thousands(t))).unwrap_or_else(|| "—".into()),
+        ),
+        (
+            "placement latency p50 / p99 / mean".into(),
+            format!(
+                "{} / {} / {}",
+                opt_ms(f.placement_latency_p50_s),
+                opt_ms(f.placement_latency_p99_s),
+                opt_ms(f.placement_latency_mean_s)
+            ),
+        ),
+        (
+            "master RSS before / peak".into(),
+            format!("{} / {}", mib(f.master_rss_before_bytes), mib(f.master_rss_peak_bytes)),
+        ),
+        (
+            "master memory per task".into(),
+            f.master_bytes_per_task.map(|b| format!("{b:.0} B (target ≤ 1,024 B)")).unwrap_or_else(|| "—".into()),
+        ),
+    ];
+    if let (Some(raw), Some(s)) = (&f.raw_write, f.raw_write_s) {
+        rows.push((
+            "raw write of the task records".into(),
+            format!(
+                "{s:.2} s ({} records, {} B each, {} commits)",
+                thousands(raw.records as f64),
+                raw.bytes / raw.records.max(1),
+                raw.commits
+            ),
+        ));
+        rows.push((
+            "end to end / raw write".into(),
+            f.end_to_end_over_raw_write.map(|r| format!("{r:.1}× (target ≤ 2×)")).unwrap_or_else(|| "—".into()),
+        ));
+    }
+    let threads: Vec<String> = f.master_cpu_by_thread_s.iter().map(|(n, s)| format!("{n} {s:.1} s")).collect();
+    rows.push(("master CPU".into(), format!("{:.1} s ({})", f.master_cpu_s, threads.join(", "))));
+    rows.push(("this process' CPU (sim agents)".into(), format!("{:.1} s", f.sim_cpu_s)));
+    rows.push((
+        "scheduler passes".into(),
+        format!("{}, mean {:.1} ms, total {:.2} s", f.scheduler_passes, f.scheduler_pass_mean_ms, f.scheduler_pass_total_s),
+    ));
+    rows.push((
+        "store commits".into(),
+        format!(
+            "{}, mean {:.2} ms, total {:.2} s; {} commands logged ({:.1} per commit)",
+            f.store_commits,
+            f.store_commit_mean_ms,
+            f.store_commit_total_s,
+            f.commands_logged,
+            f.commands_logged as f64 / f.store_commits.max(1) as f64
+        ),
+    ));
+    rows.push((
+        "sim traffic".into(),
+        format!(
+            "{} orders, {} update posts ({:.1} updates each), errors: {} polls, {} posts",
+            f.sim.orders_received,
+            f.sim.update_posts,
+            f.sim.updates_sent as f64 / f.sim.update_posts.max(1) as f64,
+            f.sim.poll_errors,
+            f.sim.update_errors
+        ),
+    ));
+    rows.push((
+        "refused placements / illegal transitions / duplicate updates".into(),
+        format!("{} / {} / {}", f.placements_refused, f.illegal_transitions, f.duplicate_updates),
+    ));
+    println!(
+        "placement: {} tasks in {} jobs on {} simulated agents ({} millicpus, {} per task{})",
+        thousands(f.tasks as f64),
+        f.jobs,
+        thousands(f.agents as f64),
+        f.cpus_milli_per_task,
+        capstan_model::ByteSize(f.mem_bytes_per_task).human(),
+        if f.constraints { ", with constraints" } else { "" }
+    );
+    let width = rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
+    for (k, v) in &rows {
+        println!("  {k:<width$}  {v}");
+    }
+    let mut json = serde_json::to_value(f).expect("serializable");
+    json["bench"] = "placement".into();
+    println!("{json}");
+}
