@@ -205,6 +205,8 @@ struct Shared {
     registrations: Semaphore,
     posts: Arc<Semaphore>,
     stats: Stats,
+    /// The latest error an agent met, for progress lines.
+    last_error: Mutex<Option<String>>,
 }
 
 /// A running fleet; dropping it stops every agent (their tasks stay on the master until it
@@ -288,6 +290,7 @@ impl Fleet {
             registrations: Semaphore::new(REGISTRATIONS_IN_FLIGHT_MAX),
             posts: Arc::new(Semaphore::new(POSTS_IN_FLIGHT_MAX)),
             stats: Stats::default(),
+            last_error: Mutex::new(None),
         });
         let mut handles = Vec::with_capacity(config.count + 2);
         handles.push(tokio::spawn(flusher(shared.clone())));
@@ -331,6 +334,11 @@ impl Fleet {
             killed_acked: get(&s.killed_acked),
             running: launched.saturating_sub(ended),
         }
+    }
+
+    /// The latest error an agent met (orders, updates), if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.shared.last_error.lock().clone()
     }
 
     /// Updates queued but not yet acknowledged, over the fleet.
@@ -492,6 +500,7 @@ async fn run_agent(shared: Arc<Shared>, index: u32) {
             Err(CallError::Other(e)) => {
                 shared.stats.poll_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(agent = index, "cannot get orders: {e}; retrying in {delay:?}");
+                *shared.last_error.lock() = Some(format!("orders of sim-{index}: {e}"));
                 tokio::time::sleep(delay).await;
                 delay = backoff(delay);
             }
@@ -575,6 +584,7 @@ async fn post_updates(shared: &Shared, index: u32, batch: Vec<StatusUpdate>) {
             shared.stats.update_errors.fetch_add(1, Ordering::Relaxed);
             if let CallError::Other(e) = &e {
                 tracing::debug!(agent = index, "cannot send status updates: {e}");
+                *shared.last_error.lock() = Some(format!("updates of sim-{index}: {e}"));
             }
             // Unknown agent: its orders loop gets the same answer and registers again.
             st.retry_delay = backoff(st.retry_delay);
