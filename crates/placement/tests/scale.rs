@@ -71,3 +71,29 @@ fn plan_cost_per_task_stays_flat_from_1k_to_10k_agents() {
     let large = one_pass(10_000);
     println!("cost per placed task, 10,000 agents / 1,000 agents: {:.2}x", large / small);
 }
+
+/// Every pass after the first: plan 10,000, apply, until nothing more is placed. Each pass meets
+/// another job (another constraint kind) and fuller agents.
+fn drain(agents: u64) {
+    let mut c = cluster(agents);
+    let mut line = Vec::new();
+    for pass in 0..12u64 {
+        let t = Instant::now();
+        let p = plan(&c.state, c.now(), pass, LIMIT);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        line.push(format!("{ms:.0}ms/{}", p.placements.len()));
+        let placed = p.placements.len();
+        assert_eq!(c.place(p.placements).placements_refused, 0);
+        if placed == 0 {
+            break;
+        }
+    }
+    println!("{agents:>6} agents, draining 100,000 tasks 10,000 a pass (time/placed): {}", line.join(" "));
+}
+
+#[test]
+#[ignore = "slow in debug builds; run with --release -- --ignored --nocapture"]
+fn draining_the_queue_pass_by_pass() {
+    drain(1_000);
+    drain(10_000);
+}

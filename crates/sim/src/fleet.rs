@@ -248,6 +248,18 @@ pub fn shared_client() -> reqwest::Client {
         .expect("building an HTTP client cannot fail with these settings")
 }
 
+/// An error with its causes (reqwest's own message leaves out why a request failed).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 enum CallError {
     /// The master does not know the agent: register again.
     UnknownAgent,
@@ -357,9 +369,9 @@ impl Shared {
     }
 
     async fn call<T: for<'de> Deserialize<'de>>(&self, req: reqwest::RequestBuilder) -> Result<T, CallError> {
-        let resp = req.send().await.map_err(|e| CallError::Other(e.to_string()))?;
+        let resp = req.send().await.map_err(|e| CallError::Other(error_chain(&e)))?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| CallError::Other(e.to_string()))?;
+        let bytes = resp.bytes().await.map_err(|e| CallError::Other(error_chain(&e)))?;
         if status.as_u16() == 404 {
             return Err(CallError::UnknownAgent);
         }

@@ -105,7 +105,57 @@ struct Figures {
     raw_write: Option<RawWrite>,
     raw_write_s: Option<f64>,
     end_to_end_over_raw_write: Option<f64>,
+    scrape_mean_ms: f64,
+    snapshots: SnapshotsSeen,
     sim: StatsSnapshot,
+    timeline: Vec<Window>,
+}
+
+/// Five seconds of the run, from the master's metrics.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct Window {
+    at_s: f64,
+    pending: u64,
+    assigned: u64,
+    running: u64,
+    placed: u64,
+    /// Scheduler passes that ended in the window, and their mean duration.
+    passes: u64,
+    pass_mean_ms: f64,
+    store_commits: u64,
+    commit_mean_ms: f64,
+    commands_logged: u64,
+    master_rss_bytes: u64,
+    /// How long the last `/metrics` scrape took (the master counts every task for it).
+    scrape_ms: f64,
+    sim_updates_queued: usize,
+}
+
+/// What the master's log says about snapshots (the writer installs one every 20,000 entries).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct SnapshotsSeen {
+    count: u64,
+    total_ms: u64,
+    max_ms: u64,
+    max_bytes: u64,
+}
+
+fn snapshots_in_log(log: &std::path::Path) -> SnapshotsSeen {
+    let mut seen = SnapshotsSeen::default();
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    for line in text.lines().filter(|l| l.contains("snapshot installed")) {
+        let field = |name: &str| -> u64 {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.trim_end_matches(',').parse().ok())
+                .unwrap_or(0)
+        };
+        let (ms, bytes) = (field("elapsed_ms"), field("bytes"));
+        seen.count += 1;
+        seen.total_ms += ms;
+        seen.max_ms = seen.max_ms.max(ms);
+        seen.max_bytes = seen.max_bytes.max(bytes);
+    }
+    seen
 }
 
 /// The master as a child process; killed when dropped (error, Ctrl-C) or by [`MasterProcess::stop`].
@@ -226,7 +276,10 @@ async fn measure(args: PlacementArgs) -> anyhow::Result<()> {
     let master_log = master.log.clone();
     master.stop().await;
     let mut figures = match result {
-        Ok(f) => f,
+        Ok(mut f) => {
+            f.snapshots = snapshots_in_log(&master_log);
+            f
+        }
         Err(e) => {
             if args.keep_dir {
                 eprintln!("kept {}", tmp.keep().display());
@@ -260,6 +313,13 @@ async fn measure(args: PlacementArgs) -> anyhow::Result<()> {
 
 async fn scrape(client: &Client) -> anyhow::Result<Scrape> {
     Ok(Scrape::parse(&client.metrics().await?))
+}
+
+/// Scrapes and says how long it took.
+async fn timed_scrape(client: &Client) -> anyhow::Result<(Scrape, f64)> {
+    let started = Instant::now();
+    let s = scrape(client).await?;
+    Ok((s, started.elapsed().as_secs_f64() * 1000.0))
 }
 
 async fn drive(
@@ -332,8 +392,10 @@ async fn drive(
     };
     let mut submitter = Some(submitter);
     let deadline = t0 + Duration::from_secs(args.timeout_s);
+    let mut window_start = before.clone();
     let mut last_progress = Instant::now();
     let mut last: Scrape;
+    let (mut scrapes, mut scrape_total_ms) = (0u64, 0.0);
     loop {
         tokio::time::sleep(SCRAPE_EVERY).await;
         if submitter.as_ref().is_some_and(|s| s.is_finished()) {
@@ -341,7 +403,10 @@ async fn drive(
             f.submitted_s = elapsed.as_secs_f64();
             eprintln!("{} jobs accepted in {:.2} s", mix.jobs, f.submitted_s);
         }
-        last = scrape(&client).await?;
+        let (scraped, scrape_ms) = timed_scrape(&client).await?;
+        last = scraped;
+        scrapes += 1;
+        scrape_total_ms += scrape_ms;
         let placed = last.get("capstan_placements_total").unwrap_or(0.0) as u64;
         if f.placed_s.is_none() && placed >= args.tasks {
             f.placed_s = Some(t0.elapsed().as_secs_f64());
@@ -353,21 +418,29 @@ async fn drive(
         }
         if last_progress.elapsed() >= Duration::from_secs(5) {
             last_progress = Instant::now();
+            let w = window(t0, &window_start, &last, scrape_ms, master.pid, fleet.updates_queued());
+            window_start = last.clone();
             let s = fleet.stats();
             eprintln!(
-                "{:>6.1} s  pending {}  assigned {}  running {}  placed {}  master rss {}  sim: posts {} updates {} queued {} errors {}/{}",
-                t0.elapsed().as_secs_f64(),
-                last.tasks_in("PENDING"),
-                last.tasks_in("ASSIGNED"),
-                f.running,
-                placed,
-                mib(os::status_bytes(master.pid, "VmRSS").unwrap_or(0)),
-                s.update_posts,
-                s.updates_sent,
-                fleet.updates_queued(),
+                "{:>6.1} s  pending {}  assigned {}  running {}  placed {}  | {} passes of {:.0} ms, {} commits of {:.1} ms ({} commands), scrape {:.0} ms, master rss {} | sim queued {} errors {}/{}{}",
+                w.at_s,
+                w.pending,
+                w.assigned,
+                w.running,
+                w.placed,
+                w.passes,
+                w.pass_mean_ms,
+                w.store_commits,
+                w.commit_mean_ms,
+                w.commands_logged,
+                w.scrape_ms,
+                mib(w.master_rss_bytes),
+                w.sim_updates_queued,
                 s.poll_errors,
                 s.update_errors,
+                fleet.last_error().map(|e| format!(" (last: {e})")).unwrap_or_default(),
             );
+            f.timeline.push(w);
         }
         if Instant::now() >= deadline {
             eprintln!(
@@ -386,6 +459,8 @@ async fn drive(
             Err(_) => anyhow::bail!("job submissions were still running when the tasks ran; this cannot be"),
         }
     }
+
+    f.scrape_mean_ms = scrape_total_ms / scrapes.max(1) as f64;
 
     // 3. What the master says about itself.
     f.master_rss_peak_bytes = os::status_bytes(master.pid, "VmHWM").unwrap_or(0);
@@ -434,6 +509,31 @@ async fn drive(
         args.timeout_s
     );
     Ok(f)
+}
+
+fn window(t0: Instant, from: &Scrape, to: &Scrape, scrape_ms: f64, master_pid: u32, queued: usize) -> Window {
+    let delta = |name: &str| {
+        let ((s1, c1), (s0, c0)) = (to.sum_count(name), from.sum_count(name));
+        (s1 - s0, c1.saturating_sub(c0))
+    };
+    let (pass_s, passes) = delta("capstan_scheduler_pass_seconds");
+    let (commit_s, commits) = delta("capstan_store_write_seconds");
+    let index = |s: &Scrape| s.get("capstan_log_index").unwrap_or(0.0) as u64;
+    Window {
+        at_s: t0.elapsed().as_secs_f64(),
+        pending: to.tasks_in("PENDING"),
+        assigned: to.tasks_in("ASSIGNED"),
+        running: to.tasks_in("RUNNING"),
+        placed: to.get("capstan_placements_total").unwrap_or(0.0) as u64,
+        passes,
+        pass_mean_ms: if passes > 0 { pass_s / passes as f64 * 1000.0 } else { 0.0 },
+        store_commits: commits,
+        commit_mean_ms: if commits > 0 { commit_s / commits as f64 * 1000.0 } else { 0.0 },
+        commands_logged: index(to).saturating_sub(index(from)),
+        master_rss_bytes: os::status_bytes(master_pid, "VmRSS").unwrap_or(0),
+        scrape_ms,
+        sim_updates_queued: queued,
+    }
 }
 
 fn print_report(f: &Figures) {
@@ -499,6 +599,17 @@ fn print_report(f: &Figures) {
             f.commands_logged as f64 / f.store_commits.max(1) as f64
         ),
     ));
+    rows.push((
+        "snapshots (from the master's log)".into(),
+        format!(
+            "{}, {} ms in all, longest {} ms, largest {}",
+            f.snapshots.count,
+            f.snapshots.total_ms,
+            f.snapshots.max_ms,
+            mib(f.snapshots.max_bytes)
+        ),
+    ));
+    rows.push(("/metrics scrape (every 200 ms)".into(), format!("mean {:.1} ms", f.scrape_mean_ms)));
     rows.push((
         "sim traffic".into(),
         format!(
