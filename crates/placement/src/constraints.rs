@@ -55,11 +55,7 @@ impl JobSpread {
 
     fn count(&self, attribute: &str, value: &str) -> u32 {
         // Looked up without allocating in the common case of few attributes.
-        self.per_value
-            .iter()
-            .find(|((a, v), _)| a == attribute && v == value)
-            .map(|(_, n)| *n)
-            .unwrap_or(0)
+        self.per_value.iter().find(|((a, v), _)| a == attribute && v == value).map(|(_, n)| *n).unwrap_or(0)
     }
 
     pub(crate) fn check(&self, constraints: &[Constraint], agent: &Agent) -> Verdict {

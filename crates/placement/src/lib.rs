@@ -216,9 +216,27 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
                 if spec.production && preemption_searches < PREEMPTION_SEARCHES_PER_PASS {
                     preemption_searches += 1;
                     let already: BTreeSet<TaskId> = out.preemptions.iter().map(|p| p.victim).collect();
-                    let found =
-                        preempt::find(state, &agents, &ports_free, &tentative, &promised, task, &cons, &already);
+                    // Sibling-aware: the pass's own placements and promises count against the
+                    // job's constraints (one per host, per-value limits).
+                    let spread: &mut JobSpread = match spread {
+                        Some(s) => s,
+                        None => spreads.entry(task.job.clone()).or_insert_with(|| JobSpread::of(state, job)),
+                    };
+                    let found = preempt::find(
+                        state,
+                        &agents,
+                        &ports_free,
+                        &tentative,
+                        &promised,
+                        task,
+                        &cons,
+                        spread,
+                        &already,
+                    );
                     if let Some(found) = found {
+                        if let Some(agent) = state.agents.get(&found.agent) {
+                            spread.add(agent);
+                        }
                         let why = if found.victims.is_empty() {
                             format!("{why}; waiting for tasks stopping on agent {} to release room", found.agent)
                         } else {

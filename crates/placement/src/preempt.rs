@@ -32,12 +32,12 @@ pub(crate) fn find(
     promised: &HashMap<AgentId, Demand>,
     task: &Task,
     constraints: &[Constraint],
+    spread: &JobSpread,
     already: &BTreeSet<TaskId>,
 ) -> Option<Found> {
     let job = state.jobs.get(&task.job)?;
     let priority = job.spec.priority;
     let demand = job.spec.task.demand();
-    let spread = JobSpread::of(state, job);
     let mut best: Option<((usize, i64), AgentId, Vec<TaskId>)> = None;
     for (agent, ports_free) in agents.iter().zip(ports_free) {
         if let Verdict::Refused(_) = spread.check(constraints, agent) {
@@ -97,5 +97,8 @@ fn add(to: &mut Demand, d: &Demand) {
 }
 
 fn fits(free: &Demand, d: &Demand) -> bool {
-    free.cpus_milli >= d.cpus_milli && free.mem_bytes >= d.mem_bytes && free.disk_bytes >= d.disk_bytes && free.ports >= d.ports
+    free.cpus_milli >= d.cpus_milli
+        && free.mem_bytes >= d.mem_bytes
+        && free.disk_bytes >= d.disk_bytes
+        && free.ports >= d.ports
 }

@@ -32,7 +32,8 @@ fn optimum(state: &ClusterState, tasks: &[TaskId], held: &Held) -> usize {
                 // The brute force counts ports; which ones does not matter. Invented port numbers
                 // (above any real range) stand in for them.
                 let n = state.jobs[&state.tasks[first].job].spec.task.ports.len();
-                let cap_ports: BTreeSet<u16> = state.agents[agent].info.capacity.ports.iter().flat_map(|r| r.first..=r.last).collect();
+                let cap_ports: BTreeSet<u16> =
+                    state.agents[agent].info.capacity.ports.iter().flat_map(|r| r.first..=r.last).collect();
                 let taken: BTreeSet<u16> = next.ports.get(agent).into_iter().flatten().copied().collect();
                 let ports: Vec<u16> = cap_ports.difference(&taken).take(n).copied().collect();
                 next.add(state, *first, *agent, &ports);
@@ -47,9 +48,29 @@ fn optimum(state: &ClusterState, tasks: &[TaskId], held: &Held) -> usize {
 }
 
 #[derive(Clone, Debug)]
+struct SmallAgent {
+    cpus_milli: u32,
+    mem_mib: u64,
+    ports: u8,
+    rack: Option<u8>,
+    pod: Option<u8>,
+}
+
+#[derive(Clone, Debug)]
+struct SmallJob {
+    instances: u32,
+    cpus_milli: u32,
+    mem_mib: u64,
+    ports: u32,
+    priority: i32,
+    spread_policy: bool,
+    constraints: Vec<ConstraintSpec>,
+}
+
+#[derive(Clone, Debug)]
 struct Small {
-    agents: Vec<(u32, u64, u8, Option<u8>, Option<u8>)>, // cpus, mem MiB, ports, rack, pod
-    jobs: Vec<(u32, u32, u64, u32, i32, bool, Vec<ConstraintSpec>)>, // instances, cpus, mem MiB, ports, priority, spread policy, constraints
+    agents: Vec<SmallAgent>,
+    jobs: Vec<SmallJob>,
     seed: u64,
 }
 
@@ -66,9 +87,10 @@ fn small_constraint() -> impl Strategy<Value = ConstraintSpec> {
 
 fn build(s: &Small) -> (Cluster, Vec<TaskId>) {
     let mut c = Cluster::new();
-    for (i, (cpus, mem, ports, rack, pod)) in s.agents.iter().enumerate() {
-        let ranges = if *ports == 0 { vec![] } else { vec![PortRange { first: 31000, last: 31000 + u16::from(*ports) - 1 }] };
-        let (r, p) = (rack.map(|r| format!("r{r}")), pod.map(|p| format!("p{p}")));
+    for (i, a) in s.agents.iter().enumerate() {
+        let ranges =
+            if a.ports == 0 { vec![] } else { vec![PortRange { first: 31000, last: 31000 + u16::from(a.ports) - 1 }] };
+        let (r, p) = (a.rack.map(|r| format!("r{r}")), a.pod.map(|p| format!("p{p}")));
         let mut attrs: Vec<(&str, &str)> = vec![];
         if let Some(r) = &r {
             attrs.push(("rack", r));
@@ -76,32 +98,32 @@ fn build(s: &Small) -> (Cluster, Vec<TaskId>) {
         if let Some(p) = &p {
             attrs.push(("pod", p));
         }
-        c.register(agent_info(i as u64 + 1, *cpus, mem * MIB, 0, ranges, &attrs));
+        c.register(agent_info(i as u64 + 1, a.cpus_milli, a.mem_mib * MIB, 0, ranges, &attrs));
     }
     let mut tasks = vec![];
-    for (i, (instances, cpus, mem, ports, priority, spread_policy, constraints)) in s.jobs.iter().enumerate() {
+    for (i, j) in s.jobs.iter().enumerate() {
         let shape = JobShape {
             job_type: JobType::Service,
-            instances: *instances,
-            cpus_milli: *cpus,
-            mem_bytes: mem * MIB,
+            instances: j.instances,
+            cpus_milli: j.cpus_milli,
+            mem_bytes: j.mem_mib * MIB,
             disk_bytes: 0,
-            ports: *ports,
-            priority: *priority,
+            ports: j.ports,
+            priority: j.priority,
             production: false,
-            placement: if *spread_policy { PlacementPolicy::Spread } else { PlacementPolicy::Binpack },
-            constraints: constraints.clone(),
+            placement: if j.spread_policy { PlacementPolicy::Spread } else { PlacementPolicy::Binpack },
+            constraints: j.constraints.clone(),
         };
         tasks.extend(c.create(&format!("team/prod/j{i}"), &shape));
     }
     (c, tasks)
 }
 
-fn agents() -> impl Strategy<Value = Vec<(u32, u64, u8, Option<u8>, Option<u8>)>> {
-    prop::collection::vec(
-        (500u32..4000, 256u64..4096, 0u8..4, prop::option::weighted(0.8, 0u8..3), prop::option::weighted(0.8, 0u8..2)),
-        1..=4,
-    )
+fn agents() -> impl Strategy<Value = Vec<SmallAgent>> {
+    let agent =
+        (500u32..4000, 256u64..4096, 0u8..4, prop::option::weighted(0.8, 0u8..3), prop::option::weighted(0.8, 0u8..2))
+            .prop_map(|(cpus_milli, mem_mib, ports, rack, pod)| SmallAgent { cpus_milli, mem_mib, ports, rack, pod });
+    prop::collection::vec(agent, 1..=4)
 }
 
 /// Identical, unconstrained tasks: greedy is optimal, so `plan` places exactly the optimum.
@@ -110,11 +132,19 @@ fn identical_unconstrained_tasks_reach_the_optimum() {
     let strategy = (agents(), 1u32..=7, 200u32..2500, 64u64..2048, 0u32..3, any::<bool>(), any::<u64>()).prop_map(
         |(agents, n, cpus, mem, ports, spread_policy, seed)| Small {
             agents,
-            jobs: vec![(n, cpus, mem, ports, 0, spread_policy, vec![])],
+            jobs: vec![SmallJob {
+                instances: n,
+                cpus_milli: cpus,
+                mem_mib: mem,
+                ports,
+                priority: 0,
+                spread_policy,
+                constraints: vec![],
+            }],
             seed,
         },
     );
-    let mut runner = TestRunner::new(Config { cases: 300, failure_persistence: None, ..Config::default() });
+    let mut runner = TestRunner::new(Config { cases: 1000, failure_persistence: None, ..Config::default() });
     runner
         .run(&strategy, |s| {
             let (mut c, tasks) = build(&s);
@@ -130,7 +160,7 @@ fn identical_unconstrained_tasks_reach_the_optimum() {
 /// Any small problem: `plan` is valid and maximal; how often it is below the optimum is printed.
 #[test]
 fn plan_is_valid_and_maximal_against_brute_force() {
-    let jobs = prop::collection::vec(
+    let job =
         (
             1u32..=3,
             200u32..2500,
@@ -139,11 +169,13 @@ fn plan_is_valid_and_maximal_against_brute_force() {
             0i32..3,
             any::<bool>(),
             prop::collection::vec(small_constraint(), 0..3),
-        ),
-        1..=3,
-    );
+        )
+            .prop_map(|(instances, cpus_milli, mem_mib, ports, priority, spread_policy, constraints)| {
+                SmallJob { instances, cpus_milli, mem_mib, ports, priority, spread_policy, constraints }
+            });
+    let jobs = prop::collection::vec(job, 1..=3);
     let strategy = (agents(), jobs, any::<u64>()).prop_map(|(agents, jobs, seed)| Small { agents, jobs, seed });
-    let mut runner = TestRunner::new(Config { cases: 600, failure_persistence: None, ..Config::default() });
+    let mut runner = TestRunner::new(Config { cases: 2000, failure_persistence: None, ..Config::default() });
     // (cases, below the optimum, tasks short in all, largest gap)
     let stats = Cell::new((0u32, 0u32, 0usize, 0usize));
     runner

@@ -148,3 +148,26 @@ fn nothing_to_preempt_means_no_preemptions() {
     assert_eq!(p.unplaced.len(), 1);
     assert!(p.unplaced[0].why.contains("lack cpus"), "{}", p.unplaced[0].why);
 }
+
+/// Siblings of a job with one instance per host make room on different agents, not twice on one.
+#[test]
+fn distinct_hosts_preemptors_make_room_on_different_agents() {
+    let mut c = Cluster::new();
+    c.register(agent_info(1, 2000, 8 * GIB, 0, vec![], &[]));
+    c.register(agent_info(2, 2000, 8 * GIB, 0, vec![], &[]));
+    c.create("batch/prod/low", &shape(4, 1000, 1, false));
+    place_and_run(&mut c);
+    let mut critical = shape(2, 1000, 5, true);
+    critical.constraints = vec![distinct_hosts()];
+    let critical: BTreeSet<TaskId> = c.create("svc/prod/critical", &critical).into_iter().collect();
+    let p = plan(&c.state, c.now(), 1, 1000);
+    let agents: BTreeSet<AgentId> = p.preemptions.iter().map(|x| c.state.tasks[&x.victim].agent.unwrap()).collect();
+    assert_eq!(p.preemptions.len(), 2, "{p:?}");
+    assert_eq!(agents.len(), 2, "one victim on each agent: {p:?}");
+    c.preempt(p.preemptions);
+    c.finish_kills();
+    let p = plan(&c.state, c.now(), 2, 1000);
+    assert_eq!(p.placements.iter().map(|x| x.task).collect::<BTreeSet<_>>(), critical);
+    assert_eq!(c.place(p.placements).placements_refused, 0);
+    check_constraints(&c.state).unwrap();
+}

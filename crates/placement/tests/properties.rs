@@ -7,8 +7,8 @@ mod common;
 
 use capstan_model::spec::{ConstraintSpec, PlacementPolicy};
 use capstan_model::{derive_id, JobKey, JobType, PortRange, TaskExit, TaskId, TaskState};
-use capstan_state::Report;
 use capstan_placement::plan;
+use capstan_state::Report;
 use common::*;
 use proptest::prelude::*;
 use std::collections::BTreeSet;
@@ -101,13 +101,35 @@ fn job_desc() -> impl Strategy<Value = JobDesc> {
         prop::collection::vec(cons_desc(), 0..3),
         (-3i32..4, prop::bool::weighted(0.3), any::<bool>()),
     )
-        .prop_map(|((batch, instances), cpus_milli, mem_mib, disk_mib, ports, constraints, (priority, production, spread_policy))| {
-            JobDesc { batch, instances, cpus_milli, mem_mib, disk_mib, ports, constraints, priority, production, spread_policy }
-        })
+        .prop_map(
+            |(
+                (batch, instances),
+                cpus_milli,
+                mem_mib,
+                disk_mib,
+                ports,
+                constraints,
+                (priority, production, spread_policy),
+            )| {
+                JobDesc {
+                    batch,
+                    instances,
+                    cpus_milli,
+                    mem_mib,
+                    disk_mib,
+                    ports,
+                    constraints,
+                    priority,
+                    production,
+                    spread_policy,
+                }
+            },
+        )
 }
 
 fn build_agent(id: u64, d: &AgentDesc) -> capstan_state::AgentInfo {
-    let ranges = d.ranges.iter().map(|(off, len)| PortRange { first: 31000 + off, last: 31000 + off + len - 1 }).collect();
+    let ranges =
+        d.ranges.iter().map(|(off, len)| PortRange { first: 31000 + off, last: 31000 + off + len - 1 }).collect();
     let rack = d.rack.map(|r| format!("r{r}"));
     let pod = d.pod.map(|p| format!("p{p}"));
     let mut attrs: Vec<(&str, &str)> = vec![];
@@ -241,13 +263,13 @@ fn agents_react(c: &mut Cluster, rng: &mut u64) {
         }
     }
     *rng = derive_id(*rng);
-    if *rng % 2 == 0 {
+    if rng.is_multiple_of(2) {
         c.finish_kills();
     }
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn plans_are_safe_maximal_and_deterministic(

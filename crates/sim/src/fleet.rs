@@ -665,6 +665,7 @@ mod tests {
                 desired: Desired::Stop,
                 spec,
                 ports: [("http".to_string(), 31001)].into_iter().collect(),
+                health_check: None,
             }],
         };
         let lite: OrdersLite = serde_json::from_slice(&serde_json::to_vec(&orders).unwrap()).unwrap();

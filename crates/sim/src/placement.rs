@@ -107,6 +107,7 @@ struct Figures {
     end_to_end_over_raw_write: Option<f64>,
     scrape_mean_ms: f64,
     snapshots: SnapshotsSeen,
+    constraint_check: Option<ConstraintCheck>,
     sim: StatsSnapshot,
     timeline: Vec<Window>,
 }
@@ -140,10 +141,29 @@ struct SnapshotsSeen {
     max_bytes: u64,
 }
 
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ … final byte in @..~
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn snapshots_in_log(log: &std::path::Path) -> SnapshotsSeen {
     let mut seen = SnapshotsSeen::default();
     let text = std::fs::read_to_string(log).unwrap_or_default();
     for line in text.lines().filter(|l| l.contains("snapshot installed")) {
+        let line = &strip_ansi(line);
         let field = |name: &str| -> u64 {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.trim_end_matches(',').parse().ok())
@@ -176,6 +196,7 @@ impl MasterProcess {
             .arg("--data-dir")
             .arg(&data_dir)
             .args(["--bind", "127.0.0.1:0"])
+            .env("NO_COLOR", "1")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(log_file)
@@ -501,6 +522,9 @@ async fn drive(
     f.duplicate_updates = last.get("capstan_duplicate_status_updates").unwrap_or(0.0);
     f.sim = fleet.stats();
     drop(fleet);
+    if mix.constraints && f.running_s.is_some() {
+        f.constraint_check = Some(check_constraints(&client, mix).await?);
+    }
     anyhow::ensure!(
         f.running_s.is_some(),
         "not every task ran: {} of {} RUNNING after {} s",
@@ -509,6 +533,49 @@ async fn drive(
         args.timeout_s
     );
     Ok(f)
+}
+
+/// Whether the first constrained jobs' tasks sit where their constraints allow.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct ConstraintCheck {
+    tasks_checked: u64,
+    violations: u64,
+    /// Job 1's most instances on one rack, and its limit.
+    most_on_one_rack: u64,
+    rack_limit: u64,
+}
+
+async fn check_constraints(client: &Client, mix: &JobMix) -> anyhow::Result<ConstraintCheck> {
+    let agents = client.agents().await?;
+    let attrs: BTreeMap<String, BTreeMap<String, String>> =
+        agents.into_iter().map(|a| (a.hostname, a.attributes)).collect();
+    let attr = |host: &Option<String>, key: &str| -> String {
+        host.as_ref().and_then(|h| attrs.get(h)).and_then(|a| a.get(key)).cloned().unwrap_or_default()
+    };
+    let mut check = ConstraintCheck::default();
+    for j in 0..mix.jobs.min(3) {
+        let tasks = client.tasks(Some(&jobs::job_key(mix, j)), Some("RUNNING")).await?;
+        check.tasks_checked += tasks.len() as u64;
+        match j {
+            0 => check.violations += tasks.iter().filter(|t| attr(&t.host, "rack") == "r0").count() as u64,
+            1 => {
+                let mut per_rack: BTreeMap<String, u64> = BTreeMap::new();
+                for t in &tasks {
+                    *per_rack.entry(attr(&t.host, "rack")).or_default() += 1;
+                }
+                check.rack_limit = jobs::constraints_of(mix, 1)[0]["limit"].as_u64().unwrap_or(0);
+                check.most_on_one_rack = per_rack.values().copied().max().unwrap_or(0);
+                check.violations += per_rack.values().map(|n| n.saturating_sub(check.rack_limit)).sum::<u64>();
+            }
+            _ => {
+                check.violations += tasks
+                    .iter()
+                    .filter(|t| attr(&t.host, "dc") != "dc1" || (mix.pods > 1 && attr(&t.host, "pod") == "p0"))
+                    .count() as u64
+            }
+        }
+    }
+    Ok(check)
 }
 
 fn window(t0: Instant, from: &Scrape, to: &Scrape, scrape_ms: f64, master_pid: u32, queued: usize) -> Window {
@@ -609,6 +676,15 @@ fn print_report(f: &Figures) {
             mib(f.snapshots.max_bytes)
         ),
     ));
+    if let Some(c) = &f.constraint_check {
+        rows.push((
+            "constraint violations".into(),
+            format!(
+                "{} in {} tasks of the first 3 jobs (job 1: at most {} per rack, limit {})",
+                c.violations, c.tasks_checked, c.most_on_one_rack, c.rack_limit
+            ),
+        ));
+    }
     rows.push(("/metrics scrape (every 200 ms)".into(), format!("mean {:.1} ms", f.scrape_mean_ms)));
     rows.push((
         "sim traffic".into(),
@@ -641,4 +717,31 @@ fn print_report(f: &Figures) {
     let mut json = serde_json::to_value(f).expect("serializable");
     json["bench"] = "placement".into();
     println!("{json}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_snapshot_lines_with_or_without_colours() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("master.log");
+        std::fs::write(
+            &log,
+            "\u{1b}[2m2026-11-22T00:03:05Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m core: snapshot installed \u{1b}[3mindex\u{1b}[0m\u{1b}[2m=\u{1b}[0m20000 \u{1b}[3mbytes\u{1b}[0m\u{1b}[2m=\u{1b}[0m1464686 \u{1b}[3melapsed_ms\u{1b}[0m\u{1b}[2m=\u{1b}[0m6\n\
+             2026-11-22T00:03:09Z INFO core: snapshot installed index=40000 bytes=2000000 elapsed_ms=11\n\
+             2026-11-22T00:03:09Z INFO core: something else elapsed_ms=999\n",
+        )
+        .unwrap();
+        let s = snapshots_in_log(&log);
+        assert_eq!((s.count, s.total_ms, s.max_ms, s.max_bytes), (2, 17, 11, 2_000_000));
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(1234567.0), "1,234,567");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(1000.0), "1,000");
+    }
 }

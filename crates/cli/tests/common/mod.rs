@@ -1,6 +1,8 @@
-//! Harness of the end-to-end tests: a real `capstan dev` process (master + agent) on a temporary
-//! data directory, its own port range and its own cgroup root, with helpers over the HTTP API, the
-//! CLI and `/proc`. Dropping a [`DevCluster`] leaves nothing behind: the dev process, every
+//! Harness of the end-to-end tests: a real one-host cluster on a temporary data directory, its own
+//! port range and its own cgroup root, with helpers over the HTTP API, the CLI and `/proc`. Either
+//! one `capstan dev` process (master + agent, [`Cluster::start`]) or a `capstan master` and a
+//! `capstan agent` as two processes that can be killed and started on their own
+//! ([`Cluster::start_split`]). Dropping a [`Cluster`] leaves nothing behind: its daemons, every
 //! supervisor and task process of this cluster, and its cgroups are gone afterwards.
 //!
 //! Tasks run as real processes under real cgroups, so these tests need root. Without it they say
@@ -14,8 +16,10 @@ use std::fmt::Debug;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, OnceLock};
+use std::ffi::OsString;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How often conditions are polled.
@@ -198,7 +202,7 @@ fn cgroup_tree(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn cgroup_pids(dir: &Path) -> Vec<u32> {
+pub fn cgroup_pids(dir: &Path) -> Vec<u32> {
     std::fs::read_to_string(dir.join("cgroup.procs"))
         .unwrap_or_default()
         .lines()
@@ -209,6 +213,15 @@ fn cgroup_pids(dir: &Path) -> Vec<u32> {
 /// The task cgroups (`ROOT/<task-id>`) that exist in any hierarchy.
 pub fn task_cgroups(root: &str, task_id: &str) -> Vec<PathBuf> {
     cgroup_dirs(root).into_iter().map(|d| d.join(task_id)).filter(|d| d.is_dir()).collect()
+}
+
+/// Every process in the task's cgroups (all hierarchies, nested groups included), sorted.
+pub fn task_cgroup_pids(root: &str, task_id: &str) -> Vec<u32> {
+    let mut pids: Vec<u32> =
+        task_cgroups(root, task_id).iter().flat_map(|d| cgroup_tree(d)).flat_map(|d| cgroup_pids(&d)).collect();
+    pids.sort();
+    pids.dedup();
+    pids
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -225,40 +238,105 @@ fn port_block() -> (u16, u16) {
     (lo as u16, (lo + 99) as u16)
 }
 
-pub struct DevCluster {
+/// A `capstan dev` cluster is a [`Cluster`] started with [`Cluster::start`].
+pub type DevCluster = Cluster;
+
+/// How the cluster's daemons run.
+#[derive(Clone, Debug)]
+enum Mode {
+    /// One `capstan dev` process; `resources` go before the port range in `--resources`, and
+    /// `flags` after the others.
+    Dev { resources: String, flags: Vec<String> },
+    /// `capstan master` on a fixed address (so that a restarted master has the same URL) and
+    /// `capstan agent` with these flags on top of the ones every agent start gets.
+    Split { master_bind: String, agent_flags: Vec<String> },
+}
+
+/// A daemon that did not come up: how it exited and what it said on standard error.
+#[derive(Debug)]
+pub struct StartFailure {
+    pub status: Option<ExitStatus>,
+    pub stderr: String,
+}
+
+pub struct Cluster {
     /// The test's name (its thread's name), for messages.
     pub name: String,
     dir: Option<tempfile::TempDir>,
     pub data_dir: PathBuf,
     pub cgroup_root: String,
     pub ports: (u16, u16),
-    /// Everything the dev process printed, over all its starts.
+    /// Everything the daemons printed, over all their starts (lines tagged with who said it).
     pub log: PathBuf,
+    /// The master's URL.
     pub url: String,
-    child: Option<Child>,
+    /// The agent's own API (split clusters; changes with every agent start).
+    pub agent_url: Option<String>,
+    mode: Mode,
+    dev: Option<Child>,
+    master: Option<Child>,
+    agent: Option<Child>,
     starts: u32,
     http: reqwest::blocking::Client,
 }
 
-impl DevCluster {
-    /// A cluster whose data directory the tasks' users can reach (`$TMPDIR/capstan-e2e-*/data`,
-    /// the temporary directory made world-traversable).
-    pub fn start() -> DevCluster {
+impl Cluster {
+    /// A `capstan dev` cluster whose data directory the tasks' users can reach
+    /// (`$TMPDIR/capstan-e2e-*/data`, the temporary directory made world-traversable).
+    pub fn start() -> Cluster {
         Self::start_with_private_parent(false)
     }
 
     /// With `private`, the data directory's parent is 0700 (as root's `$HOME`, where `capstan dev`
     /// keeps its data by default, is).
-    pub fn start_with_private_parent(private: bool) -> DevCluster {
+    pub fn start_with_private_parent(private: bool) -> Cluster {
+        let mut c = Self::new(private, Mode::Dev { resources: String::new(), flags: vec![] });
+        c.spawn_all();
+        c
+    }
+
+    /// A `capstan dev` cluster with `--resources RESOURCES,ports=…` (`""`: only the ports) and
+    /// more flags of `capstan dev` (e.g. `--attributes rack=r1`).
+    pub fn start_with(resources: &str, flags: &[&str]) -> Cluster {
+        let mode = Mode::Dev { resources: resources.to_string(), flags: flags.iter().map(|s| s.to_string()).collect() };
+        let mut c = Self::new(false, mode);
+        c.spawn_all();
+        c
+    }
+
+    /// `capstan master --data-dir DATA/master --bind 127.0.0.1:PORT` (a free port picked now and
+    /// kept for every start of the master) and `capstan agent --master URL --data-dir DATA/agent`
+    /// as two processes; returns once the agent has registered.
+    pub fn start_split() -> Cluster {
+        Self::start_split_with(&[])
+    }
+
+    /// [`start_split`](Self::start_split) with flags that every start of the agent gets (e.g.
+    /// `--usage-interval 200ms`).
+    pub fn start_split_with(agent_flags: &[&str]) -> Cluster {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port for the master")
+            .port();
+        let mode = Mode::Split {
+            master_bind: format!("127.0.0.1:{port}"),
+            agent_flags: agent_flags.iter().map(|s| s.to_string()).collect(),
+        };
+        let mut c = Self::new(false, mode);
+        c.spawn_all();
+        c
+    }
+
+    fn new(private: bool, mode: Mode) -> Cluster {
         let name = std::thread::current().name().unwrap_or("test").to_string();
         let dir = tempfile::Builder::new().prefix("capstan-e2e-").tempdir().expect("temporary directory");
         use std::os::unix::fs::PermissionsExt;
-        let mode = if private { 0o700 } else { 0o755 };
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).expect("chmod");
+        let mode_bits = if private { 0o700 } else { 0o755 };
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode_bits)).expect("chmod");
         let data_dir = dir.path().join("data");
-        let log = dir.path().join("dev.log");
+        let log = dir.path().join("daemons.log");
         let cgroup_root = format!("capstan-test-{:016x}", rand::random::<u64>());
-        let mut c = DevCluster {
+        Cluster {
             name,
             dir: Some(dir),
             data_dir,
@@ -266,39 +344,55 @@ impl DevCluster {
             ports: port_block(),
             log,
             url: String::new(),
-            child: None,
+            agent_url: None,
+            mode,
+            dev: None,
+            master: None,
+            agent: None,
             starts: 0,
             http: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .no_proxy()
                 .build()
                 .expect("HTTP client"),
-        };
-        c.spawn();
-        c
+        }
     }
 
-    fn spawn(&mut self) {
-        assert!(self.child.is_none(), "the dev process already runs");
+    fn is_split(&self) -> bool {
+        matches!(self.mode, Mode::Split { .. })
+    }
+
+    /// Starts whatever of the cluster's daemons does not run.
+    fn spawn_all(&mut self) {
+        match self.mode {
+            Mode::Dev { .. } => self.spawn_dev(),
+            Mode::Split { .. } => {
+                if self.master.is_none() {
+                    self.start_master();
+                }
+                if self.agent.is_none() {
+                    self.start_agent(&[]);
+                }
+            }
+        }
+    }
+
+    /// Spawns `capstan ARGS` (its output going to the log, tagged `what`) and waits for its first
+    /// line of standard output. `Err` when it exits before printing one.
+    fn spawn_daemon(&mut self, what: &str, args: &[OsString]) -> Result<(Child, String), StartFailure> {
         self.starts += 1;
         let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
-        writeln!(log, "===== start #{} of capstan dev =====", self.starts).expect("log file");
+        writeln!(log, "===== start #{} of the cluster's daemons: capstan {what} =====", self.starts).expect("log file");
         let mut cmd = Command::new(CAPSTAN);
-        cmd.arg("dev")
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args(["--bind", "127.0.0.1:0"])
-            .arg("--resources")
-            .arg(format!("ports={}-{}", self.ports.0, self.ports.1))
-            .arg("--cgroup-root")
-            .arg(&self.cgroup_root)
+        cmd.args(args)
             .env("NO_COLOR", "1")
             .env("CAPSTAN_LOG", std::env::var("CAPSTAN_LOG").unwrap_or_else(|_| "info".into()))
+            .env_remove("CAPSTAN_ADDR")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // If this test process dies without dropping the cluster, the dev process goes with it
-        // (its supervisors and tasks do not: they are meant to outlive it).
+        // If this test's thread dies without dropping the cluster, the daemon goes with it (its
+        // supervisors and tasks do not: they are meant to outlive it).
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
             use std::os::unix::process::CommandExt;
@@ -306,20 +400,57 @@ impl DevCluster {
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
             });
         }
-        let mut child = cmd.spawn().expect("spawning capstan dev");
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning capstan {what}: {e}"));
         let (tx, rx) = mpsc::channel::<String>();
+        let stderr_text = Arc::new(Mutex::new(String::new()));
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
-        drain(stdout, log.try_clone().expect("log file"), "out", Some(tx));
-        drain(stderr, log, "err", None);
-        self.child = Some(child);
-        let first = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => line,
-            Err(e) => {
-                let status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-                panic!("capstan dev did not print its address ({e}; exit status {status:?});\n{}", self.log_tail(60));
+        drain(stdout, log.try_clone().expect("log file"), format!("{what} out"), Some(tx), None);
+        let stderr_done = drain(stderr, log, format!("{what} err"), None, Some(stderr_text.clone()));
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => Ok((child, line)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                // Its standard output closed without a line: it exits (or exited).
+                let deadline = Instant::now() + SOON;
+                let status = loop {
+                    match child.try_wait() {
+                        Ok(Some(s)) => break Some(s),
+                        Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL),
+                        _ => {
+                            let _ = child.kill();
+                            break child.wait().ok();
+                        }
+                    }
+                };
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while !stderr_done.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let stderr = stderr_text.lock().unwrap().clone();
+                Err(StartFailure { status, stderr })
             }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                panic!("capstan {what} did not print its first line within 30 s (status {status:?});\n{}", self.log_tail(60));
+            }
+        }
+    }
+
+    fn spawn_dev(&mut self) {
+        assert!(self.dev.is_none(), "the dev process already runs");
+        let Mode::Dev { resources, flags } = self.mode.clone() else { panic!("not a dev cluster") };
+        let mut args: Vec<OsString> = vec!["dev".into(), "--data-dir".into(), self.data_dir.clone().into()];
+        args.extend(["--bind", "127.0.0.1:0", "--resources"].map(OsString::from));
+        let ports = format!("ports={}-{}", self.ports.0, self.ports.1);
+        args.push(if resources.is_empty() { ports } else { format!("{resources},{ports}") }.into());
+        args.extend(["--cgroup-root".into(), self.cgroup_root.clone().into()]);
+        args.extend(flags.iter().map(OsString::from));
+        let (child, first) = match self.spawn_daemon("dev", &args) {
+            Ok(started) => started,
+            Err(f) => panic!("capstan dev did not start ({:?}): {}\n{}", f.status, f.stderr, self.log_tail(60)),
         };
+        self.dev = Some(child);
         let url = first
             .split_whitespace()
             .find(|w| w.starts_with("http://"))
@@ -329,29 +460,142 @@ impl DevCluster {
             "unexpected first line: {first:?}"
         );
         self.url = url.to_string();
+        self.wait_master_serves();
+    }
+
+    fn wait_master_serves(&self) {
         wait_until(SOON, "the master answers /v1/health", || match self.request("GET", "/v1/health", None) {
             Ok((200, _)) => Ok(()),
             other => Err(format!("{other:?}")),
         });
     }
 
-    /// SIGKILLs the dev process (master and agent); supervisors and tasks keep running.
-    pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+    /// The master's data directory (`DATA/master`).
+    pub fn master_dir(&self) -> PathBuf {
+        self.data_dir.join("master")
+    }
+
+    /// The agent's data directory (`DATA/agent`).
+    pub fn agent_dir(&self) -> PathBuf {
+        self.data_dir.join("agent")
+    }
+
+    /// Split clusters: starts the master on its data directory and its fixed address (retrying
+    /// while the address is still taken by the one just killed) and waits until it serves.
+    pub fn start_master(&mut self) {
+        let Mode::Split { master_bind, .. } = self.mode.clone() else { panic!("start_master: not a split cluster") };
+        assert!(self.master.is_none(), "the master already runs");
+        let mut args: Vec<OsString> = vec!["master".into(), "--data-dir".into(), self.master_dir().into()];
+        args.extend(["--bind".into(), master_bind.clone().into()]);
+        let deadline = Instant::now() + SOON;
+        let (child, first) = loop {
+            match self.spawn_daemon("master", &args) {
+                Ok(started) => break started,
+                Err(f) if f.stderr.contains("cannot listen") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(f) => panic!("capstan master did not start ({:?}): {}\n{}", f.status, f.stderr, self.log_tail(60)),
+            }
+        };
+        self.master = Some(child);
+        let want = format!("capstan master serving at http://{master_bind}");
+        assert!(first.starts_with(&want), "unexpected first line of capstan master: {first:?} (expected {want:?})");
+        self.url = format!("http://{master_bind}");
+        self.wait_master_serves();
+    }
+
+    /// The arguments of `capstan agent` for this cluster, then `extra`.
+    fn agent_args(&self, extra: &[&str]) -> Vec<OsString> {
+        let Mode::Split { master_bind, agent_flags } = &self.mode else { panic!("not a split cluster") };
+        let mut args: Vec<OsString> = vec!["agent".into(), "--master".into(), format!("http://{master_bind}").into()];
+        args.extend(["--data-dir".into(), self.agent_dir().into()]);
+        args.extend(["--bind", "127.0.0.1:0", "--resources"].map(OsString::from));
+        args.push(format!("ports={}-{}", self.ports.0, self.ports.1).into());
+        args.extend(["--cgroup-root".into(), self.cgroup_root.clone().into()]);
+        args.extend(agent_flags.iter().map(OsString::from));
+        args.extend(extra.iter().map(OsString::from));
+        args
+    }
+
+    /// Split clusters: starts the agent on its data directory with the cluster's flags and
+    /// `extra`, and waits until the master lists it as registered (when the master runs).
+    pub fn start_agent(&mut self, extra: &[&str]) {
+        assert!(self.agent.is_none(), "the agent already runs");
+        let args = self.agent_args(extra);
+        let (child, first) = match self.spawn_daemon("agent", &args) {
+            Ok(started) => started,
+            Err(f) => panic!("capstan agent did not start ({:?}): {}\n{}", f.status, f.stderr, self.log_tail(60)),
+        };
+        self.agent = Some(child);
+        assert!(
+            first.starts_with("capstan agent ") && first.contains(" running; API at http://"),
+            "unexpected first line of capstan agent: {first:?}"
+        );
+        let api = first.split_whitespace().find(|w| w.starts_with("http://")).expect("the agent's API URL");
+        self.agent_url = Some(api.to_string());
+        if self.master.is_some() {
+            wait_until(SOON, "the agent is registered with its new address", || {
+                let agents = self.request("GET", "/v1/agents", None)?;
+                let registered = agents.1.as_array().is_some_and(|a| a.iter().any(|x| x["address"] == api));
+                ensure(registered, agents)
+            });
         }
     }
 
-    /// `kill -9` of the dev process, then a new one on the same data directory.
-    pub fn restart(&mut self) {
-        self.kill9();
-        self.spawn();
+    /// Split clusters: starts the agent with `extra` and expects it to refuse to start: returns
+    /// how it exited and its standard error. Panics if it comes up.
+    pub fn agent_fails_to_start(&mut self, extra: &[&str]) -> StartFailure {
+        assert!(self.agent.is_none(), "the agent already runs");
+        let args = self.agent_args(extra);
+        match self.spawn_daemon("agent", &args) {
+            Ok((mut child, first)) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the agent started although it should have refused: {first:?}\n{}", self.log_tail(40));
+            }
+            Err(f) => f,
+        }
     }
 
-    /// Starts the dev process again after [`kill9`](Self::kill9).
+    /// Split clusters: `kill -9` of the agent process; supervisors and tasks keep running.
+    pub fn kill9_agent(&mut self) {
+        kill_child(self.agent.take());
+    }
+
+    /// Split clusters: `kill -9` of the master process.
+    pub fn kill9_master(&mut self) {
+        kill_child(self.master.take());
+    }
+
+    /// SIGKILLs every daemon of the cluster; supervisors and tasks keep running.
+    pub fn kill9(&mut self) {
+        kill_child(self.dev.take());
+        kill_child(self.agent.take());
+        kill_child(self.master.take());
+    }
+
+    /// `kill -9` of every daemon, then new ones on the same data directory.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn_all();
+    }
+
+    /// Starts the daemons again after [`kill9`](Self::kill9).
     pub fn start_again(&mut self) {
-        self.spawn();
+        self.spawn_all();
+    }
+
+    /// The value of the sample `name` (labels exactly as written, e.g. `capstan_tasks{state="RUNNING"}`)
+    /// in the master's `/metrics`.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let m = self.metrics();
+        m.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split_whitespace().next()?.parse().ok())
+    }
+
+    /// Starts recording every state the master shows for the tasks of `job` (polling every
+    /// [`POLL`] on a thread of its own, until [`StateRecorder::stop`]).
+    pub fn record_states(&self, job: &str) -> StateRecorder {
+        StateRecorder::start(self.url.clone(), job)
     }
 
     pub fn sandboxes(&self) -> PathBuf {
@@ -494,6 +738,19 @@ impl DevCluster {
         })
     }
 
+    /// Waits until `job` has a task for `instance` other than `old` that is RUNNING with a pid,
+    /// and returns it.
+    pub fn wait_replacement(&self, job: &str, instance: u64, old: &str, timeout: Duration) -> Value {
+        wait_until(timeout, &format!("a new task for instance {instance} of {job} is RUNNING"), || {
+            let tasks = self.tasks_of(job)?;
+            tasks
+                .iter()
+                .find(|t| t["instance"] == instance && t["id"] != old && t["state"] == "RUNNING" && t["pid"].is_u64())
+                .cloned()
+                .ok_or_else(|| summary(&tasks))
+        })
+    }
+
     /// Waits until task `id` is in `state` and returns it.
     pub fn wait_task_state(&self, id: &str, state: &str, timeout: Duration) -> Value {
         wait_until(timeout, &format!("task {id} is {state}"), || match self.task(id)? {
@@ -606,7 +863,7 @@ impl DevCluster {
     }
 }
 
-impl Drop for DevCluster {
+impl Drop for Cluster {
     fn drop(&mut self) {
         let failed = std::thread::panicking();
         if failed {
@@ -621,23 +878,118 @@ impl Drop for DevCluster {
     }
 }
 
-/// Copies a pipe into the log, line by line; the first line also goes to `first`.
+/// SIGKILLs a daemon and reaps it.
+fn kill_child(child: Option<Child>) {
+    if let Some(mut child) = child {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// At most this much of a daemon's standard error is kept for [`StartFailure`].
+const STDERR_KEEP: usize = 256 * 1024;
+
+/// Copies a pipe into the log, line by line; the first line also goes to `first`, and the lines
+/// (up to [`STDERR_KEEP`] bytes) to `keep`. The thread ends at the pipe's end.
 fn drain(
     pipe: impl Read + Send + 'static,
     mut log: std::fs::File,
-    tag: &'static str,
+    tag: String,
     first: Option<mpsc::Sender<String>>,
-) {
+    keep: Option<Arc<Mutex<String>>>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut first = first;
         for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
             let _ = writeln!(log, "[{tag}] {line}");
+            if let Some(keep) = &keep {
+                let mut kept = keep.lock().unwrap();
+                if kept.len() < STDERR_KEEP {
+                    kept.push_str(&line);
+                    kept.push('\n');
+                }
+            }
             if let Some(tx) = first.take() {
                 let _ = tx.send(line);
             }
         }
-    });
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recording what the master shows over time
+
+/// A thread that polls `GET /v1/tasks?job=KEY` every [`POLL`] and records, per task, every
+/// state the master showed (consecutive repeats collapsed), and the polls that failed.
+pub struct StateRecorder {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Recorded>>,
+}
+
+/// What a [`StateRecorder`] saw.
+#[derive(Debug, Default, Clone)]
+pub struct Recorded {
+    /// Task id → the states seen, in order, without consecutive repeats.
+    pub states: BTreeMap<String, Vec<String>>,
+    /// Successful polls.
+    pub polls: usize,
+    /// Polls that failed (master unreachable, bad answer).
+    pub failed_polls: usize,
+}
+
+impl Recorded {
+    /// `(task id, states)` of every task that was ever seen in `state`.
+    pub fn tasks_seen_in(&self, state: &str) -> Vec<(&String, &Vec<String>)> {
+        self.states.iter().filter(|(_, s)| s.iter().any(|x| x == state)).collect()
+    }
+}
+
+impl StateRecorder {
+    pub fn start(url: String, job: &str) -> StateRecorder {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let path = format!("{url}/v1/tasks?job={job}");
+        let thread = std::thread::spawn(move || {
+            let http = reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .no_proxy()
+                .build()
+                .expect("HTTP client");
+            let mut seen = Recorded::default();
+            while !flag.load(Ordering::Relaxed) {
+                let tasks = http.get(&path).send().ok().and_then(|r| r.json::<Value>().ok());
+                match tasks {
+                    Some(Value::Array(tasks)) => {
+                        seen.polls += 1;
+                        for t in tasks {
+                            let (Some(id), Some(state)) = (t["id"].as_str(), t["state"].as_str()) else { continue };
+                            let states = seen.states.entry(id.to_string()).or_default();
+                            if states.last().map(String::as_str) != Some(state) {
+                                states.push(state.to_string());
+                            }
+                        }
+                    }
+                    _ => seen.failed_polls += 1,
+                }
+                std::thread::sleep(POLL);
+            }
+            seen
+        });
+        StateRecorder { stop, thread: Some(thread) }
+    }
+
+    /// Stops polling and returns what was seen.
+    pub fn stop(mut self) -> Recorded {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().expect("running").join().expect("the recorder thread")
+    }
+}
+
+impl Drop for StateRecorder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

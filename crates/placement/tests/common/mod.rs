@@ -335,17 +335,14 @@ pub fn check_constraints(state: &ClusterState) -> Result<(), String> {
                 Constraint::Equals { attribute, value } => attrs.get(attribute).is_some_and(|v| v == value),
                 Constraint::NotEquals { attribute, value } => attrs.get(attribute).is_none_or(|v| v != value),
                 Constraint::In { attribute, values } => attrs.get(attribute).is_some_and(|v| values.contains(v)),
-                Constraint::Limit { attribute, limit } => attrs.get(attribute).is_some_and(|v| {
-                    held.per_value[&(t.job.clone(), attribute.to_string(), v.clone())] <= limit
-                }),
+                Constraint::Limit { attribute, limit } => attrs
+                    .get(attribute)
+                    .is_some_and(|v| held.per_value[&(t.job.clone(), attribute.to_string(), v.clone())] <= limit),
                 Constraint::DistinctHosts => held.per_agent[&(t.job.clone(), agent.info.id)] <= 1,
                 Constraint::Spread { attribute } => attrs.contains_key(attribute),
             };
             if !ok {
-                return Err(format!(
-                    "task {} of {} on agent {} ({attrs:?}) breaks `{c}`",
-                    t.id, t.job, agent.info.id
-                ));
+                return Err(format!("task {} of {} on agent {} ({attrs:?}) breaks `{c}`", t.id, t.job, agent.info.id));
             }
         }
     }
@@ -356,7 +353,11 @@ pub fn check_constraints(state: &ClusterState) -> Result<(), String> {
 pub fn check_counts(state: &ClusterState) -> Result<(), String> {
     for (key, job) in &state.jobs {
         if job.current.len() as u32 != job.spec.instances {
-            return Err(format!("job {key} has {} current tasks for {} instances", job.current.len(), job.spec.instances));
+            return Err(format!(
+                "job {key} has {} current tasks for {} instances",
+                job.current.len(),
+                job.spec.instances
+            ));
         }
         let mut live: BTreeMap<u32, u32> = BTreeMap::new();
         for t in state.tasks.values().filter(|t| &t.job == key && !t.state.is_terminal()) {
@@ -383,7 +384,10 @@ pub fn check_plan_names(state: &ClusterState, plan: &Plan, now: Timestamp) -> Re
         }
         let t = state.tasks.get(&id).ok_or(format!("plan names unknown task {id}"))?;
         if t.state != TaskState::Pending || t.not_before > now {
-            return Err(format!("plan names task {id} in {} with not_before {:?} (now {now:?})", t.state, t.not_before));
+            return Err(format!(
+                "plan names task {id} in {} with not_before {:?} (now {now:?})",
+                t.state, t.not_before
+            ));
         }
     }
     for p in &plan.placements {
@@ -391,7 +395,8 @@ pub fn check_plan_names(state: &ClusterState, plan: &Plan, now: Timestamp) -> Re
             return Err(format!("placement on unknown agent {}", p.agent));
         }
     }
-    let waiting = state.pending.iter().filter_map(|id| state.tasks.get(id)).map(|t| t.not_before).filter(|nb| *nb > now).min();
+    let waiting =
+        state.pending.iter().filter_map(|id| state.tasks.get(id)).map(|t| t.not_before).filter(|nb| *nb > now).min();
     if plan.next_wakeup != waiting {
         return Err(format!("next_wakeup {:?}, expected {waiting:?}", plan.next_wakeup));
     }
