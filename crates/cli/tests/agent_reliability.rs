@@ -10,6 +10,7 @@ use common::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -26,7 +27,10 @@ fn reason(t: &Value) -> &str {
 }
 
 fn states_of_events(t: &Value) -> Vec<String> {
-    t["events"].as_array().map(|e| e.iter().filter_map(|e| e["state"].as_str().map(String::from)).collect()).unwrap_or_default()
+    t["events"]
+        .as_array()
+        .map(|e| e.iter().filter_map(|e| e["state"].as_str().map(String::from)).collect())
+        .unwrap_or_default()
 }
 
 /// `(task id, pid, start time)` of running tasks.
@@ -110,8 +114,8 @@ fn agent_kill_9_keeps_its_tasks_and_reports_the_one_that_exited_while_it_was_dow
     signal(victim_pid, nix::sys::signal::Signal::SIGUSR1);
     let exit = c.sandbox(&victim).join("exit.json");
     wait_until(SOON, "the victim's supervisor recorded its exit", || ensure(exit.is_file(), exit.display()));
-    let record = std::fs::read_to_string(&exit).unwrap();
-    assert!(record.contains('7'), "exit.json records code 7: {record}");
+    let record: Value = serde_json::from_slice(&std::fs::read(&exit).unwrap()).expect("exit.json is JSON");
+    assert_eq!(record["exit"], json!({"kind": "exited", "code": 7}), "exit.json records code 7: {record}");
     // While the agent is down the master does not act on any of them.
     holds_for(Duration::from_millis(500), "the master still shows the 5 tasks RUNNING", || {
         let now = c.tasks_of(key)?;
@@ -145,6 +149,73 @@ fn agent_kill_9_keeps_its_tasks_and_reports_the_one_that_exited_while_it_was_dow
         let t = c.task(id).unwrap().expect("the task is still known");
         assert!(!states_of_events(&t).iter().any(|s| s == "LOST"), "events of {id}: {t}");
     }
+}
+
+/// What `Containerizer::launch` leaves in a sandbox when the agent dies after writing
+/// `launch.json` (and the supervisor's config and log) but before the supervisor recorded itself:
+/// a copy of `template` (an earlier task's sandbox) for task `id` of `job`.
+fn fabricate_interrupted_launch(template: &Path, sandbox: &Path, id: &str, job: &str, command: &str) {
+    let mut launch: Value = serde_json::from_slice(&std::fs::read(template.join("launch.json")).unwrap()).unwrap();
+    launch["task_id"] = json!(id);
+    launch["command"] = json!(command);
+    for kv in launch["env"].as_array_mut().expect("env pairs") {
+        let value = match kv[0].as_str() {
+            Some("CAPSTAN_TASK_ID") => json!(id),
+            Some("CAPSTAN_JOB") => json!(job),
+            Some("CAPSTAN_INSTANCE") => json!("0"),
+            Some("CAPSTAN_SANDBOX") => json!(sandbox.display().to_string()),
+            _ => continue,
+        };
+        kv[1] = value;
+    }
+    std::fs::create_dir_all(sandbox).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
+    nix::unistd::chown(sandbox, Some(nobody.uid), Some(nobody.gid)).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(sandbox, std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::fs::write(sandbox.join("launch.json"), serde_json::to_vec_pretty(&launch).unwrap()).unwrap();
+    for f in std::fs::read_dir(template).unwrap().flatten() {
+        let name = f.file_name().to_string_lossy().into_owned();
+        if name.starts_with("supervisor") && name.ends_with(".json") && name != "supervisor.json" {
+            std::fs::copy(f.path(), sandbox.join(&name)).unwrap();
+        }
+    }
+    std::fs::write(sandbox.join("supervisor.log"), "").unwrap();
+}
+
+#[test]
+fn a_launch_interrupted_by_an_agent_crash_runs_the_task_once_after_restart() {
+    privileged_or_skip!("a_launch_interrupted_by_an_agent_crash_runs_the_task_once_after_restart");
+    // The crash window of `Containerizer::launch`: launch.json written, supervisor not started (or
+    // not yet recorded). Nothing ran, so the task must run after the restart — not end FAILED
+    // "supervisor lost" and count as a failure of its instance. (Seen at random in the batch tests
+    // below; made deterministic here by writing the sandbox as launch leaves it.)
+    let mut c = Cluster::start_split();
+    let warmup = c.create_job(&job_spec("batch/test/warmup", "batch", 1, "exit 0"));
+    c.wait_task_state(&warmup[0], "FINISHED", SOON);
+
+    c.kill9_agent();
+    let key = "batch/test/interrupted";
+    let command = "echo ran >> \"$CAPSTAN_SANDBOX/ran\"; exit 0";
+    let mut spec = job_spec(key, "batch", 1, command);
+    spec["max_failures"] = json!(0);
+    let id = c.create_job(&spec).remove(0);
+    wait_until(SOON, "the master placed the task on the (dead) agent", || match c.task(&id)? {
+        Some(t) if t["agent_id"].is_string() => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    fabricate_interrupted_launch(&c.sandbox(&warmup[0]), &c.sandbox(&id), &id, key, command);
+    c.start_agent(&[]);
+
+    let t = wait_until(SOON, "the task ended", || match c.task(&id)? {
+        Some(t) if is_terminal(&t) => Ok(t),
+        other => Err(format!("{other:?}")),
+    });
+    assert_eq!(t["state"], "FINISHED", "an interrupted launch is not a failure of the task: {t}");
+    let tasks = c.tasks_of(key).unwrap();
+    assert_eq!(tasks.len(), 1, "no retry: {}", summary(&tasks));
+    let ran = std::fs::read_to_string(c.sandbox(&id).join("ran")).unwrap_or_default();
+    assert_eq!(ran, "ran\n", "the command ran exactly once");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -309,7 +380,10 @@ consecutive_failures = 2
     let healthy = wait_until(SOON, "the task is RUNNING and healthy", || {
         let tasks = c.tasks_of(key)?;
         tasks.iter().find(|t| t["state"] == "RUNNING" && t["health"] == "healthy").cloned().ok_or_else(|| {
-            tasks.iter().map(|t| format!("{} {} health={} ({})", t["id"], t["state"], t["health"], t["reason"])).collect()
+            tasks
+                .iter()
+                .map(|t| format!("{} {} health={} ({})", t["id"], t["state"], t["health"], t["reason"]))
+                .collect()
         })
     });
     let id = task_id(&healthy);
@@ -460,7 +534,12 @@ fn a_busy_task_is_throttled_to_its_cpus_and_its_usage_is_reported() {
 /// Kills the agent of a cluster running 2 tasks, damages a file with `damage`, and checks that the
 /// agent refuses to start naming `file`, then starts with `--recover=cleanup` and kills the tasks.
 /// Returns the tasks and their processes.
-fn damaged_checkpoint(c: &mut Cluster, key: &str, file: &std::path::Path, damage: impl FnOnce(&std::path::Path)) -> Vec<Value> {
+fn damaged_checkpoint(
+    c: &mut Cluster,
+    key: &str,
+    file: &std::path::Path,
+    damage: impl FnOnce(&std::path::Path),
+) -> Vec<Value> {
     c.create_job(&job_spec(key, "service", 2, "sleep 600 & exec sleep 601"));
     let tasks = c.wait_running(key, 2, SOON);
     let pids = processes_of(c, &tasks);
@@ -503,14 +582,30 @@ fn a_garbage_agent_json_stops_the_agent_until_recover_cleanup() {
     privileged_or_skip!("a_garbage_agent_json_stops_the_agent_until_recover_cleanup");
     let mut c = Cluster::start_split();
     let file = c.agent_dir().join("agent.json");
-    let key = "www/prod/garbage";
-    let tasks = damaged_checkpoint(&mut c, key, &file, |f| {
+    damaged_checkpoint(&mut c, "www/prod/garbage", &file, |f| {
         std::fs::write(f, b"\x00\x01garbage{{{not json").expect("writing garbage");
     });
-    std::thread::sleep(Duration::from_secs(3));
-    eprintln!("OBSERVE agents: {}", c.get("/v1/agents"));
-    eprintln!("OBSERVE tasks: {}", summary(&c.tasks_of(key).unwrap()));
-    let _ = tasks;
+}
+
+#[test]
+fn after_a_cleanup_under_a_new_identity_the_master_does_not_keep_the_killed_tasks_running() {
+    privileged_or_skip!("after_a_cleanup_under_a_new_identity_the_master_does_not_keep_the_killed_tasks_running");
+    // agent.json is unreadable, so --recover=cleanup starts the agent under a new id. Its refusal
+    // promised "the master will mark their tasks LOST": the killed tasks must not stay RUNNING on
+    // the old identity, and the service must run its 2 instances again.
+    let mut c = Cluster::start_split();
+    let key = "www/prod/ghost";
+    let file = c.agent_dir().join("agent.json");
+    let tasks = damaged_checkpoint(&mut c, key, &file, |f| {
+        std::fs::write(f, b"garbage").expect("writing garbage");
+    });
+    let ids: Vec<String> = tasks.iter().map(task_id).collect();
+    wait_until(SOON, "the killed tasks are no longer RUNNING and 2 fresh ones run", || {
+        let now = c.tasks_of(key)?;
+        let stale: Vec<&Value> = now.iter().filter(|t| ids.contains(&task_id(t)) && !is_terminal(t)).collect();
+        let fresh = now.iter().filter(|t| !ids.contains(&task_id(t)) && t["state"] == "RUNNING").count();
+        ensure(stale.is_empty() && fresh == 2, format!("{} (agents: {})", summary(&now), c.get("/v1/agents")))
+    });
 }
 
 /// The records of an update log: `(offset, len)` of each, after the 8-byte magic.
@@ -621,7 +716,8 @@ fn task_logs_tail_follow_and_after_the_end() {
     let _ = follow.kill();
     let _ = follow.wait();
     assert_eq!(got[0], "tick 1", "--follow starts at the beginning: {got:?}");
-    let numbers: Vec<usize> = got.iter().map(|l| l.strip_prefix("tick ").and_then(|n| n.parse().ok()).expect("a tick")).collect();
+    let numbers: Vec<usize> =
+        got.iter().map(|l| l.strip_prefix("tick ").and_then(|n| n.parse().ok()).expect("a tick")).collect();
     assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "lines in order, none lost: {got:?}");
 
     // After the task ended its log is still served.

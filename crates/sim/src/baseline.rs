@@ -73,8 +73,12 @@ pub fn write_task_records(dir: &Path, records: u64, agents: u64) -> anyhow::Resu
     while index < records {
         batch.clear();
         for _ in 0..BATCH_ENTRIES.min((records - index) as usize) {
-            if index % job_every == 0 {
-                job = JobKey { role: "bench".into(), env: "placement".into(), name: format!("raw-{}", index / job_every) };
+            if index.is_multiple_of(job_every) {
+                job = JobKey {
+                    role: "bench".into(),
+                    env: "placement".into(),
+                    name: format!("raw-{}", index / job_every),
+                };
             }
             let agent = agent_ids[(index % agent_ids.len() as u64) as usize];
             let task = running_task(&job, (index % job_every) as u32, index + 1, agent, at);

@@ -29,8 +29,8 @@ pub async fn run(cmd: SimCmd) -> anyhow::Result<()> {
         SimCmd::Agents { count, master, resources, attributes_spread } => {
             let capacity =
                 FleetConfig::capacity_from(resources.as_deref()).map_err(|e| anyhow::anyhow!("--resources: {e}"))?;
-            let (racks, pods) =
-                FleetConfig::parse_spread(&attributes_spread).map_err(|e| anyhow::anyhow!("--attributes-spread: {e}"))?;
+            let (racks, pods) = FleetConfig::parse_spread(&attributes_spread)
+                .map_err(|e| anyhow::anyhow!("--attributes-spread: {e}"))?;
             check_nofile(count)?;
             let master = if master.contains("://") { master } else { format!("http://{master}") };
             let fleet = Fleet::start(FleetConfig { master: master.clone(), count, capacity, racks, pods });

@@ -187,6 +187,9 @@ impl AgentState {
     }
 }
 
+/// (when, agent index, task id, exit code) of a `sim:finish` or `sim:fail` task.
+type TimedExit = (Instant, u32, u64, i32);
+
 struct SimAgent {
     info: AgentInfo,
     state: Mutex<AgentState>,
@@ -199,8 +202,8 @@ struct Shared {
     /// Indexes of agents with updates waiting for the flusher.
     dirty: Mutex<Vec<u32>>,
     dirty_notify: Notify,
-    /// Timed exits: (when, agent, task, exit code), earliest first.
-    timers: Mutex<BinaryHeap<Reverse<(Instant, u32, u64, i32)>>>,
+    /// Timed exits, earliest first.
+    timers: Mutex<BinaryHeap<Reverse<TimedExit>>>,
     timers_notify: Notify,
     registrations: Semaphore,
     posts: Arc<Semaphore>,
@@ -444,7 +447,12 @@ impl Shared {
                     st.push(order.task, Report::Running { pid });
                     self.stats.launched.fetch_add(1, Ordering::Relaxed);
                     if let Behavior::Exit { after_ms, code } = behavior(&order.spec.command) {
-                        timers.push(Reverse((Instant::now() + Duration::from_millis(after_ms), index, order.task.0, code)));
+                        timers.push(Reverse((
+                            Instant::now() + Duration::from_millis(after_ms),
+                            index,
+                            order.task.0,
+                            code,
+                        )));
                     }
                 }
                 (Desired::Stop, Some(false)) => {
@@ -457,7 +465,10 @@ impl Shared {
                 }
                 (Desired::Stop, None) => {
                     st.tasks.insert(order.task, SimTask { ended: true });
-                    st.push(order.task, Report::Exited { exit: TaskExit::Killed { by: "stopped before it started".into() } });
+                    st.push(
+                        order.task,
+                        Report::Exited { exit: TaskExit::Killed { by: "stopped before it started".into() } },
+                    );
                     // Never counted as launched, so not as killed either.
                 }
                 (Desired::Run, Some(_)) | (Desired::Stop, Some(true)) => {}

@@ -57,11 +57,8 @@ pub fn constraints_of(mix: &JobMix, j: u32) -> Vec<Value> {
             vec![json!({"attribute": "rack", "limit": limit.min(100_000)})]
         }
         2 => {
-            let pods: Vec<String> = if mix.pods > 1 {
-                (1..mix.pods).map(|p| format!("p{p}")).collect()
-            } else {
-                vec!["p0".into()]
-            };
+            let pods: Vec<String> =
+                if mix.pods > 1 { (1..mix.pods).map(|p| format!("p{p}")).collect() } else { vec!["p0".into()] };
             vec![json!({"attribute": "dc", "value": "dc1"}), json!({"attribute": "pod", "in": pods})]
         }
         _ => vec![],
@@ -98,16 +95,7 @@ mod tests {
     use super::*;
 
     fn mix(tasks: u64, jobs: u32, constraints: bool) -> JobMix {
-        JobMix {
-            run: "t".into(),
-            jobs,
-            tasks,
-            cpus_milli: 80,
-            mem_bytes: 64 << 20,
-            constraints,
-            racks: 10,
-            pods: 4,
-        }
+        JobMix { run: "t".into(), jobs, tasks, cpus_milli: 80, mem_bytes: 64 << 20, constraints, racks: 10, pods: 4 }
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub fn raise_nofile_limit() -> std::io::Result<NofileLimit> {
             return Err(std::io::Error::last_os_error());
         }
     }
-    Ok(NofileLimit { soft: lim.rlim_cur as u64, hard: lim.rlim_max as u64 })
+    Ok(NofileLimit { soft: lim.rlim_cur, hard: lim.rlim_max })
 }
 
 /// File descriptors a process needs to hold `agents` simulated agents' connections (one

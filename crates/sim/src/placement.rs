@@ -81,6 +81,8 @@ struct Figures {
     submitted_s: f64,
     placed_s: Option<f64>,
     running_s: Option<f64>,
+    /// When the scrape that saw every task RUNNING was sent (a lower bound of the end).
+    running_scrape_started_s: Option<f64>,
     running: u64,
     tasks_per_s: Option<f64>,
     placement_latency_p50_s: Option<f64>,
@@ -92,6 +94,7 @@ struct Figures {
     master_cpu_s: f64,
     master_cpu_by_thread_s: BTreeMap<String, f64>,
     sim_cpu_s: f64,
+    sim_rss_peak_bytes: u64,
     scheduler_passes: u64,
     scheduler_pass_mean_ms: f64,
     scheduler_pass_total_s: f64,
@@ -287,12 +290,7 @@ async fn measure(args: PlacementArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
     let tmp = tempfile::Builder::new().prefix("capstan-bench-placement-").tempdir_in(&base)?;
     let master = MasterProcess::start(tmp.path().join("master"), tmp.path().join("master.log")).await?;
-    eprintln!(
-        "master pid {} at {} (log {}); open-file limit {nofile}",
-        master.pid,
-        master.url,
-        master.log.display()
-    );
+    eprintln!("master pid {} at {} (log {}); open-file limit {nofile}", master.pid, master.url, master.log.display());
     let result = drive(&args, &mix, &master, capacity, racks, pods).await;
     let master_log = master.log.clone();
     master.stop().await;
@@ -424,6 +422,7 @@ async fn drive(
             f.submitted_s = elapsed.as_secs_f64();
             eprintln!("{} jobs accepted in {:.2} s", mix.jobs, f.submitted_s);
         }
+        let scrape_started_s = t0.elapsed().as_secs_f64();
         let (scraped, scrape_ms) = timed_scrape(&client).await?;
         last = scraped;
         scrapes += 1;
@@ -434,7 +433,10 @@ async fn drive(
         }
         f.running = last.tasks_in("RUNNING");
         if f.running >= args.tasks {
+            // The scrape counted somewhere between asking and answering; the answer is the
+            // conservative end.
             f.running_s = Some(t0.elapsed().as_secs_f64());
+            f.running_scrape_started_s = Some(scrape_started_s);
             break;
         }
         if last_progress.elapsed() >= Duration::from_secs(5) {
@@ -497,6 +499,7 @@ async fn drive(
         .filter(|(_, s)| *s >= 0.005)
         .collect();
     f.sim_cpu_s = os::cpu_seconds(std::process::id()).unwrap_or(0.0) - sim_cpu_before;
+    f.sim_rss_peak_bytes = os::status_bytes(std::process::id(), "VmHWM").unwrap_or(0);
     f.tasks_per_s = f.running_s.map(|s| args.tasks as f64 / s);
     let latency = "capstan_placement_latency_seconds";
     f.placement_latency_p50_s = last.quantile(latency, 0.5);
@@ -515,8 +518,8 @@ async fn drive(
     f.store_commits = count;
     f.store_commit_total_s = sum;
     f.store_commit_mean_ms = if count > 0 { sum / count as f64 * 1000.0 } else { 0.0 };
-    f.commands_logged = (last.get("capstan_log_index").unwrap_or(0.0) - before.get("capstan_log_index").unwrap_or(0.0))
-        as u64;
+    f.commands_logged =
+        (last.get("capstan_log_index").unwrap_or(0.0) - before.get("capstan_log_index").unwrap_or(0.0)) as u64;
     f.placements_refused = last.get("capstan_placements_refused").unwrap_or(0.0);
     f.illegal_transitions = last.get("capstan_illegal_transitions").unwrap_or(0.0);
     f.duplicate_updates = last.get("capstan_duplicate_status_updates").unwrap_or(0.0);
@@ -610,10 +613,15 @@ fn print_report(f: &Figures) {
         ("all agents registered".into(), format!("{:.2} s", f.registration_s)),
         ("all jobs accepted".into(), format!("{:.2} s", f.submitted_s)),
         ("all tasks placed".into(), opt_s(f.placed_s)),
-        ("all tasks RUNNING (end to end)".into(), opt_s(f.running_s)),
+        (
+            "all tasks RUNNING (end to end)".into(),
+            format!("{} (seen by the scrape sent at {})", opt_s(f.running_s), opt_s(f.running_scrape_started_s)),
+        ),
         (
             "throughput end to end".into(),
-            f.tasks_per_s.map(|t| format!("{} tasks/s (target ≥ 16,700/s)", thousands(t))).unwrap_or_else(|| "—".into()),
+            f.tasks_per_s
+                .map(|t| format!("{} tasks/s (target ≥ 16,700/s)", thousands(t)))
+                .unwrap_or_else(|| "—".into()),
         ),
         (
             "placement latency p50 / p99 / mean".into(),
@@ -650,10 +658,16 @@ fn print_report(f: &Figures) {
     }
     let threads: Vec<String> = f.master_cpu_by_thread_s.iter().map(|(n, s)| format!("{n} {s:.1} s")).collect();
     rows.push(("master CPU".into(), format!("{:.1} s ({})", f.master_cpu_s, threads.join(", "))));
-    rows.push(("this process' CPU (sim agents)".into(), format!("{:.1} s", f.sim_cpu_s)));
+    rows.push((
+        "this process (sim agents): CPU / peak RSS".into(),
+        format!("{:.1} s / {}", f.sim_cpu_s, mib(f.sim_rss_peak_bytes)),
+    ));
     rows.push((
         "scheduler passes".into(),
-        format!("{}, mean {:.1} ms, total {:.2} s", f.scheduler_passes, f.scheduler_pass_mean_ms, f.scheduler_pass_total_s),
+        format!(
+            "{}, mean {:.1} ms, total {:.2} s",
+            f.scheduler_passes, f.scheduler_pass_mean_ms, f.scheduler_pass_total_s
+        ),
     ));
     rows.push((
         "store commits".into(),

@@ -56,10 +56,7 @@ impl Scrape {
 
     /// (`_sum`, `_count`) of histogram `name`.
     pub fn sum_count(&self, name: &str) -> (f64, u64) {
-        (
-            self.get(&format!("{name}_sum")).unwrap_or(0.0),
-            self.get(&format!("{name}_count")).unwrap_or(0.0) as u64,
-        )
+        (self.get(&format!("{name}_sum")).unwrap_or(0.0), self.get(&format!("{name}_count")).unwrap_or(0.0) as u64)
     }
 
     /// Quantile `q` (0..=1) of histogram `name`, interpolated linearly inside its bucket (as

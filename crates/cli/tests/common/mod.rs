@@ -12,12 +12,12 @@
 
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt::Debug;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::ffi::OsString;
 use std::process::ExitStatus;
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -432,7 +432,10 @@ impl Cluster {
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
                 let status = child.wait().ok();
-                panic!("capstan {what} did not print its first line within 30 s (status {status:?});\n{}", self.log_tail(60));
+                panic!(
+                    "capstan {what} did not print its first line within 30 s (status {status:?});\n{}",
+                    self.log_tail(60)
+                );
             }
         }
     }
