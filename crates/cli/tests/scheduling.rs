@@ -46,7 +46,10 @@ fn constraints_place_what_they_allow_and_explain_what_they_refuse() {
     let mut spec = job_spec("www/prod/one-per-rack", "service", 2, "exec sleep 600");
     spec["constraint"] = json!([{"attribute": "rack", "limit": 1}]);
     c.create_job(&spec);
-    c.wait_running("www/prod/one-per-rack", 1, SOON);
+    wait_until(SOON, "one instance runs", || {
+        let running = c.tasks_of("www/prod/one-per-rack")?.iter().filter(|t| t["state"] == "RUNNING").count();
+        ensure(running == 1, running)
+    });
     wait_until(SOON, "the second instance waits on the limit", || {
         let r = pending_reasons(&c, "www/prod/one-per-rack");
         ensure(r.iter().any(|x| x.starts_with("1 of 2 instances pending") && x.contains("at most 1 per rack")), &r)

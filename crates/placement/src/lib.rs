@@ -38,6 +38,9 @@ pub struct Plan {
     /// in a later pass, once the victims' resources are released.
     pub preemptions: Vec<Preemption>,
     pub unplaced: Vec<Unplaced>,
+    /// Room held on an agent for a production task whose victims are stopping: later (lower
+    /// priority) tasks of the pass may not take it.
+    pub held: Vec<(AgentId, TaskId)>,
     /// The earliest time a task in backoff becomes placeable, if any is waiting.
     pub next_wakeup: Option<Timestamp>,
 }
@@ -164,7 +167,14 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
         for k in 0..agents.len() {
             let idx = order[(start + k) % agents.len()];
             let agent = agents[idx];
-            let free = free_after(agent, ports_free[idx], tentative.get(&agent.info.id));
+            let mut free = free_after(agent, ports_free[idx], tentative.get(&agent.info.id));
+            // Room promised to a production task (victims still stopping) is not for others.
+            if let Some(p) = promised.get(&agent.info.id) {
+                free.cpus_milli = free.cpus_milli.saturating_sub(p.cpus_milli);
+                free.mem_bytes = free.mem_bytes.saturating_sub(p.mem_bytes);
+                free.disk_bytes = free.disk_bytes.saturating_sub(p.disk_bytes);
+                free.ports = free.ports.saturating_sub(p.ports);
+            }
             let lacks = [
                 free.cpus_milli < demand.cpus_milli,
                 free.mem_bytes < demand.mem_bytes,
@@ -242,6 +252,7 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
                         } else {
                             format!("{why}; preempting lower-priority tasks on agent {}", found.agent)
                         };
+                        out.held.push((found.agent, task_id));
                         let p = promised.entry(found.agent).or_default();
                         p.cpus_milli = p.cpus_milli.saturating_add(demand.cpus_milli);
                         p.mem_bytes = p.mem_bytes.saturating_add(demand.mem_bytes);

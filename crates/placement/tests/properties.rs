@@ -191,6 +191,10 @@ fn plan_and_check(c: &mut Cluster, seed: u64, limit: usize) -> Result<(), TestCa
         }
         held.add(state, pl.task, pl.agent, &pl.ports);
     }
+    // Room the plan holds for production tasks waiting on their victims is taken too.
+    for (agent, task) in &p.held {
+        held.add(state, *task, *agent, &[]);
+    }
 
     // Maximality and priority, for tasks of jobs that did not ask for preemptions.
     let preempting: BTreeSet<JobKey> = p.preemptions.iter().map(|x| state.tasks[&x.by].job.clone()).collect();
@@ -211,7 +215,10 @@ fn plan_and_check(c: &mut Cluster, seed: u64, limit: usize) -> Result<(), TestCa
         }
         // It did not fit even on what the tasks ahead of it in priority order had left.
         let ahead: Vec<_> = p.placements.iter().filter(|pl| order(pl.task) < order(u.task)).cloned().collect();
-        let before = Held::with_plan(state, &ahead);
+        let mut before = Held::with_plan(state, &ahead);
+        for (agent, task) in p.held.iter().filter(|(_, task)| order(*task) < order(u.task)) {
+            before.add(state, *task, *agent, &[]);
+        }
         if let Some(a) = before.fits_somewhere(state, u.task) {
             return Err(TestCaseError::fail(format!(
                 "task {} (priority {}) left unplaced, but it fit on agent {a} before lower-priority tasks took it",

@@ -48,6 +48,7 @@ pub fn running_task(job: &JobKey, instance: u32, seq: u64, agent: AgentId, at: T
         running_since: Some(at.plus_ms(40)),
         restart_when_stopped: false,
         healthy: None,
+        kill_reason: None,
         events: vec![
             event(0, TaskState::Pending, "waiting for a place".into()),
             event(20, TaskState::Assigned, format!("assigned to agent {agent}")),

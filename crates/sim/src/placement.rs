@@ -194,7 +194,17 @@ impl MasterProcess {
         let exe = std::env::current_exe().context("cannot find the capstan binary to start a master")?;
         let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
         // The open-file limit was raised in this process already; the child inherits it.
-        let mut child = tokio::process::Command::new(exe)
+        let mut command = tokio::process::Command::new(exe);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                // Even if this process is SIGKILLed, the master goes with it. (The signal follows
+                // the spawning thread, a runtime worker that lives as long as the process.)
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command
             .arg("master")
             .arg("--data-dir")
             .arg(&data_dir)

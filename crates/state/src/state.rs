@@ -64,6 +64,8 @@ pub struct Task {
     pub restart_when_stopped: bool,
     /// The last health report while it runs: `None` before the first (or without a check).
     pub healthy: Option<bool>,
+    /// Why Capstan stopped it (user request, job killed, preempted by …): its end says so.
+    pub kill_reason: Option<String>,
     pub events: Vec<TaskEventRecord>,
 }
 
@@ -384,6 +386,7 @@ impl ClusterState {
             running_since: None,
             restart_when_stopped: false,
             healthy: None,
+            kill_reason: None,
             events: Vec::new(),
         };
         let reason = if not_before > at {
@@ -517,7 +520,15 @@ impl ClusterState {
         if t.state.is_terminal() {
             task.pid = None;
         }
-        if let Some(reason) = t.reason {
+        if let Event::Kill { by } = event {
+            task.kill_reason = Some(by.clone());
+        }
+        let reason = match (t.state, &task.kill_reason, &t.reason) {
+            // The agent only knows it was told to stop; the task's end names who asked and why.
+            (TaskState::Killed, Some(why), Some(_)) => Some(format!("killed: {why}")),
+            _ => t.reason,
+        };
+        if let Some(reason) = reason {
             task.record(at, reason);
         }
         if t.state != TaskState::Pending {
