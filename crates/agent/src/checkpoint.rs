@@ -61,9 +61,10 @@ impl std::fmt::Display for RecoverMode {
 #[error(
     "cannot recover the agent's state: {}: {problem}.\nThe agent refuses to guess what runs on this host. \
      To start anyway, run it again with --recover=cleanup: that kills every task and supervisor found in \
-     the sandboxes (the master will mark their tasks LOST), moves the sandboxes aside to \
-     DATA/sandboxes.cleanup-<time>/, resets the status update log and starts clean \
-     (keeping the agent id when agent.json is readable).",
+     the sandboxes, moves the sandboxes aside to DATA/sandboxes.cleanup-<time>/, resets the status \
+     update log and starts clean. When agent.json is readable the agent keeps its id and the master \
+     marks those tasks LOST when it registers again; when it is not, the agent starts under a new id \
+     and the master keeps the old agent's tasks until it learns that agent is gone.",
     file.display()
 )]
 pub struct CheckpointError {

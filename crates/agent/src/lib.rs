@@ -380,6 +380,22 @@ impl Agent {
                     tracing::info!(%task, "re-attached to a running task");
                     self.watch(task, handle, 0);
                 }
+                Ok(Attached::NotStarted) => {
+                    // The agent stopped while it started the supervisor: nothing ran, so this is
+                    // not an end of the task. Start it now, as the launch would have.
+                    tracing::warn!(%task, "the agent stopped before the task's supervisor started; starting it now");
+                    match self.containerizer.relaunch(&sandbox) {
+                        Ok(handle) => self.watch(task, handle, 0),
+                        Err(e) => {
+                            tracing::warn!(%task, "relaunch failed: {e}");
+                            self.tasks.lock().insert(task, Local::ended(updates::now().0, false));
+                            if !self.updates.has_pending_exit(task) {
+                                self.updates
+                                    .push(task, Report::Exited { exit: TaskExit::LaunchFailed { message: e.to_string() } });
+                            }
+                        }
+                    }
+                }
                 Ok(Attached::Exited(record)) => {
                     tracing::info!(%task, "task ended while the agent was away: {}", record.exit);
                     self.tasks.lock().insert(task, Local::ended(record.ended_at_ms, false));

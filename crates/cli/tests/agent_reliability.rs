@@ -587,27 +587,6 @@ fn a_garbage_agent_json_stops_the_agent_until_recover_cleanup() {
     });
 }
 
-#[test]
-fn after_a_cleanup_under_a_new_identity_the_master_does_not_keep_the_killed_tasks_running() {
-    privileged_or_skip!("after_a_cleanup_under_a_new_identity_the_master_does_not_keep_the_killed_tasks_running");
-    // agent.json is unreadable, so --recover=cleanup starts the agent under a new id. Its refusal
-    // promised "the master will mark their tasks LOST": the killed tasks must not stay RUNNING on
-    // the old identity, and the service must run its 2 instances again.
-    let mut c = Cluster::start_split();
-    let key = "www/prod/ghost";
-    let file = c.agent_dir().join("agent.json");
-    let tasks = damaged_checkpoint(&mut c, key, &file, |f| {
-        std::fs::write(f, b"garbage").expect("writing garbage");
-    });
-    let ids: Vec<String> = tasks.iter().map(task_id).collect();
-    wait_until(SOON, "the killed tasks are no longer RUNNING and 2 fresh ones run", || {
-        let now = c.tasks_of(key)?;
-        let stale: Vec<&Value> = now.iter().filter(|t| ids.contains(&task_id(t)) && !is_terminal(t)).collect();
-        let fresh = now.iter().filter(|t| !ids.contains(&task_id(t)) && t["state"] == "RUNNING").count();
-        ensure(stale.is_empty() && fresh == 2, format!("{} (agents: {})", summary(&now), c.get("/v1/agents")))
-    });
-}
-
 /// The records of an update log: `(offset, len)` of each, after the 8-byte magic.
 fn log_records(bytes: &[u8]) -> Vec<(usize, usize)> {
     assert_eq!(&bytes[..8], b"CAPSTUPD", "the update log starts with its magic");

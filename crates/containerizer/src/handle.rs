@@ -3,8 +3,9 @@
 
 use crate::cgroups::{CgroupMode, Hierarchies, TaskCgroup};
 use crate::records::{
-    now_ms, read_json, write_json_atomic, ExitRecord, KillRequest, LaunchSpec, ProcessIdentity, SupervisorConfig,
-    Usage, EXIT_FILE, KILL_FILE, LAUNCH_FILE, SUPERVISOR_CONFIG_FILE, SUPERVISOR_FILE, SUPERVISOR_LOG_FILE, TASK_FILE,
+    now_ms, read_json, try_lock_sandbox, write_json_atomic, ExitRecord, KillRequest, LaunchSpec, ProcessIdentity,
+    SupervisorConfig, Usage, EXIT_FILE, KILL_FILE, LAUNCH_FILE, LOCK_FILE, SUPERVISOR_CONFIG_FILE, SUPERVISOR_FILE,
+    SUPERVISOR_LOG_FILE, TASK_FILE,
 };
 use capstan_model::{TaskExit, TaskId};
 use nix::unistd::User;
@@ -16,7 +17,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::unix::pipe;
@@ -25,6 +26,9 @@ use tokio::net::unix::pipe;
 const START_POLL: Duration = Duration::from_millis(20);
 /// How long the agent waits for leftover processes to die when it cleans up after a lost supervisor.
 const LOST_KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent waits for a supervisor that holds the sandbox's lock to record itself in
+/// `supervisor.json` (it does so right after taking the lock).
+const RECORD_WAIT: Duration = Duration::from_secs(5);
 
 /// How the containerizer places and supervises tasks.
 #[derive(Clone, Debug)]
@@ -63,6 +67,8 @@ pub enum LaunchError {
     RootRefused { user: String },
     #[error("sandbox {0} was already used by a launch")]
     SandboxInUse(PathBuf),
+    #[error("{0} holds no {LAUNCH_FILE}: nothing to relaunch")]
+    NotLaunched(PathBuf),
     #[error(
         "user `{user}` cannot reach its sandbox {sandbox}: {blocker} is mode {mode:o} and not open to it; \
          give the agent a --data-dir that task users can traverse (e.g. /var/lib/capstan/agent), or chmod o+x {blocker}"
@@ -99,6 +105,10 @@ pub struct Containerizer {
 pub enum Attached {
     Running(TaskHandle),
     Exited(ExitRecord),
+    /// `launch.json` is there but no supervisor ever ran the task, and none is starting: the
+    /// launching agent died before (or while) it spawned the supervisor. Nothing ran and no end is
+    /// recorded; [`Containerizer::relaunch`] starts it.
+    NotStarted,
 }
 
 impl Containerizer {
@@ -140,11 +150,7 @@ impl Containerizer {
     /// supervisor in its own session. Returns without waiting for the task; an unknown user or
     /// a cgroup failure arrives later as `TaskExit::LaunchFailed` (see [`TaskHandle::started`]).
     pub fn launch(&self, sandbox: &Path, spec: &LaunchSpec) -> Result<TaskHandle, LaunchError> {
-        let user = User::from_name(&spec.user).ok().flatten();
-        let is_root = spec.user == "root" || user.as_ref().is_some_and(|u| u.uid.is_root());
-        if is_root && !self.config.allow_root {
-            return Err(LaunchError::RootRefused { user: spec.user.clone() });
-        }
+        let user = self.check_user(spec)?;
         fs::create_dir_all(sandbox).map_err(io_err(format!("creating sandbox {}", sandbox.display())))?;
         if sandbox.join(SUPERVISOR_FILE).exists() || sandbox.join(EXIT_FILE).exists() {
             return Err(LaunchError::SandboxInUse(sandbox.to_path_buf()));
@@ -156,12 +162,50 @@ impl Containerizer {
             fs::set_permissions(sandbox, fs::Permissions::from_mode(0o750))
                 .map_err(io_err(format!("chmod {}", sandbox.display())))?;
         }
+        // The config first: a sandbox with launch.json always has it (see `relaunch`).
+        self.write_supervisor_config(sandbox)?;
         write_json_atomic(&sandbox.join(LAUNCH_FILE), spec).map_err(io_err(format!("writing {LAUNCH_FILE}")))?;
+        // An agent that dies from here until the supervisor has recorded itself leaves a sandbox
+        // that `attach` finds `NotStarted` (or running, if the supervisor got that far).
+        self.spawn_supervisor(sandbox, spec.task_id)
+    }
+
+    /// Starts a supervisor for the `launch.json` already in `sandbox`: the launch of a task that
+    /// [`Containerizer::attach`] found [`Attached::NotStarted`]. It neither rewrites the sandbox
+    /// nor refuses a used one: the supervisor itself runs nothing if another one holds the
+    /// sandbox or the task's end is recorded, and the handle then follows that one (or returns
+    /// the record).
+    pub fn relaunch(&self, sandbox: &Path) -> Result<TaskHandle, LaunchError> {
+        let spec: LaunchSpec = read_json(&sandbox.join(LAUNCH_FILE))
+            .map_err(io_err(format!("reading {}", sandbox.join(LAUNCH_FILE).display())))?
+            .ok_or_else(|| LaunchError::NotLaunched(sandbox.to_path_buf()))?;
+        self.check_user(&spec)?;
+        // Written before launch.json by this version; a sandbox of an older one may lack it.
+        if !sandbox.join(SUPERVISOR_CONFIG_FILE).exists() {
+            self.write_supervisor_config(sandbox)?;
+        }
+        self.spawn_supervisor(sandbox, spec.task_id)
+    }
+
+    /// The task's user, if it exists; refuses root unless allowed.
+    fn check_user(&self, spec: &LaunchSpec) -> Result<Option<User>, LaunchError> {
+        let user = User::from_name(&spec.user).ok().flatten();
+        let is_root = spec.user == "root" || user.as_ref().is_some_and(|u| u.uid.is_root());
+        if is_root && !self.config.allow_root {
+            return Err(LaunchError::RootRefused { user: spec.user.clone() });
+        }
+        Ok(user)
+    }
+
+    fn write_supervisor_config(&self, sandbox: &Path) -> Result<(), LaunchError> {
         let supervisor_config =
             SupervisorConfig { cgroup_root: self.config.cgroup_root.clone(), allow_root: self.config.allow_root };
         write_json_atomic(&sandbox.join(SUPERVISOR_CONFIG_FILE), &supervisor_config)
-            .map_err(io_err(format!("writing {SUPERVISOR_CONFIG_FILE}")))?;
+            .map_err(io_err(format!("writing {SUPERVISOR_CONFIG_FILE}")))
+    }
 
+    /// Starts the supervisor of `sandbox` in its own session, its stdout a pipe to the handle.
+    fn spawn_supervisor(&self, sandbox: &Path, task_id: TaskId) -> Result<TaskHandle, LaunchError> {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -190,12 +234,18 @@ impl Containerizer {
         // Our own unreaped child: the pid cannot be reused before we read its start time.
         let identity = ProcessIdentity::of(pid).map_err(io_err(format!("reading /proc/{pid}/stat")))?;
         let pidfd = pidfd_open(pid).map_err(io_err(format!("pidfd_open({pid})")))?;
-        Ok(TaskHandle::new(sandbox, identity, pidfd, true, Some(events_read), self.task_cgroup(spec.task_id)))
+        Ok(TaskHandle::new(sandbox, identity, pidfd, true, Some(events_read), self.task_cgroup(task_id)))
     }
 
     /// Finds the supervisor of `sandbox` again (after an agent restart): by pid and start time
     /// from `supervisor.json`, then held by a pidfd. A supervisor that vanished without writing
     /// `exit.json` yields `TaskExit::SupervisorLost`, after killing what is left in its cgroup.
+    ///
+    /// No `supervisor.json` yet: if nobody holds the sandbox's lock, no supervisor lives and none
+    /// ever ran the task ([`Attached::NotStarted`]). If one holds it, a supervisor is starting:
+    /// waits (up to 5 s) for it to record itself; if the lock is released without a record, it
+    /// is `NotStarted` after all; if it is still held, the launch is given up as lost (the
+    /// supervisor runs nothing once `exit.json` exists).
     pub fn attach(&self, sandbox: &Path) -> Result<Attached, AttachError> {
         let read_err = |file: &str| {
             let what = format!("reading {}", sandbox.join(file).display());
@@ -205,26 +255,56 @@ impl Containerizer {
             .map_err(read_err(LAUNCH_FILE))?
             .ok_or_else(|| AttachError::NotLaunched(sandbox.to_path_buf()))?;
         let cgroup = self.task_cgroup(spec.task_id);
-        if let Some(record) = read_json(&sandbox.join(EXIT_FILE)).map_err(read_err(EXIT_FILE))? {
-            return Ok(Attached::Exited(record));
-        }
-        let supervisor: Option<ProcessIdentity> =
-            read_json(&sandbox.join(SUPERVISOR_FILE)).map_err(read_err(SUPERVISOR_FILE))?;
-        if let Some(identity) = supervisor {
-            if let Ok(pidfd) = pidfd_open(identity.pid) {
-                // Checked after the pidfd is held: if it matches now, the pidfd is that process.
-                if identity.is_alive() {
-                    let is_child = parent_pid(identity.pid) == Some(std::process::id());
-                    return Ok(Attached::Running(TaskHandle::new(sandbox, identity, pidfd, is_child, None, cgroup)));
-                }
+        let deadline = Instant::now() + RECORD_WAIT;
+        loop {
+            if let Some(record) = read_json(&sandbox.join(EXIT_FILE)).map_err(read_err(EXIT_FILE))? {
+                return Ok(Attached::Exited(record));
             }
+            let recorded: Option<ProcessIdentity> =
+                read_json(&sandbox.join(SUPERVISOR_FILE)).map_err(read_err(SUPERVISOR_FILE))?;
+            if let Some((identity, pidfd)) = recorded.and_then(hold_if_alive) {
+                let is_child = parent_pid(identity.pid) == Some(std::process::id());
+                return Ok(Attached::Running(TaskHandle::new(sandbox, identity, pidfd, is_child, None, cgroup)));
+            }
+            let lock = try_lock_sandbox(sandbox).map_err(read_err(LOCK_FILE))?;
+            if lock.is_none() {
+                // A supervisor holds the sandbox and has not recorded itself (yet).
+                if Instant::now() >= deadline {
+                    let message = format!(
+                        "a supervisor holds {LOCK_FILE} but did not record itself within {RECORD_WAIT:?}; \
+                         launch given up"
+                    );
+                    return Ok(Attached::Exited(supervisor_lost(sandbox, &cgroup, message)));
+                }
+                std::thread::sleep(START_POLL);
+                continue;
+            }
+            drop(lock);
+            // No supervisor lives. One may have come and gone between the reads above and the
+            // lock: then look again.
+            let exited = sandbox.join(EXIT_FILE).exists();
+            let recorded_now: Option<ProcessIdentity> =
+                read_json(&sandbox.join(SUPERVISOR_FILE)).map_err(read_err(SUPERVISOR_FILE))?;
+            if exited || recorded_now != recorded {
+                continue;
+            }
+            return Ok(match recorded {
+                Some(identity) => Attached::Exited(supervisor_lost(
+                    sandbox,
+                    &cgroup,
+                    format!("supervisor pid {} is gone and left no exit record", identity.pid),
+                )),
+                None => Attached::NotStarted,
+            });
         }
-        let message = match supervisor {
-            Some(identity) => format!("supervisor pid {} is gone and left no exit record", identity.pid),
-            None => "the supervisor never recorded itself in the sandbox".to_owned(),
-        };
-        Ok(Attached::Exited(supervisor_lost(sandbox, &cgroup, message)))
     }
+}
+
+/// A pidfd of the process `identity`, if it is alive.
+fn hold_if_alive(identity: ProcessIdentity) -> Option<(ProcessIdentity, OwnedFd)> {
+    let pidfd = pidfd_open(identity.pid).ok()?;
+    // Checked after the pidfd is held: if it matches now, the pidfd is that process.
+    identity.is_alive().then_some((identity, pidfd))
 }
 
 /// Kills whatever is left of the task, removes its cgroup and records `SupervisorLost` — unless
@@ -328,6 +408,9 @@ impl TaskHandle {
                 return Ok(task.pid);
             }
             if !self.supervisor.is_alive() || self.sandbox.join(EXIT_FILE).exists() {
+                if !self.sandbox.join(EXIT_FILE).exists() && self.adopt_lock_holder().await {
+                    continue;
+                }
                 let record = self.wait().await;
                 if let Ok(Some(task)) = read_json::<ProcessIdentity>(&self.sandbox.join(TASK_FILE)) {
                     self.task_pid = Some(task.pid);
@@ -365,24 +448,79 @@ impl TaskHandle {
         if let Some(record) = &self.record {
             return record.clone();
         }
-        self.supervisor_exited().await;
-        if self.is_child && !self.reaped {
-            // Our child has exited (pidfd readable): reaping does not block. ECHILD if a
-            // drop-thread of an earlier handle got there first.
-            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.supervisor.pid as i32), None);
-            self.reaped = true;
-        }
-        let record = match read_json::<ExitRecord>(&self.sandbox.join(EXIT_FILE)) {
-            Ok(Some(record)) => record,
-            Ok(None) => supervisor_lost(
-                &self.sandbox,
-                &self.cgroup,
-                format!("supervisor pid {} exited without an exit record", self.supervisor.pid),
-            ),
-            Err(e) => supervisor_lost(&self.sandbox, &self.cgroup, format!("unreadable {EXIT_FILE}: {e}")),
+        let record = loop {
+            self.supervisor_exited().await;
+            self.reap();
+            match read_json::<ExitRecord>(&self.sandbox.join(EXIT_FILE)) {
+                Ok(Some(record)) => break record,
+                Ok(None) => {
+                    if self.adopt_lock_holder().await {
+                        continue;
+                    }
+                    break supervisor_lost(
+                        &self.sandbox,
+                        &self.cgroup,
+                        format!("supervisor pid {} exited without an exit record", self.supervisor.pid),
+                    );
+                }
+                Err(e) => break supervisor_lost(&self.sandbox, &self.cgroup, format!("unreadable {EXIT_FILE}: {e}")),
+            }
         };
         self.record = Some(record.clone());
         record
+    }
+
+    /// Reaps our supervisor once it exited (the pidfd is readable, or `is_alive` said so):
+    /// does not block. ECHILD if a drop-thread of an earlier handle got there first.
+    fn reap(&mut self) {
+        if self.is_child && !self.reaped {
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.supervisor.pid as i32), None);
+            self.reaped = true;
+        }
+    }
+
+    /// Our supervisor is gone without an exit record. If it lost the sandbox's lock to another
+    /// supervisor of the same launch (one that an agent spawned just before it crashed, see
+    /// [`Containerizer::relaunch`]), that one runs the task: hold it instead, once it recorded
+    /// itself (waiting up to 5 s). True if adopted; false if no supervisor holds the sandbox.
+    async fn adopt_lock_holder(&mut self) -> bool {
+        self.reap();
+        let deadline = Instant::now() + RECORD_WAIT;
+        loop {
+            let recorded = read_json::<ProcessIdentity>(&self.sandbox.join(SUPERVISOR_FILE)).ok().flatten();
+            if let Some((identity, pidfd)) =
+                recorded.filter(|identity| *identity != self.supervisor).and_then(hold_if_alive)
+            {
+                tracing::info!(
+                    sandbox = %self.sandbox.display(),
+                    "supervisor {} found the sandbox taken; following supervisor {} instead",
+                    self.supervisor.pid,
+                    identity.pid
+                );
+                self.is_child = parent_pid(identity.pid) == Some(std::process::id());
+                self.reaped = false;
+                self.supervisor = identity;
+                self.pidfd = pidfd;
+                self.exit_watch = None;
+                self.events = Events::Closed;
+                // A stop asked of the one that gave up would otherwise be lost.
+                if self.sandbox.join(KILL_FILE).exists() {
+                    if let Err(e) = self.signal(libc::SIGTERM) {
+                        tracing::warn!("cannot pass the stop request on to supervisor {}: {e}", identity.pid);
+                    }
+                }
+                return true;
+            }
+            match try_lock_sandbox(&self.sandbox) {
+                Ok(Some(_free)) => return false,
+                Ok(None) if Instant::now() < deadline => tokio::time::sleep(START_POLL).await,
+                Ok(None) => return false,
+                Err(e) => {
+                    tracing::warn!(sandbox = %self.sandbox.display(), "cannot probe {LOCK_FILE}: {e}");
+                    return false;
+                }
+            }
+        }
     }
 
     async fn supervisor_exited(&mut self) {
@@ -430,9 +568,14 @@ impl TaskHandle {
         if !self.sandbox.join(KILL_FILE).exists() {
             write_json_atomic(&self.sandbox.join(KILL_FILE), &request)?;
         }
+        self.signal(libc::SIGTERM)
+    }
+
+    /// Sends `signal` to the supervisor (no error if it is gone).
+    fn signal(&self, signal: libc::c_int) -> io::Result<()> {
         // SAFETY: pidfd_send_signal with a pidfd we own; signals exactly that process.
         let rc = unsafe {
-            libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), libc::SIGTERM, std::ptr::null::<()>(), 0)
+            libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), signal, std::ptr::null::<()>(), 0)
         };
         if rc < 0 {
             let e = io::Error::last_os_error();

@@ -26,4 +26,4 @@ pub use records::{
     ExitRecord, LaunchSpec, ProcessIdentity, Usage, DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES, MAX_LOG_KEEP, STDERR_FILE,
     STDOUT_FILE,
 };
-pub use supervisor::supervise_main;
+pub use supervisor::{supervise_main, EXIT_SANDBOX_BUSY};

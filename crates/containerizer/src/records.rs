@@ -7,6 +7,8 @@ use capstan_model::{TaskExit, TaskId};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::fs;
 use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// `launch.json`: the [`LaunchSpec`], written by `Containerizer::launch`.
@@ -34,6 +36,11 @@ pub const DEFAULT_LOG_KEEP: u32 = 3;
 pub const MAX_LOG_KEEP: u32 = 100;
 /// The supervisor's own diagnostics (its stderr).
 pub const SUPERVISOR_LOG_FILE: &str = "supervisor.log";
+/// `supervisor.lock`: locked (`flock`, exclusive) by the sandbox's supervisor as its first action
+/// and for its whole life, so that at most one supervisor ever runs a sandbox's task, and so that
+/// the agent can tell "no supervisor lives" from "a supervisor is starting" (see
+/// [`try_lock_sandbox`]).
+pub const LOCK_FILE: &str = "supervisor.lock";
 
 /// What to run, as the agent decided it. Written as `SANDBOX/launch.json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,6 +203,27 @@ pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+/// Opens (creating it) `SANDBOX/supervisor.lock`, close-on-exec, and tries to lock it exclusively
+/// without blocking. `Ok(Some(fd))` holds the lock until the descriptor is closed; `Ok(None)`:
+/// another open of the file holds it (a supervisor of this sandbox is alive).
+pub(crate) fn try_lock_sandbox(sandbox: &Path) -> io::Result<Option<OwnedFd>> {
+    // std opens every file with O_CLOEXEC: a process this one execs never inherits the lock.
+    let file = fs::OpenOptions::new().read(true).write(true).create(true).mode(0o600).open(sandbox.join(LOCK_FILE))?;
+    let fd = OwnedFd::from(file);
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(Some(fd));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => return Ok(None),
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
     }
 }
 

@@ -15,13 +15,19 @@
 //! `started PID` once the task runs (after `task.json` is on disk) and `exited` after `exit.json`
 //! is on disk. The files are the truth; the lines only wake the agent. Write errors (agent gone)
 //! are ignored.
+//!
+//! One supervisor per sandbox: its first action is an exclusive `flock` of `supervisor.lock`
+//! (close-on-exec, closed in the task's child before exec), held until it exits. A supervisor
+//! that finds the lock taken, or `exit.json` already there, exits at once and runs nothing. So a
+//! relaunch after an agent crash (see `Containerizer::relaunch`) cannot run the task twice, even
+//! racing a supervisor the crashed agent had just spawned.
 
 use crate::cgroups::{CgroupLimits, Hierarchies, TaskCgroup};
 use crate::logs::{LogPump, RotatingLog};
 use crate::records::{
     now_ms, read_json, write_json_atomic, ExitRecord, KillRequest, LaunchSpec, ProcessIdentity, SupervisorConfig,
-    Usage, EXIT_FILE, KILL_FILE, LAUNCH_FILE, STDERR_FILE, STDOUT_FILE, SUPERVISOR_CONFIG_FILE, SUPERVISOR_FILE,
-    TASK_FILE,
+    try_lock_sandbox, Usage, EXIT_FILE, KILL_FILE, LAUNCH_FILE, LOCK_FILE, STDERR_FILE, STDOUT_FILE,
+    SUPERVISOR_CONFIG_FILE, SUPERVISOR_FILE, TASK_FILE,
 };
 use capstan_model::TaskExit;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -32,7 +38,7 @@ use nix::unistd::{self, ForkResult, Gid, Pid, Uid, User};
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -50,6 +56,8 @@ const PIPE_READ_BYTES: usize = 64 << 10;
 const READS_PER_TURN: usize = 16;
 /// `by` of [`TaskExit::Killed`] when nobody wrote `kill.json`.
 const DEFAULT_KILLED_BY: &str = "stop requested (SIGTERM to the supervisor)";
+/// Exit code of a supervisor that found the sandbox locked by another one (and ran nothing).
+pub const EXIT_SANDBOX_BUSY: i32 = 75;
 
 /// Runs the supervisor for `sandbox` (which holds `launch.json`) and returns the process exit
 /// code. Call it from a fresh process before any thread is started.
@@ -58,6 +66,24 @@ pub fn supervise_main(sandbox: &Path) -> i32 {
     // reach the task or keep the launcher's pipes open: keep only stdin, stdout and stderr.
     // SAFETY: nothing in this process owns a descriptor above 2 yet.
     unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    // First: own the sandbox, for the whole life of this process. Another supervisor of the same
+    // launch (an agent that crashed while starting one, then relaunched it after its restart)
+    // holds it, or ran the task to its end already: then this one runs nothing.
+    let lock = match try_lock_sandbox(sandbox) {
+        Ok(Some(lock)) => lock,
+        Ok(None) => {
+            eprintln!("capstan supervisor: another supervisor holds {LOCK_FILE}; it runs the task, not this one");
+            return EXIT_SANDBOX_BUSY;
+        }
+        Err(e) => {
+            eprintln!("capstan supervisor: cannot lock {LOCK_FILE}: {e}");
+            return 1;
+        }
+    };
+    if sandbox.join(EXIT_FILE).exists() {
+        eprintln!("capstan supervisor: {EXIT_FILE} exists: the task's end is recorded already; not running it again");
+        return 0;
+    }
     // Own session: a signal to the agent's process group or session never reaches the task.
     let _ = unistd::setsid(); // EPERM when the launcher already made us a session leader.
                               // SAFETY: plain prctl with integer arguments.
@@ -92,9 +118,15 @@ pub fn supervise_main(sandbox: &Path) -> i32 {
         eprintln!("capstan supervisor: cannot write {SUPERVISOR_FILE}: {e}");
         return 1;
     }
+    // An agent that waited in vain for the record above gave this launch up as lost (and wrote
+    // its end): the task must not start after all.
+    if sandbox.join(EXIT_FILE).exists() {
+        eprintln!("capstan supervisor: {EXIT_FILE} appeared before the task started; not running it");
+        return 0;
+    }
 
     let mut cgroup = None;
-    let record = match start_task(sandbox, &mut cgroup) {
+    let record = match start_task(sandbox, &mut cgroup, lock.as_raw_fd()) {
         Err(message) => {
             eprintln!("capstan supervisor: launch failed: {message}");
             ExitRecord { exit: TaskExit::LaunchFailed { message }, usage: Usage::default(), ended_at_ms: now_ms() }
@@ -122,6 +154,7 @@ pub fn supervise_main(sandbox: &Path) -> i32 {
         return 1;
     }
     notify("exited");
+    drop(lock); // only now: exit.json is on disk
     0
 }
 
@@ -225,8 +258,13 @@ fn stop_requested(signals: &SignalFd) -> bool {
 }
 
 /// Resolves the user, prepares files, forks, places the child in its cgroup and lets it exec.
-/// Returns the task pid, or the reason it could not start.
-fn start_task(sandbox: &Path, cgroup_slot: &mut Option<TaskCgroup>) -> Result<(u32, LaunchSpec, Output), String> {
+/// Returns the task pid, or the reason it could not start. `lock` (the sandbox lock) is closed
+/// in the child, so that the task never holds it.
+fn start_task(
+    sandbox: &Path,
+    cgroup_slot: &mut Option<TaskCgroup>,
+    lock: RawFd,
+) -> Result<(u32, LaunchSpec, Output), String> {
     let spec: LaunchSpec = read_json(&sandbox.join(LAUNCH_FILE))
         .map_err(|e| format!("reading {LAUNCH_FILE}: {e}"))?
         .ok_or_else(|| format!("{LAUNCH_FILE} is missing in {}", sandbox.display()))?;
@@ -245,6 +283,11 @@ fn start_task(sandbox: &Path, cgroup_slot: &mut Option<TaskCgroup>) -> Result<(u
     // arbitrary code until exec.
     let child = match unsafe { unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
+            // Close-on-exec already; closed at once so that not even this child (which may
+            // outlive a dead supervisor while it waits on `go`) keeps the lock. Closing a copy
+            // does not release the supervisor's lock.
+            // SAFETY: a descriptor this child owns a copy of and never uses.
+            unsafe { libc::close(lock) };
             drop((go_write, err_read));
             exec_child(&plan, go_read, err_write)
         }

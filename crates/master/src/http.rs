@@ -494,7 +494,7 @@ fn task_view(state: &ClusterState, t: &Task, usage: &std::collections::HashMap<T
     }
 }
 
-fn job_view(state: &ClusterState, j: &Job, unplaced: &std::collections::HashMap<TaskId, String>) -> JobView {
+fn job_view(state: &ClusterState, j: &Job, unplaced: &crate::scheduler::UnplacedReasons) -> JobView {
     let mut tasks: BTreeMap<String, u64> = BTreeMap::new();
     let mut why_pending: BTreeMap<String, u32> = BTreeMap::new();
     let mut all_running = true;
@@ -503,7 +503,12 @@ fn job_view(state: &ClusterState, j: &Job, unplaced: &std::collections::HashMap<
         *tasks.entry(t.state.as_str().to_string()).or_default() += 1;
         all_running &= t.state == TaskState::Running && t.desired == Desired::Run;
         if t.state == TaskState::Pending {
-            let why = unplaced.get(id).cloned().unwrap_or_else(|| t.reason.clone());
+            let why = unplaced
+                .tasks
+                .get(id)
+                .or_else(|| unplaced.jobs.get(&j.spec.job))
+                .cloned()
+                .unwrap_or_else(|| t.reason.clone());
             *why_pending.entry(why).or_default() += 1;
         }
     }

@@ -11,12 +11,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Tasks placed per pass at most (one `Place` command).
-pub const PLACEMENTS_PER_PASS_MAX: usize = 10_000;
+pub const PLACEMENTS_PER_PASS_MAX: usize = 4_000;
 /// Even with nothing to do, look again this often (a safety net; wake-ups do the real work).
 const IDLE_RECHECK: Duration = Duration::from_secs(5);
 
 /// Why tasks could not be placed in the last pass; shown in job status. In memory only.
-pub type Unplaced = Arc<Mutex<HashMap<TaskId, String>>>;
+#[derive(Default)]
+pub struct UnplacedReasons {
+    pub tasks: HashMap<TaskId, String>,
+    /// Jobs none of whose tasks fit: their tasks were not searched one by one.
+    pub jobs: HashMap<capstan_model::JobKey, String>,
+}
+
+pub type Unplaced = Arc<Mutex<UnplacedReasons>>;
 
 /// The operator's ceiling on placements per second, as a token bucket holding at most one
 /// second's worth.
@@ -60,8 +67,11 @@ pub async fn run(core: Arc<Core>, unplaced: Unplaced) {
         };
         let at = now();
         let started = Instant::now();
-        let (plan, became_placeable) = {
-            let state = core.state.read();
+        // Planning is CPU work under the state's read lock: off the async workers, and short
+        // (a bounded number of searches per pass), so the writer and the API do not wait long.
+        let planner = core.clone();
+        let planned = tokio::task::spawn_blocking(move || {
+            let state = planner.state.read();
             let plan = capstan_placement::plan(&state, at, rand::random(), limit);
             let since: Vec<u64> = plan
                 .placements
@@ -70,14 +80,22 @@ pub async fn run(core: Arc<Core>, unplaced: Unplaced) {
                 .map(|t| t.created_at.max(t.not_before).0)
                 .collect();
             (plan, since)
+        })
+        .await;
+        let Ok((plan, became_placeable)) = planned else {
+            tracing::error!("the placement pass panicked; retrying");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
         };
         core.metrics.scheduler_pass_seconds.observe(started.elapsed().as_secs_f64());
         {
             let mut u = unplaced.lock();
-            u.clear();
+            u.tasks.clear();
+            u.jobs.clear();
             for x in &plan.unplaced {
-                u.insert(x.task, x.why.clone());
+                u.tasks.insert(x.task, x.why.clone());
             }
+            u.jobs.extend(plan.unplaced_jobs.iter().cloned());
         }
         if !plan.preemptions.is_empty() {
             let n = plan.preemptions.len();
@@ -104,7 +122,7 @@ pub async fn run(core: Arc<Core>, unplaced: Unplaced) {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
-            if placed == limit {
+            if placed == limit || plan.more {
                 continue;
             }
         }

@@ -38,9 +38,14 @@ pub struct Plan {
     /// in a later pass, once the victims' resources are released.
     pub preemptions: Vec<Preemption>,
     pub unplaced: Vec<Unplaced>,
+    /// Jobs none of whose tasks fit in this pass, and why: their remaining tasks were not
+    /// searched again (and are not listed one by one in `unplaced`).
+    pub unplaced_jobs: Vec<(JobKey, String)>,
     /// Room held on an agent for a production task whose victims are stopping: later (lower
     /// priority) tasks of the pass may not take it.
     pub held: Vec<(AgentId, TaskId)>,
+    /// The pass stopped at its limit with pending tasks not looked at: plan again soon.
+    pub more: bool,
     /// The earliest time a task in backoff becomes placeable, if any is waiting.
     pub next_wakeup: Option<Timestamp>,
 }
@@ -112,20 +117,16 @@ impl Refusals {
     }
 }
 
-/// Places up to `limit` pending tasks whose backoff has passed, highest priority first.
+/// Pending tasks looked at in one pass at most, per task it may search a place for: tasks of
+/// jobs already known not to fit, or still in backoff, are skipped cheaply, but not without end.
+pub const SCAN_PER_SEARCH: usize = 20;
+
+/// Searches a place for up to `limit` pending tasks whose backoff has passed, highest priority
+/// first (the state keeps them in that order: no sorting here).
 pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Plan {
     let mut out = Plan::default();
-    let mut queue: Vec<(i32, u64, TaskId)> = Vec::new();
-    for id in &state.pending {
-        let Some(task) = state.tasks.get(id) else { continue };
-        let Some(job) = state.jobs.get(&task.job) else { continue };
-        if task.not_before > now {
-            out.next_wakeup = Some(out.next_wakeup.map_or(task.not_before, |w| w.min(task.not_before)));
-            continue;
-        }
-        queue.push((job.spec.priority, task.seq, *id));
-    }
-    queue.sort_by_key(|(priority, seq, _)| (-i64::from(*priority), *seq));
+    let mut searched = 0usize;
+    let scan_max = limit.saturating_mul(SCAN_PER_SEARCH).max(limit);
 
     let agents: Vec<&Agent> = state.agents.values().collect();
     let ports_free: Vec<u32> = agents.iter().map(|a| free_ports(a)).collect();
@@ -144,13 +145,28 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
     // Room on an agent that production tasks of this pass will take once it is released.
     let mut promised: HashMap<AgentId, Demand> = HashMap::new();
 
-    for (_, _, task_id) in queue.into_iter().take(limit) {
-        let task = &state.tasks[&task_id];
-        let job = &state.jobs[&task.job];
-        if let Some(why) = hopeless.get(&task.job) {
-            out.unplaced.push(Unplaced { task: task_id, why: why.clone() });
+    let mut cursor: std::ops::Bound<capstan_state::QueueKey> = std::ops::Bound::Unbounded;
+    let mut scanned = 0usize;
+    while let Some(key) = state.queue.range((cursor, std::ops::Bound::Unbounded)).next().copied() {
+        if searched >= limit || scanned >= scan_max {
+            out.more = true;
+            break;
+        }
+        scanned += 1;
+        cursor = std::ops::Bound::Excluded(key);
+        let (neg_priority, job_ord, _, task_id) = key;
+        let Some(task) = state.tasks.get(&task_id) else { continue };
+        if task.not_before > now {
+            out.next_wakeup = Some(out.next_wakeup.map_or(task.not_before, |w| w.min(task.not_before)));
             continue;
         }
+        if hopeless.contains_key(&task.job) {
+            // Skip the rest of this job's pending tasks in one step.
+            cursor = std::ops::Bound::Excluded((neg_priority, job_ord, u64::MAX, TaskId(u64::MAX)));
+            continue;
+        }
+        let Some(job) = state.jobs.get(&task.job) else { continue };
+        searched += 1;
         let spec = &job.spec;
         let demand = spec.task.demand();
         let cons: Vec<Constraint> = spec.constraint.iter().filter_map(|c| c.kind()).collect();
@@ -269,6 +285,8 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
             }
         }
     }
+    out.unplaced_jobs = hopeless.into_iter().collect();
+    out.unplaced_jobs.sort();
     out
 }
 

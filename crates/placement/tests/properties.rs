@@ -200,7 +200,7 @@ fn plan_and_check(c: &mut Cluster, seed: u64, limit: usize) -> Result<(), TestCa
     let preempting: BTreeSet<JobKey> = p.preemptions.iter().map(|x| state.tasks[&x.by].job.clone()).collect();
     let order = |id: TaskId| {
         let t = &state.tasks[&id];
-        (-i64::from(state.jobs[&t.job].spec.priority), t.seq)
+        (-i64::from(state.jobs[&t.job].spec.priority), state.jobs[&t.job].ord, t.seq)
     };
     for u in &p.unplaced {
         let t = &state.tasks[&u.task];

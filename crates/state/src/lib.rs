@@ -9,4 +9,4 @@ pub mod state;
 pub use agent::{Agent, AgentInfo};
 pub use codec::{decode_command, decode_snapshot, encode_command, encode_snapshot, CodecError};
 pub use command::{Command, Placement, Preemption, Quota, Report, SchedulerSettings, Stamped, StatusUpdate};
-pub use state::{Applied, ClusterState, Job, Rejection, Task, TaskEventRecord};
+pub use state::{Applied, ClusterState, Job, QueueKey, Rejection, Task, TaskEventRecord};

@@ -16,6 +16,8 @@ pub const ENDED_TASKS_PER_INSTANCE_MAX: usize = 4;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub spec: Arc<JobSpec>,
+    /// Creation order among jobs.
+    pub ord: u64,
     pub version: u32,
     pub created_at: Timestamp,
     /// Set when the job was killed: its tasks are stopping and it goes away when they all ended.
@@ -99,6 +101,8 @@ pub struct ClusterState {
     pub tasks: BTreeMap<TaskId, Task>,
     /// Creation counter: orders tasks by creation for rebuilding per-instance history.
     pub task_seq: u64,
+    /// Job creation counter (`Job::ord`).
+    pub job_seq: u64,
     pub agents: BTreeMap<AgentId, Agent>,
     pub counters: Counters,
     /// Production quotas per role; a role without one is not limited.
@@ -108,6 +112,21 @@ pub struct ClusterState {
     /// Tasks waiting for a place, by id.
     #[serde(skip)]
     pub pending: BTreeSet<TaskId>,
+    /// The same tasks in the order the scheduler takes them: highest priority, then oldest.
+    #[serde(skip)]
+    pub queue: BTreeSet<QueueKey>,
+    /// Tasks by state (index: `TaskState::ALL` order), kept up to date so reading it is free.
+    #[serde(skip)]
+    pub counts: [u64; 9],
+}
+
+/// A pending task's place in the scheduling queue: `(-priority, job order, task creation seq, id)`:
+/// highest priority first, then by job, so that a job's pending tasks are next to each other and
+/// the scheduler can skip a job that fits nowhere in one step.
+pub type QueueKey = (i64, u64, u64, TaskId);
+
+fn state_index(s: TaskState) -> usize {
+    TaskState::ALL.iter().position(|x| *x == s).expect("every state is in ALL")
 }
 
 /// Why a command was refused; nothing changed.
@@ -193,10 +212,12 @@ impl ClusterState {
                     self.check_quota(&spec.job.role, &spec.task.demand(), spec.instances)?;
                 }
                 let spec = Arc::new(spec.clone());
+                self.job_seq += 1;
                 self.jobs.insert(
                     spec.job.clone(),
                     Job {
                         spec: spec.clone(),
+                        ord: self.job_seq,
                         version: 1,
                         created_at: at,
                         killed: None,
@@ -403,11 +424,16 @@ impl ClusterState {
         } else {
             vec![]
         };
+        let (priority, ord) = (j.spec.priority, j.ord);
         for old in forgotten {
-            self.tasks.remove(&old);
+            if let Some(t) = self.tasks.remove(&old) {
+                self.counts[state_index(t.state)] -= 1;
+            }
         }
+        self.queue.insert((-i64::from(priority), ord, task.seq, id));
         self.tasks.insert(id, task);
         self.pending.insert(id);
+        self.counts[state_index(TaskState::Pending)] += 1;
     }
 
     /// Checks a placement against the current state and reserves it. False: nothing changed.
@@ -509,6 +535,7 @@ impl ClusterState {
         let job_key = task.job.clone();
         let task = self.tasks.get_mut(&id).expect("exists");
         let desired_changed = task.desired != t.desired;
+        let (old_state, seq, priority, ord) = (task.state, task.seq, job.spec.priority, job.ord);
         task.state = t.state;
         task.desired = t.desired;
         if t.state == TaskState::Running && task.running_since.is_none() {
@@ -531,8 +558,12 @@ impl ClusterState {
         if let Some(reason) = reason {
             task.record(at, reason);
         }
-        if t.state != TaskState::Pending {
-            self.pending.remove(&id);
+        if old_state != t.state {
+            self.counts[state_index(old_state)] -= 1;
+            self.counts[state_index(t.state)] += 1;
+        }
+        if t.state != TaskState::Pending && self.pending.remove(&id) {
+            self.queue.remove(&(-i64::from(priority), ord, seq, id));
         }
         out.transitions.push((id, t.state));
         let agent_id = task.agent;
@@ -621,8 +652,12 @@ impl ClusterState {
         let j = self.jobs.remove(job).expect("exists");
         for ids in j.history.values() {
             for id in ids {
-                self.tasks.remove(id);
-                self.pending.remove(id);
+                if let Some(t) = self.tasks.remove(id) {
+                    self.counts[state_index(t.state)] -= 1;
+                    if self.pending.remove(id) {
+                        self.queue.remove(&(-i64::from(j.spec.priority), j.ord, t.seq, *id));
+                    }
+                }
             }
         }
     }
@@ -630,6 +665,8 @@ impl ClusterState {
     /// Recomputes everything marked "derived" from the primary records (after loading a snapshot).
     pub fn rebuild_derived(&mut self) {
         self.pending.clear();
+        self.queue.clear();
+        self.counts = [0; 9];
         for agent in self.agents.values_mut() {
             agent.used = Default::default();
             agent.used_ports.clear();
@@ -642,11 +679,13 @@ impl ClusterState {
         let mut ids: Vec<&Task> = self.tasks.values().collect();
         ids.sort_by_key(|t| t.seq);
         for t in ids {
+            self.counts[state_index(t.state)] += 1;
             if let Some(job) = self.jobs.get_mut(&t.job) {
                 job.current.insert(t.instance, t.id);
                 job.history.entry(t.instance).or_default().push(t.id);
                 if t.state == TaskState::Pending {
                     self.pending.insert(t.id);
+                    self.queue.insert((-i64::from(job.spec.priority), job.ord, t.seq, t.id));
                 }
                 if t.state.holds_resources() {
                     if let Some(a) = t.agent.and_then(|a| self.agents.get_mut(&a)) {
@@ -674,10 +713,6 @@ impl ClusterState {
 
     /// Counts of tasks by state across the cluster.
     pub fn task_counts(&self) -> BTreeMap<TaskState, u64> {
-        let mut m = BTreeMap::new();
-        for t in self.tasks.values() {
-            *m.entry(t.state).or_insert(0) += 1;
-        }
-        m
+        TaskState::ALL.iter().zip(self.counts).filter(|(_, n)| *n > 0).map(|(s, n)| (*s, n)).collect()
     }
 }

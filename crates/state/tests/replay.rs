@@ -428,6 +428,9 @@ fn check_derived(state: &ClusterState) -> Result<(), TestCaseError> {
     let mut rebuilt = state.clone();
     rebuilt.rebuild_derived();
     prop_assert_eq!(&state.pending, &rebuilt.pending, "pending");
+    prop_assert_eq!(&state.queue, &rebuilt.queue, "queue");
+    prop_assert_eq!(state.counts, rebuilt.counts, "counts");
+    prop_assert_eq!(state.queue.len(), state.pending.len(), "queue and pending hold the same tasks");
     for (id, a) in &state.agents {
         let r = &rebuilt.agents[id];
         prop_assert_eq!(a.used, r.used, "agent {} used", id);

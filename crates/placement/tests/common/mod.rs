@@ -395,10 +395,26 @@ pub fn check_plan_names(state: &ClusterState, plan: &Plan, now: Timestamp) -> Re
             return Err(format!("placement on unknown agent {}", p.agent));
         }
     }
-    let waiting =
-        state.pending.iter().filter_map(|id| state.tasks.get(id)).map(|t| t.not_before).filter(|nb| *nb > now).min();
-    if plan.next_wakeup != waiting {
-        return Err(format!("next_wakeup {:?}, expected {waiting:?}", plan.next_wakeup));
+    // Tasks of a job that fits nowhere are skipped, backoff or not: waking up for them is pointless
+    // until something changes (which wakes the scheduler anyway).
+    let waiting = state
+        .pending
+        .iter()
+        .filter_map(|id| state.tasks.get(id))
+        .filter(|t| !plan.unplaced_jobs.iter().any(|(j, _)| *j == t.job))
+        .map(|t| t.not_before)
+        .filter(|nb| *nb > now)
+        .min();
+    if let Some(w) = plan.next_wakeup {
+        let real = w > now && state.pending.iter().filter_map(|id| state.tasks.get(id)).any(|t| t.not_before == w);
+        if !real {
+            return Err(format!("next_wakeup {w:?} is no pending task's backoff"));
+        }
+    }
+    if let (false, Some(x)) = (plan.more, waiting) {
+        if !plan.next_wakeup.is_some_and(|w| w <= x) {
+            return Err(format!("next_wakeup {:?}, expected at most {x:?}", plan.next_wakeup));
+        }
     }
     Ok(())
 }
