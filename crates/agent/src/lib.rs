@@ -390,8 +390,10 @@ impl Agent {
                             tracing::warn!(%task, "relaunch failed: {e}");
                             self.tasks.lock().insert(task, Local::ended(updates::now().0, false));
                             if !self.updates.has_pending_exit(task) {
-                                self.updates
-                                    .push(task, Report::Exited { exit: TaskExit::LaunchFailed { message: e.to_string() } });
+                                self.updates.push(
+                                    task,
+                                    Report::Exited { exit: TaskExit::LaunchFailed { message: e.to_string() } },
+                                );
                             }
                         }
                     }

@@ -185,11 +185,17 @@ impl Client {
 
     pub async fn set_quota(&self, role: &str, req: &QuotaRequest) -> Result<QuotaView, ApiError> {
         let body = serde_json::to_value(req).expect("serializable");
-        Self::decode(self.send(reqwest::Method::PUT, &format!("/v1/quotas/{role}"), Some(body), Duration::from_secs(30)).await?).await
+        Self::decode(
+            self.send(reqwest::Method::PUT, &format!("/v1/quotas/{role}"), Some(body), Duration::from_secs(30)).await?,
+        )
+        .await
     }
 
     pub async fn remove_quota(&self, role: &str) -> Result<serde_json::Value, ApiError> {
-        Self::decode(self.send(reqwest::Method::DELETE, &format!("/v1/quotas/{role}"), None, Duration::from_secs(30)).await?).await
+        Self::decode(
+            self.send(reqwest::Method::DELETE, &format!("/v1/quotas/{role}"), None, Duration::from_secs(30)).await?,
+        )
+        .await
     }
 
     pub async fn scheduler(&self) -> Result<SchedulerView, ApiError> {

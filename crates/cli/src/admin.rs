@@ -95,7 +95,11 @@ pub async fn run(cmd: AdminCmd, c: &ClientArgs) -> anyhow::Result<()> {
             let rate = if per_second == "unlimited" {
                 None
             } else {
-                Some(per_second.parse::<u32>().with_context(|| format!("`{per_second}`: give a whole number or `unlimited`"))?)
+                Some(
+                    per_second
+                        .parse::<u32>()
+                        .with_context(|| format!("`{per_second}`: give a whole number or `unlimited`"))?,
+                )
             };
             let s = client.set_scheduler(rate).await?;
             output.print(&s, || scheduler_text(&s));

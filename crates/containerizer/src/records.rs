@@ -252,6 +252,15 @@ mod tests {
     }
 
     #[test]
+    fn the_sandbox_lock_is_exclusive_and_released_on_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = try_lock_sandbox(dir.path()).unwrap().expect("free at first");
+        assert!(try_lock_sandbox(dir.path()).unwrap().is_none(), "a second open cannot take it");
+        drop(held);
+        assert!(try_lock_sandbox(dir.path()).unwrap().is_some(), "free again once closed");
+    }
+
+    #[test]
     fn atomic_json_round_trips_and_missing_is_none() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.json");

@@ -25,8 +25,8 @@
 use crate::cgroups::{CgroupLimits, Hierarchies, TaskCgroup};
 use crate::logs::{LogPump, RotatingLog};
 use crate::records::{
-    now_ms, read_json, write_json_atomic, ExitRecord, KillRequest, LaunchSpec, ProcessIdentity, SupervisorConfig,
-    try_lock_sandbox, Usage, EXIT_FILE, KILL_FILE, LAUNCH_FILE, LOCK_FILE, STDERR_FILE, STDOUT_FILE,
+    now_ms, read_json, try_lock_sandbox, write_json_atomic, ExitRecord, KillRequest, LaunchSpec, ProcessIdentity,
+    SupervisorConfig, Usage, EXIT_FILE, KILL_FILE, LAUNCH_FILE, LOCK_FILE, STDERR_FILE, STDOUT_FILE,
     SUPERVISOR_CONFIG_FILE, SUPERVISOR_FILE, TASK_FILE,
 };
 use capstan_model::TaskExit;

@@ -310,16 +310,27 @@ async fn list_quotas(State(app): State<AppState>) -> Json<Vec<QuotaView>> {
 
 fn check_role(role: &str) -> ApiResult<()> {
     // A role is the first part of a job key: check it the same way.
-    format!("{role}/x/x").parse::<JobKey>().map(|_| ()).map_err(|e| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", e.0))
+    format!("{role}/x/x")
+        .parse::<JobKey>()
+        .map(|_| ())
+        .map_err(|e| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", e.0))
 }
 
 async fn set_quota(State(app): State<AppState>, Path(role): Path<String>, body: Bytes) -> ApiResult<Json<QuotaView>> {
     check_role(&role)?;
     let req: QuotaRequest = parse_body(&body)?;
     if !req.cpus.is_finite() || req.cpus < 0.0 || req.cpus > 1e9 {
-        return Err(ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", format!("cpus {}: must be a number from 0 up", req.cpus)));
+        return Err(ApiFailure::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("cpus {}: must be a number from 0 up", req.cpus),
+        ));
     }
-    let quota = capstan_state::Quota { cpus_milli: (req.cpus * 1000.0).round() as u64, mem_bytes: req.mem.0, disk_bytes: req.disk.0 };
+    let quota = capstan_state::Quota {
+        cpus_milli: (req.cpus * 1000.0).round() as u64,
+        mem_bytes: req.mem.0,
+        disk_bytes: req.disk.0,
+    };
     app.core.submit(Command::SetQuota { role: role.clone(), quota: Some(quota) }).await?;
     let state = app.core.state.read();
     Ok(Json(quota_view(&state, &role, &quota)))
@@ -419,7 +430,7 @@ async fn agent_orders(
 fn order_for(t: &Task, spec: &TaskSpec, health_check: Option<&capstan_model::spec::HealthCheckSpec>) -> Order {
     Order {
         task: t.id,
-        job: t.job.clone(),
+        job: (*t.job).clone(),
         instance: t.instance,
         desired: t.desired,
         spec: spec.clone(),
@@ -468,7 +479,7 @@ fn task_view(state: &ClusterState, t: &Task, usage: &std::collections::HashMap<T
     let agent = t.agent.and_then(|a| state.agents.get(&a));
     TaskView {
         id: t.id,
-        job: t.job.clone(),
+        job: (*t.job).clone(),
         instance: t.instance,
         state: t.state,
         desired: t.desired,
@@ -512,8 +523,10 @@ fn job_view(state: &ClusterState, j: &Job, unplaced: &crate::scheduler::Unplaced
             *why_pending.entry(why).or_default() += 1;
         }
     }
-    let reasons: Vec<String> =
-        why_pending.into_iter().map(|(why, n)| format!("{n} of {} instances pending: {why}", j.spec.instances)).collect();
+    let reasons: Vec<String> = why_pending
+        .into_iter()
+        .map(|(why, n)| format!("{n} of {} instances pending: {why}", j.spec.instances))
+        .collect();
     let batch = matches!(j.spec.job_type, JobType::Batch | JobType::Cron);
     let status = if j.killed.is_some() {
         "killing"

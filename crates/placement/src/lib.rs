@@ -173,7 +173,7 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
         let spread = if cons.is_empty() {
             None
         } else {
-            Some(spreads.entry(task.job.clone()).or_insert_with(|| JobSpread::of(state, job)) as &mut JobSpread)
+            Some(spreads.entry((*task.job).clone()).or_insert_with(|| JobSpread::of(state, job)) as &mut JobSpread)
         };
         rng = derive_id(rng ^ task_id.0);
         let start = if agents.is_empty() { 0 } else { (rng % agents.len() as u64) as usize };
@@ -246,7 +246,7 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
                     // job's constraints (one per host, per-value limits).
                     let spread: &mut JobSpread = match spread {
                         Some(s) => s,
-                        None => spreads.entry(task.job.clone()).or_insert_with(|| JobSpread::of(state, job)),
+                        None => spreads.entry((*task.job).clone()).or_insert_with(|| JobSpread::of(state, job)),
                     };
                     let found = preempt::find(
                         state,
@@ -280,7 +280,7 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
                     }
                 }
                 // Tasks of one job are alike: if this one fits nowhere, neither do its siblings.
-                hopeless.insert(task.job.clone(), why.clone());
+                hopeless.insert((*task.job).clone(), why.clone());
                 out.unplaced.push(Unplaced { task: task_id, why });
             }
         }

@@ -200,7 +200,7 @@ fn plan_is_valid_and_maximal_against_brute_force() {
             for t in &tasks {
                 let named = p.placements.iter().any(|x| x.task == *t) || p.unplaced.iter().any(|x| x.task == *t);
                 let job = &c.state.tasks[t].job;
-                let skipped = p.unplaced_jobs.iter().any(|(j, _)| j == job);
+                let skipped = p.unplaced_jobs.iter().any(|(j, _)| *j == **job);
                 prop_assert!(named || skipped, "task {} neither placed nor explained", t);
                 if !named {
                     prop_assert!(held.fits_somewhere(&c.state, *t).is_none(), "{} skipped but fits", t);

@@ -197,7 +197,7 @@ fn plan_and_check(c: &mut Cluster, seed: u64, limit: usize) -> Result<(), TestCa
     }
 
     // Maximality and priority, for tasks of jobs that did not ask for preemptions.
-    let preempting: BTreeSet<JobKey> = p.preemptions.iter().map(|x| state.tasks[&x.by].job.clone()).collect();
+    let preempting: BTreeSet<JobKey> = p.preemptions.iter().map(|x| (*state.tasks[&x.by].job).clone()).collect();
     let order = |id: TaskId| {
         let t = &state.tasks[&id];
         (-i64::from(state.jobs[&t.job].spec.priority), state.jobs[&t.job].ord, t.seq)

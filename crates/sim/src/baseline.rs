@@ -32,7 +32,7 @@ pub fn running_task(job: &JobKey, instance: u32, seq: u64, agent: AgentId, at: T
     Task {
         id,
         seq,
-        job: job.clone(),
+        job: std::sync::Arc::new(job.clone()),
         instance,
         job_version: 1,
         state: TaskState::Running,

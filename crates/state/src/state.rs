@@ -16,6 +16,8 @@ pub const ENDED_TASKS_PER_INSTANCE_MAX: usize = 4;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub spec: Arc<JobSpec>,
+    /// The job's key, shared by its tasks.
+    pub key: Arc<JobKey>,
     /// Creation order among jobs.
     pub ord: u64,
     pub version: u32,
@@ -46,7 +48,8 @@ pub struct Task {
     pub id: TaskId,
     /// Creation order across the cluster.
     pub seq: u64,
-    pub job: JobKey,
+    /// Shared with the job (and its other tasks): one key in memory per job, not per task.
+    pub job: Arc<JobKey>,
     pub instance: u32,
     pub job_version: u32,
     pub state: TaskState,
@@ -217,6 +220,7 @@ impl ClusterState {
                     spec.job.clone(),
                     Job {
                         spec: spec.clone(),
+                        key: Arc::new(spec.job.clone()),
                         ord: self.job_seq,
                         version: 1,
                         created_at: at,
@@ -306,9 +310,10 @@ impl ClusterState {
     fn kill_task(&mut self, task: TaskId, by: &str, at: Timestamp, out: &mut Applied) {
         let Some(t) = self.tasks.get(&task) else { return };
         let restart = !t.state.is_terminal()
-            && self.jobs.get(&t.job).is_some_and(|j| {
-                j.killed.is_none() && matches!(j.spec.job_type, JobType::Service | JobType::System)
-            });
+            && self
+                .jobs
+                .get(&t.job)
+                .is_some_and(|j| j.killed.is_none() && matches!(j.spec.job_type, JobType::Service | JobType::System));
         self.step(task, &Event::Kill { by: by.to_string() }, at, out);
         let t = self.tasks.get_mut(&task).expect("task exists");
         if restart {
@@ -353,7 +358,12 @@ impl ClusterState {
             ));
         }
         if used.mem_bytes + want.mem_bytes > quota.mem_bytes {
-            over.push(format!("mem: {} in use + {} asked > {} quota", size(used.mem_bytes), size(want.mem_bytes), size(quota.mem_bytes)));
+            over.push(format!(
+                "mem: {} in use + {} asked > {} quota",
+                size(used.mem_bytes),
+                size(want.mem_bytes),
+                size(quota.mem_bytes)
+            ));
         }
         if used.disk_bytes + want.disk_bytes > quota.disk_bytes {
             over.push(format!(
@@ -391,7 +401,7 @@ impl ClusterState {
         let mut task = Task {
             id,
             seq: self.task_seq,
-            job: job.clone(),
+            job: j.key.clone(),
             instance,
             job_version: j.version,
             state: TaskState::Pending,
@@ -675,6 +685,14 @@ impl ClusterState {
         for job in self.jobs.values_mut() {
             job.current.clear();
             job.history.clear();
+        }
+        // One key in memory per job: tasks read from a snapshot each had their own copy.
+        for t in self.tasks.values_mut() {
+            if let Some(j) = self.jobs.get(&*t.job) {
+                if !Arc::ptr_eq(&t.job, &j.key) {
+                    t.job = j.key.clone();
+                }
+            }
         }
         let mut ids: Vec<&Task> = self.tasks.values().collect();
         ids.sort_by_key(|t| t.seq);

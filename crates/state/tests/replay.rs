@@ -474,7 +474,7 @@ fn check_invariants(state: &ClusterState) -> Result<(), TestCaseError> {
         prop_assert!(t.instance < job.unwrap().spec.instances, "task {} instance out of range", t.id);
         if !t.state.is_terminal() {
             prop_assert!(
-                live.insert((t.job.clone(), t.instance)),
+                live.insert(((*t.job).clone(), t.instance)),
                 "two live tasks for {} instance {}",
                 t.job,
                 t.instance

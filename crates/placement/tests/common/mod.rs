@@ -229,10 +229,10 @@ impl Held {
         u[1] += d.mem_bytes;
         u[2] += d.disk_bytes;
         self.ports.entry(agent).or_default().extend_from_slice(ports);
-        *self.per_agent.entry((t.job.clone(), agent)).or_default() += 1;
+        *self.per_agent.entry(((*t.job).clone(), agent)).or_default() += 1;
         if let Some(a) = state.agents.get(&agent) {
             for (k, v) in &a.info.attributes {
-                *self.per_value.entry((t.job.clone(), k.clone(), v.clone())).or_default() += 1;
+                *self.per_value.entry(((*t.job).clone(), k.clone(), v.clone())).or_default() += 1;
             }
         }
     }
@@ -274,10 +274,10 @@ impl Held {
                 Constraint::NotEquals { attribute, value } => attrs.get(attribute).is_none_or(|v| v != value),
                 Constraint::In { attribute, values } => attrs.get(attribute).is_some_and(|v| values.contains(v)),
                 Constraint::Limit { attribute, limit } => attrs.get(attribute).is_some_and(|v| {
-                    let key = (t.job.clone(), attribute.to_string(), v.clone());
+                    let key = ((*t.job).clone(), attribute.to_string(), v.clone());
                     self.per_value.get(&key).copied().unwrap_or(0) < limit
                 }),
-                Constraint::DistinctHosts => self.per_agent.get(&(t.job.clone(), agent)).copied().unwrap_or(0) == 0,
+                Constraint::DistinctHosts => self.per_agent.get(&((*t.job).clone(), agent)).copied().unwrap_or(0) == 0,
                 Constraint::Spread { attribute } => attrs.contains_key(attribute),
             };
             if !ok {
@@ -337,8 +337,8 @@ pub fn check_constraints(state: &ClusterState) -> Result<(), String> {
                 Constraint::In { attribute, values } => attrs.get(attribute).is_some_and(|v| values.contains(v)),
                 Constraint::Limit { attribute, limit } => attrs
                     .get(attribute)
-                    .is_some_and(|v| held.per_value[&(t.job.clone(), attribute.to_string(), v.clone())] <= limit),
-                Constraint::DistinctHosts => held.per_agent[&(t.job.clone(), agent.info.id)] <= 1,
+                    .is_some_and(|v| held.per_value[&((*t.job).clone(), attribute.to_string(), v.clone())] <= limit),
+                Constraint::DistinctHosts => held.per_agent[&((*t.job).clone(), agent.info.id)] <= 1,
                 Constraint::Spread { attribute } => attrs.contains_key(attribute),
             };
             if !ok {
@@ -360,7 +360,7 @@ pub fn check_counts(state: &ClusterState) -> Result<(), String> {
             ));
         }
         let mut live: BTreeMap<u32, u32> = BTreeMap::new();
-        for t in state.tasks.values().filter(|t| &t.job == key && !t.state.is_terminal()) {
+        for t in state.tasks.values().filter(|t| *t.job == *key && !t.state.is_terminal()) {
             *live.entry(t.instance).or_default() += 1;
             if job.current.get(&t.instance) != Some(&t.id) {
                 return Err(format!("live task {} of {key} is not its instance's current task", t.id));
@@ -401,7 +401,7 @@ pub fn check_plan_names(state: &ClusterState, plan: &Plan, now: Timestamp) -> Re
         .pending
         .iter()
         .filter_map(|id| state.tasks.get(id))
-        .filter(|t| !plan.unplaced_jobs.iter().any(|(j, _)| *j == t.job))
+        .filter(|t| !plan.unplaced_jobs.iter().any(|(j, _)| *j == *t.job))
         .map(|t| t.not_before)
         .filter(|nb| *nb > now)
         .min();
