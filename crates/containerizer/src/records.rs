@@ -211,7 +211,13 @@ pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T
 /// another open of the file holds it (a supervisor of this sandbox is alive).
 pub(crate) fn try_lock_sandbox(sandbox: &Path) -> io::Result<Option<OwnedFd>> {
     // std opens every file with O_CLOEXEC: a process this one execs never inherits the lock.
-    let file = fs::OpenOptions::new().read(true).write(true).create(true).mode(0o600).open(sandbox.join(LOCK_FILE))?;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(sandbox.join(LOCK_FILE))?;
     let fd = OwnedFd::from(file);
     loop {
         // SAFETY: flock on a descriptor we own.

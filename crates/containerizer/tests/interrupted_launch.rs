@@ -40,8 +40,13 @@ fn interrupted_launch(sandbox: &Path, spec: &LaunchSpec) {
 
 /// Locks `SANDBOX/supervisor.lock` as a supervisor does (until the file is dropped).
 fn hold_lock(sandbox: &Path) -> std::fs::File {
-    let file =
-        std::fs::OpenOptions::new().read(true).write(true).create(true).open(sandbox.join("supervisor.lock")).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(sandbox.join("supervisor.lock"))
+        .unwrap();
     // SAFETY: flock on a descriptor we own.
     assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0, "lock taken");
     file
