@@ -16,6 +16,7 @@ use capstan_state::{
 use capstan_store::{LogEntry, Snapshot, Store};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -136,6 +137,7 @@ impl Core {
 
     fn run_writer(self: Arc<Core>, store: Arc<dyn Store>, mut rx: mpsc::Receiver<Request>) {
         let mut since_snapshot: u64 = 0;
+        let snapshotting = Arc::new(AtomicBool::new(false));
         while let Some(first) = rx.blocking_recv() {
             let mut batch = vec![first];
             while batch.len() < BATCH_MAX {
@@ -193,18 +195,30 @@ impl Core {
                 continue;
             }
             since_snapshot += entries.len() as u64;
-            if since_snapshot >= SNAPSHOT_EVERY_ENTRIES {
+            // The snapshot is encoded under the lock (a consistent state at one index) and written
+            // by its own thread, so neither the API nor the next batch waits for the disk. One at
+            // a time; the log keeps everything until a snapshot is installed.
+            if since_snapshot >= SNAPSHOT_EVERY_ENTRIES && !snapshotting.load(Ordering::Acquire) {
                 since_snapshot = 0;
                 let snapshot = Snapshot { index: state.index, data: encode_snapshot(&state) };
-                let started = Instant::now();
-                match store.install_snapshot(&snapshot) {
-                    Ok(()) => tracing::info!(
-                        index = snapshot.index,
-                        bytes = snapshot.data.len(),
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "snapshot installed"
-                    ),
-                    Err(e) => tracing::warn!("snapshot failed (the log keeps everything): {e}"),
+                snapshotting.store(true, Ordering::Release);
+                let (store, flag) = (store.clone(), snapshotting.clone());
+                let spawned = std::thread::Builder::new().name("capstan-snapshot".into()).spawn(move || {
+                    let started = Instant::now();
+                    match store.install_snapshot(&snapshot) {
+                        Ok(()) => tracing::info!(
+                            index = snapshot.index,
+                            bytes = snapshot.data.len(),
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "snapshot installed"
+                        ),
+                        Err(e) => tracing::warn!("snapshot failed (the log keeps everything): {e}"),
+                    }
+                    flag.store(false, Ordering::Release);
+                });
+                if let Err(e) = spawned {
+                    tracing::warn!("cannot start the snapshot thread: {e}");
+                    snapshotting.store(false, Ordering::Release);
                 }
             }
             drop(state);

@@ -72,13 +72,14 @@ pub struct EmbeddedConfig {
     /// of walking the file's trees. Default: off, for the higher commit rate (see the module docs
     /// for the measurements).
     pub quick_repair: bool,
-    /// redb's page cache.
+    /// redb's page cache. The master keeps its whole state in memory and reads the store only
+    /// when it starts, so a small cache is enough; it counts in the master's memory per task.
     pub cache_size_bytes: usize,
 }
 
 impl Default for EmbeddedConfig {
     fn default() -> Self {
-        Self { quick_repair: false, cache_size_bytes: 256 << 20 }
+        Self { quick_repair: false, cache_size_bytes: 32 << 20 }
     }
 }
 
