@@ -412,7 +412,7 @@ pub fn check_plan_names(state: &ClusterState, plan: &Plan, now: Timestamp) -> Re
         }
     }
     if let (false, Some(x)) = (plan.more, waiting) {
-        if !plan.next_wakeup.is_some_and(|w| w <= x) {
+        if plan.next_wakeup.is_none_or(|w| w > x) {
             return Err(format!("next_wakeup {:?}, expected at most {x:?}", plan.next_wakeup));
         }
     }
