@@ -146,6 +146,8 @@ fn the_placement_rate_ceiling_slows_placement_and_can_be_lifted() {
     c.capstan_ok(&["admin", "scheduler", "rate", "4"]);
     let status = c.capstan_ok(&["admin", "scheduler", "status"]);
     assert!(status.contains("4/s"), "{status}");
+    let metrics = c.metrics();
+    assert!(metrics.contains("capstan_scheduler_max_placements_per_second 4"), "{metrics}");
 
     let started = Instant::now();
     c.create_job(&job_spec("ops/test/slow", "service", 12, "exec sleep 600"));

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub updates_for_unknown_tasks: Gauge,
     pub command_queue: Gauge,
     pub log_index: Gauge,
+    pub scheduler_queue: Gauge,
+    pub scheduler_rate_limit: Gauge,
 }
 
 impl Default for Metrics {
@@ -95,6 +97,18 @@ impl Metrics {
         );
         let command_queue = Gauge::default();
         registry.register("command_queue", "Commands waiting for the writer", command_queue.clone());
+        let scheduler_queue = Gauge::default();
+        registry.register(
+            "scheduler_queue_tasks",
+            "Tasks waiting in the scheduler's queue (pending)",
+            scheduler_queue.clone(),
+        );
+        let scheduler_rate_limit = Gauge::default();
+        registry.register(
+            "scheduler_max_placements_per_second",
+            "The operator's ceiling on placements per second; 0 means unlimited",
+            scheduler_rate_limit.clone(),
+        );
         let log_index = Gauge::default();
         registry.register("log_index", "Index of the last command applied", log_index.clone());
         Metrics {
@@ -112,6 +126,8 @@ impl Metrics {
             updates_for_unknown_tasks,
             command_queue,
             log_index,
+            scheduler_queue,
+            scheduler_rate_limit,
         }
     }
 
@@ -130,6 +146,8 @@ impl Metrics {
         self.duplicate_updates.set(state.counters.duplicate_updates as i64);
         self.updates_for_unknown_tasks.set(state.counters.updates_for_unknown_tasks as i64);
         self.log_index.set(state.index as i64);
+        self.scheduler_queue.set(state.queue.len() as i64);
+        self.scheduler_rate_limit.set(i64::from(state.scheduler.max_placements_per_second.unwrap_or(0)));
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
