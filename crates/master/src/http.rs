@@ -491,7 +491,7 @@ fn task_view(state: &ClusterState, t: &Task, usage: &std::collections::HashMap<T
             .healthy
             .filter(|_| t.state == TaskState::Running)
             .map(|h| if h { "healthy" } else { "unhealthy" }.to_string()),
-        reason: t.reason.clone(),
+        reason: t.reason().to_string(),
         exit: t.exit.clone(),
         usage: usage.get(&t.id).cloned(),
         failures: t.failures,
@@ -500,7 +500,7 @@ fn task_view(state: &ClusterState, t: &Task, usage: &std::collections::HashMap<T
         events: t
             .events
             .iter()
-            .map(|e| TaskEventView { at: rfc3339(e.at), state: e.state, reason: e.reason.clone() })
+            .map(|e| TaskEventView { at: rfc3339(e.at), state: e.state, reason: e.reason.to_string() })
             .collect(),
     }
 }
@@ -519,7 +519,7 @@ fn job_view(state: &ClusterState, j: &Job, unplaced: &crate::scheduler::Unplaced
                 .get(id)
                 .or_else(|| unplaced.jobs.get(&j.spec.job))
                 .cloned()
-                .unwrap_or_else(|| t.reason.clone());
+                .unwrap_or_else(|| t.reason().to_string());
             *why_pending.entry(why).or_default() += 1;
         }
     }

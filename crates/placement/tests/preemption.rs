@@ -72,7 +72,7 @@ fn production_task_preempts_only_lower_priority_non_production_tasks_then_runs_t
     for v in &victims {
         let t = &c.state.tasks[v];
         assert_eq!(t.state, TaskState::Killing);
-        assert!(t.reason.contains(&preemptor.to_string()) && t.reason.contains("preempted"), "{}", t.reason);
+        assert!(t.reason().contains(&preemptor.to_string()) && t.reason().contains("preempted"), "{}", t.reason());
     }
     c.finish_kills();
     for v in &victims {

@@ -27,7 +27,11 @@ fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 /// A task as the master holds it once it runs: three events, an agent, a pid.
 pub fn running_task(job: &JobKey, instance: u32, seq: u64, agent: AgentId, at: Timestamp) -> Task {
     let id = TaskId(capstan_model::derive_id(seq ^ 0x5eed));
-    let event = |ms: u64, state: TaskState, reason: String| TaskEventRecord { at: at.plus_ms(ms), state, reason };
+    let event = |ms: u64, state: TaskState, reason: String| TaskEventRecord {
+        at: at.plus_ms(ms),
+        state,
+        reason: reason.into_boxed_str(),
+    };
     let pid = 10_000 + (seq % 50_000) as u32;
     Task {
         id,
@@ -40,7 +44,6 @@ pub fn running_task(job: &JobKey, instance: u32, seq: u64, agent: AgentId, at: T
         agent: Some(agent),
         ports: vec![],
         pid: Some(pid),
-        reason: format!("running as pid {pid}"),
         exit: None,
         failures: 0,
         not_before: at,

@@ -40,7 +40,8 @@ pub struct Job {
 pub struct TaskEventRecord {
     pub at: Timestamp,
     pub state: TaskState,
-    pub reason: String,
+    /// Boxed: 8 bytes less than a `String` per event, times a few events per task.
+    pub reason: Box<str>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,7 +58,6 @@ pub struct Task {
     pub agent: Option<AgentId>,
     pub ports: Vec<u16>,
     pub pid: Option<u32>,
-    pub reason: String,
     pub exit: Option<TaskExit>,
     /// Consecutive failures of this instance before this task.
     pub failures: u32,
@@ -75,9 +75,13 @@ pub struct Task {
 }
 
 impl Task {
+    /// Why the task is in its state, in words: the reason of its latest event.
+    pub fn reason(&self) -> &str {
+        self.events.last().map(|e| &*e.reason).unwrap_or("")
+    }
+
     fn record(&mut self, at: Timestamp, reason: String) {
-        self.reason = reason.clone();
-        let rec = TaskEventRecord { at, state: self.state, reason };
+        let rec = TaskEventRecord { at, state: self.state, reason: reason.into_boxed_str() };
         if self.events.len() >= TASK_EVENTS_MAX {
             // Keep the first event (creation), drop the oldest after it.
             self.events.remove(1);
@@ -409,7 +413,6 @@ impl ClusterState {
             agent: None,
             ports: Vec::new(),
             pid: None,
-            reason: String::new(),
             exit: None,
             failures,
             not_before,

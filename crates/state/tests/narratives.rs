@@ -105,7 +105,7 @@ fn a_service_task_that_exits_is_replaced() {
     let exited_at = c.now_ms;
 
     assert_eq!(c.task(old).state, TaskState::Finished);
-    assert_eq!(c.task(old).reason, "exited with code 0");
+    assert_eq!(c.task(old).reason(), "exited with code 0");
     let new = c.current("www/prod/hello", 0);
     assert_ne!(new, old, "a replacement is a new task");
     let t = c.task(new);
@@ -147,7 +147,7 @@ fn a_failing_batch_task_is_retried_max_failures_times() {
         c.run(task);
         c.exit(task, TaskExit::Exited { code: 3 });
         assert_eq!(c.task(task).state, TaskState::Failed);
-        assert_eq!(c.task(task).reason, "exited with code 3");
+        assert_eq!(c.task(task).reason(), "exited with code 3");
         let next = c.current("etl/prod/flaky", 0);
         if next == task {
             break;
@@ -176,7 +176,7 @@ fn a_killed_job_goes_away_once_its_tasks_ended() {
     c.apply(Command::KillJob { job: key("www/prod/doomed"), by: "user request".into() });
 
     assert_eq!(c.task(tasks[0]).state, TaskState::Killing);
-    assert_eq!(c.task(tasks[0]).reason, "killing: user request");
+    assert_eq!(c.task(tasks[0]).reason(), "killing: user request");
     assert_eq!(c.task(tasks[1]).state, TaskState::Killing);
     assert_eq!(c.task(tasks[2]).state, TaskState::Killed, "an unplaced task ends at once");
     assert!(c.state.pending.is_empty());
@@ -185,7 +185,7 @@ fn a_killed_job_goes_away_once_its_tasks_ended() {
 
     c.exit(tasks[0], TaskExit::Killed { by: "user request".into() });
     assert_eq!(c.task(tasks[0]).state, TaskState::Killed);
-    assert_eq!(c.task(tasks[0]).reason, "killed: user request");
+    assert_eq!(c.task(tasks[0]).reason(), "killed: user request");
     assert!(c.state.jobs.contains_key(&key("www/prod/doomed")));
     // Creating it again is refused while it is being killed.
     let again = c.try_apply(Command::CreateJob { spec: JobShape::service(1).spec("www/prod/doomed"), seed: 1 });
