@@ -171,6 +171,21 @@ pub struct Capacity {
 }
 
 impl Capacity {
+    /// The same ports as sorted, non-overlapping, non-adjacent ranges, so that counting ranges
+    /// counts each port once (`31000-31005;31003-31008` holds 9 ports, not 12).
+    pub fn normalized(mut self) -> Capacity {
+        self.ports.sort();
+        let mut merged: Vec<PortRange> = Vec::with_capacity(self.ports.len());
+        for r in self.ports {
+            match merged.last_mut() {
+                Some(last) if u32::from(r.first) <= u32::from(last.last) + 1 => last.last = last.last.max(r.last),
+                _ => merged.push(r),
+            }
+        }
+        self.ports = merged;
+        self
+    }
+
     pub fn port_count(&self) -> u32 {
         self.ports.iter().map(PortRange::len).sum()
     }
@@ -236,6 +251,18 @@ mod tests {
         assert!("12".parse::<ByteSize>().unwrap_err().contains("no unit"));
         assert!("MiB".parse::<ByteSize>().unwrap_err().contains("no number"));
         assert!("-5MiB".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn normalized_ranges_count_each_port_once() {
+        let r = |first, last| PortRange { first, last };
+        let c = Capacity {
+            ports: vec![r(31003, 31008), r(31000, 31005), r(31009, 31010), r(40000, 40000)],
+            ..Default::default()
+        };
+        let n = c.normalized();
+        assert_eq!(n.ports, vec![r(31000, 31010), r(40000, 40000)]);
+        assert_eq!(n.port_count(), 12);
     }
 
     #[test]

@@ -57,9 +57,10 @@ pub(crate) struct Tentative {
     pub(crate) ports: BTreeSet<u16>,
 }
 
-/// What is left on `agent` after this pass's reservations `t`; `ports_free` is `free_ports(agent)`.
-pub(crate) fn free_after(agent: &Agent, ports_free: u32, t: Option<&Tentative>) -> Demand {
-    let f = Demand { ports: ports_free, ..agent.free() };
+/// What is left on `agent` after this pass's reservations `t`. The state keeps an agent's port
+/// ranges merged, so its count of free ports is exact.
+pub(crate) fn free_after(agent: &Agent, t: Option<&Tentative>) -> Demand {
+    let f = agent.free();
     match t {
         None => f,
         Some(t) => Demand {
@@ -69,27 +70,6 @@ pub(crate) fn free_after(agent: &Agent, ports_free: u32, t: Option<&Tentative>) 
             ports: f.ports.saturating_sub(t.used.ports),
         },
     }
-}
-
-/// Ports that can really be handed out on `agent`: distinct ports of its ranges (ranges may
-/// overlap: `31000-31005;31003-31008` holds 9 ports, not 12) that no task holds. Never more than
-/// the state's own count (`Agent::fits`), so that `apply` accepts what the plan promises.
-pub(crate) fn free_ports(agent: &Agent) -> u32 {
-    let by_count = agent.free().ports;
-    let mut ranges = agent.info.capacity.ports.clone();
-    ranges.sort();
-    let mut merged: Vec<(u32, u32)> = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        let (first, last) = (u32::from(r.first), u32::from(r.last));
-        match merged.last_mut() {
-            Some((_, l)) if first <= *l + 1 => *l = (*l).max(last),
-            _ => merged.push((first, last)),
-        }
-    }
-    let distinct: u32 = merged.iter().map(|(f, l)| l - f + 1).sum();
-    let held =
-        agent.used_ports.iter().filter(|p| merged.iter().any(|(f, l)| (*f..=*l).contains(&u32::from(**p)))).count();
-    distinct.saturating_sub(held as u32).min(by_count)
 }
 
 /// Why agents were turned down for one task, counted, to explain an unplaceable task.
@@ -129,7 +109,6 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
     let scan_max = limit.saturating_mul(SCAN_PER_SEARCH).max(limit);
 
     let agents: Vec<&Agent> = state.agents.values().collect();
-    let ports_free: Vec<u32> = agents.iter().map(|a| free_ports(a)).collect();
     // One random order per pass; each task starts at a different place in it.
     let mut order: Vec<usize> = (0..agents.len()).collect();
     let mut rng = seed;
@@ -183,7 +162,7 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
         for k in 0..agents.len() {
             let idx = order[(start + k) % agents.len()];
             let agent = agents[idx];
-            let mut free = free_after(agent, ports_free[idx], tentative.get(&agent.info.id));
+            let mut free = free_after(agent, tentative.get(&agent.info.id));
             // Room promised to a production task (victims still stopping) is not for others.
             if let Some(p) = promised.get(&agent.info.id) {
                 free.cpus_milli = free.cpus_milli.saturating_sub(p.cpus_milli);
@@ -248,17 +227,7 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
                         Some(s) => s,
                         None => spreads.entry((*task.job).clone()).or_insert_with(|| JobSpread::of(state, job)),
                     };
-                    let found = preempt::find(
-                        state,
-                        &agents,
-                        &ports_free,
-                        &tentative,
-                        &promised,
-                        task,
-                        &cons,
-                        spread,
-                        &already,
-                    );
+                    let found = preempt::find(state, &agents, &tentative, &promised, task, &cons, spread, &already);
                     if let Some(found) = found {
                         if let Some(agent) = state.agents.get(&found.agent) {
                             spread.add(agent);

@@ -27,7 +27,6 @@ pub(crate) struct Found {
 pub(crate) fn find(
     state: &ClusterState,
     agents: &[&Agent],
-    ports_free: &[u32],
     tentative: &HashMap<AgentId, Tentative>,
     promised: &HashMap<AgentId, Demand>,
     task: &Task,
@@ -39,11 +38,11 @@ pub(crate) fn find(
     let priority = job.spec.priority;
     let demand = job.spec.task.demand();
     let mut best: Option<((usize, i64), AgentId, Vec<TaskId>)> = None;
-    for (agent, ports_free) in agents.iter().zip(ports_free) {
+    for agent in agents {
         if let Verdict::Refused(_) = spread.check(constraints, agent) {
             continue;
         }
-        let mut free = free_after(agent, *ports_free, tentative.get(&agent.info.id));
+        let mut free = free_after(agent, tentative.get(&agent.info.id));
         let mut need = demand;
         if let Some(p) = promised.get(&agent.info.id) {
             add(&mut need, p);

@@ -1,6 +1,6 @@
 //! The cluster state and the one function that changes it.
 
-use crate::agent::Agent;
+use crate::agent::{Agent, AgentInfo};
 use crate::command::{Command, Placement, Quota, Report, SchedulerSettings, Stamped, StatusUpdate};
 use capstan_model::lifecycle::{self, Context, Effect, Event, Outcome, RestartPolicy};
 use capstan_model::{derive_id, AgentId, Desired, JobKey, JobSpec, JobType, TaskExit, TaskId, TaskState, Timestamp};
@@ -180,14 +180,16 @@ impl ClusterState {
                 if info.hostname.is_empty() {
                     return Err(Rejection::Invalid("an agent must have a hostname".into()));
                 }
+                // Overlapping port ranges would count ports twice; keep them merged.
+                let info_n = AgentInfo { capacity: info.capacity.clone().normalized(), ..info.clone() };
                 match self.agents.get_mut(&info.id) {
                     Some(agent) => {
-                        agent.info = info.clone();
+                        agent.info = info_n.clone();
                         agent.registered_at = at;
                         agent.orders_version += 1;
                     }
                     None => {
-                        self.agents.insert(info.id, Agent::new(info.clone(), at));
+                        self.agents.insert(info.id, Agent::new(info_n.clone(), at));
                     }
                 }
                 out.agents_touched.insert(info.id);
