@@ -88,8 +88,11 @@ pub struct RestartPolicy {
 
 /// What the lifecycle needs to know beyond state and event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Context {
+pub struct Context<'a> {
     pub now: Timestamp,
+    /// Why Capstan asked for the task to stop, if it did: the end of a killed task names it (the
+    /// agent's own report only says it was told to stop).
+    pub kill_reason: Option<&'a str>,
     /// When the task was last seen entering RUNNING.
     pub running_since: Option<Timestamp>,
     /// Consecutive failures of this instance before this task.
@@ -113,7 +116,7 @@ pub fn backoff_ms(failures: u32) -> u64 {
 
 /// The lifecycle. Exhaustive by construction: no wildcard arm, so a new state or event does not
 /// compile until every pair is decided.
-pub fn transition(state: TaskState, desired: Desired, event: &Event, cx: &Context) -> Transition {
+pub fn transition(state: TaskState, desired: Desired, event: &Event, cx: &Context<'_>) -> Transition {
     use Desired::*;
     use TaskState::*;
     let same = |outcome| Transition { state, desired, effects: vec![], reason: None, outcome };
@@ -143,14 +146,18 @@ pub fn transition(state: TaskState, desired: Desired, event: &Event, cx: &Contex
         (Pending | Finished | Failed | Killed | Lost, Event::Running { .. }) => same(Outcome::Illegal),
 
         (Killing, Event::Exited(exit)) => {
-            let reason = match exit {
-                TaskExit::Killed { by } => format!("killed: {by}"),
-                other => format!("killed while stopping ({other})"),
+            let reason = match (cx.kill_reason, exit) {
+                (Some(why), _) => format!("killed: {why}"),
+                (None, TaskExit::Killed { by }) => format!("killed: {by}"),
+                (None, other) => format!("killed while stopping ({other})"),
             };
             to(Killed, Stop, vec![Effect::Release], reason)
         }
         (Assigned | Starting | Running, Event::Exited(exit)) => match desired {
-            Stop => to(Killed, Stop, vec![Effect::Release], exit.to_string()),
+            Stop => {
+                let reason = cx.kill_reason.map_or_else(|| exit.to_string(), |why| format!("killed: {why}"));
+                to(Killed, Stop, vec![Effect::Release], reason)
+            }
             Run => ended_by_itself(exit, cx),
         },
         (Pending | Finished | Failed | Killed | Lost, Event::Exited(_)) => same(Outcome::Illegal),
@@ -179,7 +186,7 @@ pub fn transition(state: TaskState, desired: Desired, event: &Event, cx: &Contex
 }
 
 /// A task that Capstan wanted running ended by itself.
-fn ended_by_itself(exit: &TaskExit, cx: &Context) -> Transition {
+fn ended_by_itself(exit: &TaskExit, cx: &Context<'_>) -> Transition {
     let success = exit.is_success();
     let state = if success { TaskState::Finished } else { TaskState::Failed };
     let mut effects = vec![Effect::Release];
@@ -223,8 +230,9 @@ mod tests {
     use crate::spec::JobType;
     use std::fmt::Write;
 
-    fn cx(job_type: JobType, failures: u32) -> Context {
+    fn cx(job_type: JobType, failures: u32) -> Context<'static> {
         Context {
+            kill_reason: None,
             now: Timestamp(10_000),
             running_since: Some(Timestamp(9_000)),
             failures,
@@ -361,6 +369,21 @@ mod tests {
         assert_eq!(t.state, TaskState::Killed);
         assert_eq!(t.effects, vec![Effect::Release], "a killed task is not replaced by its lifecycle");
         assert_eq!(t.reason.as_deref(), Some("killed: user request"));
+    }
+
+    #[test]
+    fn a_killed_task_ends_with_the_reason_it_was_stopped_for_not_the_agents_words() {
+        let mut c = cx(JobType::Service, 0);
+        c.kill_reason = Some("preempted by task 00000000000000ab");
+        let agent_says = Event::Exited(TaskExit::Killed { by: "the master ordered it stopped".into() });
+        let t = transition(TaskState::Killing, Desired::Stop, &agent_says, &c);
+        assert_eq!(t.reason.as_deref(), Some("killed: preempted by task 00000000000000ab"));
+        // Ended on its own just as the stop was decided: still a kill, with its cause.
+        let t = transition(TaskState::Running, Desired::Stop, &Event::Exited(TaskExit::Exited { code: 0 }), &c);
+        assert_eq!(
+            (t.state, t.reason.as_deref()),
+            (TaskState::Killed, Some("killed: preempted by task 00000000000000ab"))
+        );
     }
 
     #[test]

@@ -166,7 +166,6 @@ pub struct Applied {
     pub created: Vec<TaskId>,
     /// Placements that no longer fit and were dropped (Place).
     pub placements_refused: u32,
-    pub transitions: Vec<(TaskId, TaskState)>,
 }
 
 impl ClusterState {
@@ -532,6 +531,7 @@ impl ClusterState {
             return;
         };
         let cx = Context {
+            kill_reason: task.kill_reason.as_deref(),
             now: at,
             running_since: task.running_since,
             failures: task.failures,
@@ -565,12 +565,7 @@ impl ClusterState {
         if let Event::Kill { by } = event {
             task.kill_reason = Some(by.clone());
         }
-        let reason = match (t.state, &task.kill_reason, &t.reason) {
-            // The agent only knows it was told to stop; the task's end names who asked and why.
-            (TaskState::Killed, Some(why), Some(_)) => Some(format!("killed: {why}")),
-            _ => t.reason,
-        };
-        if let Some(reason) = reason {
+        if let Some(reason) = t.reason {
             task.record(at, reason);
         }
         if old_state != t.state {
@@ -580,7 +575,6 @@ impl ClusterState {
         if t.state != TaskState::Pending && self.pending.remove(&id) {
             self.queue.remove(&(-i64::from(priority), ord, seq, id));
         }
-        out.transitions.push((id, t.state));
         let agent_id = task.agent;
         let ports = task.ports.clone();
         let restart_when_stopped = task.restart_when_stopped;
