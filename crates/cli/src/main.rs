@@ -85,25 +85,26 @@ struct DevArgs {
     data_dir: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:7070")]
     bind: SocketAddr,
+    /// Let tasks run as root.
+    #[arg(long)]
+    allow_root_tasks: bool,
+    #[command(flatten)]
+    agent: AgentFlags,
+}
+
+/// What the agent offers and how it recovers, measures and cleans up (`capstan agent` and
+/// `capstan dev`).
+#[derive(Args, Clone)]
+struct AgentFlags {
     /// `cpus=N,mem=SIZE,disk=SIZE,ports=LO-HI` instead of what is detected.
     #[arg(long)]
     resources: Option<String>,
     /// `k=v,…` attributes of the agent.
     #[arg(long)]
     attributes: Option<String>,
-    /// Let tasks run as root.
-    #[arg(long)]
-    allow_root_tasks: bool,
     /// Cgroup path under which tasks get their cgroups.
     #[arg(long, default_value = "capstan")]
     cgroup_root: String,
-    #[command(flatten)]
-    agent_tuning: AgentTuningArgs,
-}
-
-/// How the agent recovers, measures and cleans up (`capstan agent` and `capstan dev`).
-#[derive(Args, Clone)]
-struct AgentTuningArgs {
     /// On start: `reattach` to the tasks found in the sandboxes (a damaged or newer checkpoint
     /// stops the start), or `cleanup`: kill every task found, report nothing for them, move the
     /// sandboxes aside to DATA/sandboxes.cleanup-<time>/, reset the update log and start clean.
@@ -127,14 +128,18 @@ struct AgentTuningArgs {
     task_pids_max: u64,
 }
 
-impl AgentTuningArgs {
-    fn apply(self, c: &mut capstan_agent::AgentConfig) {
+impl AgentFlags {
+    fn apply(self, c: &mut capstan_agent::AgentConfig) -> anyhow::Result<()> {
+        c.attributes = parse_attributes(self.attributes.as_deref())?;
+        c.resources = self.resources;
+        c.cgroup_root = self.cgroup_root;
         c.recover = self.recover;
         c.usage_interval = self.usage_interval;
         c.gc_interval = self.sandbox_gc_interval;
         c.sandbox_max_age = self.sandbox_max_age;
         c.sandbox_min_free_percent = self.sandbox_min_free;
         c.task_pids_max = self.task_pids_max;
+        Ok(())
     }
 }
 
@@ -178,16 +183,11 @@ struct AgentCmdArgs {
     /// The URL the master uses to reach this agent (default: from --bind and the hostname).
     #[arg(long)]
     advertise: Option<String>,
-    #[arg(long)]
-    attributes: Option<String>,
-    #[arg(long)]
-    resources: Option<String>,
+    /// Let tasks run as root.
     #[arg(long)]
     allow_root_tasks: bool,
-    #[arg(long, default_value = "capstan")]
-    cgroup_root: String,
     #[command(flatten)]
-    agent_tuning: AgentTuningArgs,
+    agent: AgentFlags,
 }
 
 #[derive(Subcommand)]
@@ -296,17 +296,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Dev(a) => {
             init_tracing();
             let data_dir = a.data_dir.unwrap_or_else(default_data_dir);
-            let tuning = a.agent_tuning;
-            let dev = start_dev_with(
-                &data_dir,
-                a.bind,
-                a.resources,
-                parse_attributes(a.attributes.as_deref())?,
-                a.allow_root_tasks,
-                a.cgroup_root,
-                |c| tuning.apply(c),
-            )
-            .await?;
+            let dev = start_dev(&data_dir, a.bind, a.allow_root_tasks, |c| a.agent.apply(c)).await?;
             println!("capstan dev cluster serving at {} (data in {})", dev.url(), data_dir.display());
             println!("try: capstan job create examples/hello.toml && capstan task list");
             wait_for_shutdown().await;
@@ -338,14 +328,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let mut config = capstan_agent::AgentConfig {
                     bind: a.bind,
                     advertise: a.advertise,
-                    attributes: parse_attributes(a.attributes.as_deref())?,
-                    resources: a.resources,
                     allow_root_tasks: a.allow_root_tasks,
-                    cgroup_root: a.cgroup_root,
-                    supervisor_cmd: None,
                     ..capstan_agent::AgentConfig::new(master, data_dir)
                 };
-                a.agent_tuning.apply(&mut config);
+                a.agent.apply(&mut config)?;
                 let h = capstan_agent::start(config).await?;
                 println!("capstan agent {} running; API at http://{}", h.agent.id, h.addr);
                 wait_for_shutdown().await;
@@ -375,27 +361,13 @@ impl Dev {
     }
 }
 
-/// Master + agent in this process, each with its own directory under `data_dir`.
+/// Master + agent in this process, each with its own directory under `data_dir`; `agent` sets
+/// the agent's settings beyond the defaults (resources, attributes, cgroup root, recovery…).
 pub async fn start_dev(
     data_dir: &std::path::Path,
     bind: SocketAddr,
-    resources: Option<String>,
-    attributes: BTreeMap<String, String>,
     allow_root_tasks: bool,
-    cgroup_root: String,
-) -> anyhow::Result<Dev> {
-    start_dev_with(data_dir, bind, resources, attributes, allow_root_tasks, cgroup_root, |_| {}).await
-}
-
-/// [`start_dev`], with the agent's settings adjusted by `tune` (recovery, intervals, limits).
-pub async fn start_dev_with(
-    data_dir: &std::path::Path,
-    bind: SocketAddr,
-    resources: Option<String>,
-    attributes: BTreeMap<String, String>,
-    allow_root_tasks: bool,
-    cgroup_root: String,
-    tune: impl FnOnce(&mut capstan_agent::AgentConfig),
+    agent: impl FnOnce(&mut capstan_agent::AgentConfig) -> anyhow::Result<()>,
 ) -> anyhow::Result<Dev> {
     let master = capstan_master::start(capstan_master::MasterConfig {
         bind,
@@ -405,13 +377,10 @@ pub async fn start_dev_with(
     })
     .await?;
     let mut config = capstan_agent::AgentConfig {
-        attributes,
-        resources,
         allow_root_tasks,
-        cgroup_root,
         ..capstan_agent::AgentConfig::new(master.url(), data_dir.join("agent"))
     };
-    tune(&mut config);
+    agent(&mut config)?;
     let agent = capstan_agent::start(config).await?;
     Ok(Dev { master, agent })
 }
