@@ -20,9 +20,11 @@
 //!   task; it then stops when the receiver goes.
 //!
 //! Kinds of check ([`check_once`]):
-//! - `http`: `GET path` on the named port of `target.host` over HTTP/1.1 (a minimal client of
-//!   our own: no proxy, no redirects followed, `Connection: close`; only the status line is
-//!   read). 2xx and 3xx are healthy.
+//! - `http`: `GET path` on the named port of `target.host` over HTTP/1.1. 2xx and 3xx are healthy.
+//!   The client is our own, on purpose: a check reads only the status line (a general client
+//!   waits for and parses the whole answer, headers and all, of a server that may be sick), never
+//!   follows redirects or proxies, and reports failures in the operator's words ("connection
+//!   refused", "the answer is not HTTP: …") rather than a client library's error chain.
 //! - `tcp`: a connection to the named port is accepted.
 //! - `command`: `/bin/sh -c COMMAND` in the sandbox as the task's user with the task's
 //!   environment exits with 0 (run by the containerizer, the only crate that spawns:
