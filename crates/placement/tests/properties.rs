@@ -193,7 +193,7 @@ fn plan_and_check(c: &mut Cluster, seed: u64, limit: usize) -> Result<(), TestCa
     }
     // Room the plan holds for production tasks waiting on their victims is taken too.
     for (agent, task) in &p.held {
-        held.add(state, *task, *agent, &[]);
+        held.hold(state, *task, *agent);
     }
 
     // Maximality and priority, for tasks of jobs that did not ask for preemptions.
@@ -217,7 +217,7 @@ fn plan_and_check(c: &mut Cluster, seed: u64, limit: usize) -> Result<(), TestCa
         let ahead: Vec<_> = p.placements.iter().filter(|pl| order(pl.task) < order(u.task)).cloned().collect();
         let mut before = Held::with_plan(state, &ahead);
         for (agent, task) in p.held.iter().filter(|(_, task)| order(*task) < order(u.task)) {
-            before.add(state, *task, *agent, &[]);
+            before.hold(state, *task, *agent);
         }
         if let Some(a) = before.fits_somewhere(state, u.task) {
             return Err(TestCaseError::fail(format!(

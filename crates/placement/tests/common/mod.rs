@@ -204,6 +204,8 @@ pub struct Held {
     /// cpus, mem, disk, ports held per agent.
     pub used: BTreeMap<AgentId, [u64; 3]>,
     pub ports: BTreeMap<AgentId, Vec<u16>>,
+    /// Ports promised, by count, to production tasks the plan holds room for (not yet chosen).
+    pub promised_ports: BTreeMap<AgentId, u64>,
     pub per_agent: BTreeMap<(JobKey, AgentId), u32>,
     pub per_value: BTreeMap<(JobKey, String, String), u32>,
 }
@@ -237,6 +239,14 @@ impl Held {
         }
     }
 
+    /// Room a plan holds on `agent` for `task`: its whole demand, its ports by count.
+    pub fn hold(&mut self, state: &ClusterState, task: TaskId, agent: AgentId) {
+        self.add(state, task, agent, &[]);
+        let t = &state.tasks[&task];
+        let ports = state.jobs[&t.job].spec.task.demand().ports;
+        *self.promised_ports.entry(agent).or_default() += u64::from(ports);
+    }
+
     pub fn with_plan(state: &ClusterState, plan: &[Placement]) -> Held {
         let mut h = Held::of(state);
         for p in plan {
@@ -264,7 +274,8 @@ impl Held {
         }
         let all: BTreeSet<u16> = cap.ports.iter().flat_map(|r| r.first..=r.last).collect();
         let taken: BTreeSet<u16> = self.ports.get(&agent).into_iter().flatten().copied().collect();
-        if (all.difference(&taken).count() as u64) < u64::from(d.ports) {
+        let promised = self.promised_ports.get(&agent).copied().unwrap_or_default();
+        if (all.difference(&taken).count() as u64).saturating_sub(promised) < u64::from(d.ports) {
             return Err("ports".into());
         }
         let attrs = &a.info.attributes;
