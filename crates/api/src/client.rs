@@ -30,6 +30,7 @@ impl ApiError {
 pub struct Client {
     addrs: Vec<String>,
     http: reqwest::Client,
+    frozen: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Client {
@@ -46,7 +47,7 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .expect("building an HTTP client cannot fail with these settings");
-        Client { addrs, http }
+        Client { addrs, http, frozen: Default::default() }
     }
 
     pub fn addrs(&self) -> &[String] {
@@ -68,7 +69,13 @@ impl Client {
                 req = req.json(b);
             }
             match req.send().await {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => {
+                    let notice = resp.headers().get(FROZEN_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+                    if notice.is_some() {
+                        *self.frozen.lock().expect("not poisoned") = notice;
+                    }
+                    return Ok(resp);
+                }
                 Err(e) if e.is_connect() => last = format!("{url}: {e}"),
                 Err(e) => {
                     return Err(ApiError::Unreachable { addrs: self.addrs.join(","), detail: format!("{url}: {e}") })
@@ -99,6 +106,16 @@ impl Client {
             });
         }
         serde_json::from_slice(&bytes).map_err(|e| ApiError::Protocol { url, detail: e.to_string() })
+    }
+
+    async fn post<T: DeserializeOwned>(&self, path: &str, body: serde_json::Value) -> Result<T, ApiError> {
+        Self::decode(self.send(reqwest::Method::POST, path, Some(body), Duration::from_secs(30)).await?).await
+    }
+
+    /// The frozen notice of the latest answer that carried one (see [`FROZEN_HEADER`]): the CLI
+    /// shows it after a mutating command.
+    pub fn frozen_notice(&self) -> Option<String> {
+        self.frozen.lock().expect("not poisoned").clone()
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
@@ -207,6 +224,28 @@ impl Client {
         Self::decode(self.send(reqwest::Method::PUT, "/v1/scheduler", Some(body), Duration::from_secs(30)).await?).await
     }
 
+    pub async fn admin_status(&self) -> Result<AdminStatus, ApiError> {
+        self.get("/v1/admin/status").await
+    }
+
+    pub async fn freeze(&self, req: &FreezeRequest) -> Result<AdminStatus, ApiError> {
+        self.post("/v1/admin/freeze", serde_json::to_value(req).expect("serializable")).await
+    }
+
+    pub async fn unfreeze(&self, req: &OperatorRequest) -> Result<AdminStatus, ApiError> {
+        self.post("/v1/admin/unfreeze", serde_json::to_value(req).expect("serializable")).await
+    }
+
+    pub async fn reset_breaker(&self, req: &OperatorRequest) -> Result<AdminStatus, ApiError> {
+        self.post("/v1/admin/breaker/reset", serde_json::to_value(req).expect("serializable")).await
+    }
+
+    /// Events after `after`; waits up to `wait` for one when there is none yet.
+    pub async fn events(&self, after: u64, wait: Duration) -> Result<EventsPage, ApiError> {
+        let path = format!("/v1/events?after={after}&wait_ms={}", wait.as_millis());
+        Self::decode(self.send(reqwest::Method::GET, &path, None, wait + Duration::from_secs(10)).await?).await
+    }
+
     pub async fn metrics(&self) -> Result<String, ApiError> {
         let resp = self.send(reqwest::Method::GET, "/metrics", None, Duration::from_secs(30)).await?;
         resp.text().await.map_err(|e| ApiError::Protocol { url: "/metrics".into(), detail: e.to_string() })
@@ -224,6 +263,12 @@ impl Client {
     pub async fn orders(&self, agent: AgentId, epoch: u64, version: u64, wait: Duration) -> Result<Orders, ApiError> {
         let path = format!("/v1/agent/{agent}/orders?epoch={epoch}&version={version}&wait_ms={}", wait.as_millis());
         Self::decode(self.send(reqwest::Method::GET, &path, None, wait + Duration::from_secs(10)).await?).await
+    }
+
+    pub async fn heartbeat(&self, req: &HeartbeatRequest) -> Result<HeartbeatResponse, ApiError> {
+        let body = serde_json::to_value(req).expect("serializable");
+        let path = format!("/v1/agent/{}/heartbeat", req.agent);
+        Self::decode(self.send(reqwest::Method::POST, &path, Some(body), Duration::from_secs(10)).await?).await
     }
 
     pub async fn send_usage(&self, req: &UsageReport) -> Result<serde_json::Value, ApiError> {

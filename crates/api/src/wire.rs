@@ -103,6 +103,16 @@ pub struct AgentView {
     pub capacity: ResourcesView,
     pub used: ResourcesView,
     pub tasks: usize,
+    /// `active`, `unreachable`, `removed`, or `reregistering` (a master that just started has not
+    /// heard from it yet).
+    #[serde(default)]
+    pub liveness: String,
+    /// When this master last heard from it (RFC 3339), if it has since it started.
+    #[serde(default)]
+    pub last_seen: Option<String>,
+    /// When it was marked unreachable (RFC 3339), while it is unreachable or removed.
+    #[serde(default)]
+    pub unreachable_since: Option<String>,
 }
 
 // ---- agent protocol
@@ -113,6 +123,9 @@ pub struct RegisterRequest {
     /// Tasks this agent has (running or ended but not yet reported); the master treats its tasks
     /// that the agent no longer has as lost.
     pub known_tasks: Vec<TaskId>,
+    /// The subset of `known_tasks` whose process still runs (not ended).
+    #[serde(default)]
+    pub running_tasks: Vec<TaskId>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -121,6 +134,34 @@ pub struct RegisterResponse {
     pub master_epoch: u64,
     /// The highest status-update sequence number the master applied from this agent.
     pub last_update_seq: u64,
+    /// How often the agent must send a heartbeat.
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+}
+
+fn default_heartbeat_interval_ms() -> u64 {
+    5_000
+}
+
+/// `POST /v1/agent/{id}/heartbeat`: the agent is alive, and what it has, for periodic
+/// reconciliation. The master answers 404 when it does not know the agent (register again) and
+/// 503 with `Retry-After` when it sheds load.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    pub agent: AgentId,
+    /// Every task the agent has (running, or ended and not yet collected).
+    pub known_tasks: Vec<TaskId>,
+    /// The subset of `known_tasks` whose process still runs.
+    pub running_tasks: Vec<TaskId>,
+    /// The sequence number of the agent's newest status update when it took these lists: the
+    /// master does not reconcile against lists older than what it already applied.
+    pub as_of_seq: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    pub master_epoch: u64,
+    pub heartbeat_interval_ms: u64,
 }
 
 /// What an agent must run. The list is complete: it names every task that holds resources on
@@ -130,6 +171,19 @@ pub struct Orders {
     pub master_epoch: u64,
     pub version: u64,
     pub tasks: Vec<Order>,
+    /// Tasks that run on the agent but that the master does not want there (unknown to it past
+    /// the grace period, or the surplus copy of an instance): stop them.
+    #[serde(default)]
+    pub stop: Vec<StopOrder>,
+    /// The cluster is frozen: the agent takes no destructive action of its own (health-check kills).
+    #[serde(default)]
+    pub frozen: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopOrder {
+    pub task: TaskId,
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -207,3 +261,98 @@ pub struct SchedulerView {
     #[serde(default)]
     pub pending_tasks: u64,
 }
+
+// ---- operator controls
+
+/// `POST /v1/admin/freeze`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreezeRequest {
+    pub reason: String,
+    /// Who pressed it (the CLI sends `user@host`).
+    pub by: String,
+}
+
+/// `POST /v1/admin/unfreeze`, `POST /v1/admin/breaker/reset`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorRequest {
+    pub by: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FreezeView {
+    pub reason: String,
+    pub by: String,
+    /// RFC 3339.
+    pub since: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BreakerView {
+    pub tripped: bool,
+    /// Why it tripped, in words.
+    pub reason: Option<String>,
+    /// RFC 3339.
+    pub since: Option<String>,
+    /// Share of agents that may become unreachable within `window_ms` before it trips.
+    pub threshold: f64,
+    pub window_ms: u64,
+    /// The attribute whose values are fault domains (a whole domain lost trips it too).
+    pub fault_domain: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LivenessSettingsView {
+    pub heartbeat_interval_ms: u64,
+    pub agent_timeout_ms: u64,
+    /// e.g. `1/10s`.
+    pub agent_removal_rate: String,
+    pub reregistration_period_ms: u64,
+    pub stray_grace_ms: u64,
+}
+
+/// `GET /v1/admin/status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdminStatus {
+    pub frozen: Option<FreezeView>,
+    pub breaker: BreakerView,
+    /// Until then (RFC 3339) the master waits for agents to re-register before concluding
+    /// anything about them; `None` once it is over.
+    pub reregistration_until: Option<String>,
+    /// Agents by liveness (`active`, `unreachable`, `removed`, `reregistering`).
+    pub agents: BTreeMap<String, u64>,
+    pub removals_total: u64,
+    pub tasks_replaced_total: u64,
+    /// Tasks that run on agents without the master wanting them there.
+    pub stray_tasks: u64,
+    pub settings: LivenessSettingsView,
+}
+
+/// One thing that happened to the cluster (not to one task): an agent unreachable, removed or
+/// back, the breaker, a freeze, a stray task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventView {
+    pub seq: u64,
+    /// RFC 3339.
+    pub at: String,
+    /// e.g. `agent_unreachable`, `agent_removed`, `agent_back`, `breaker_tripped`, `breaker_reset`,
+    /// `frozen`, `unfrozen`, `stray_task`, `stray_task_stopped`, `master_stalled`.
+    pub kind: String,
+    pub message: String,
+}
+
+/// `GET /v1/events?after=SEQ&wait_ms=N`: events after `after`, oldest first, waiting up to
+/// `wait_ms` for one when there is none yet. The master keeps a bounded number of events; a
+/// reader that fell behind learns how many it missed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventsPage {
+    pub events: Vec<EventView>,
+    /// Pass as `after` to read on.
+    pub next: u64,
+    /// Events after `after` that are no longer kept.
+    pub missed: u64,
+}
+
+/// The header every mutating API response carries while the cluster is frozen.
+pub const FROZEN_HEADER: &str = "capstan-frozen";

@@ -312,6 +312,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir: a.data_dir,
                 store_url: a.store,
                 allow_root_tasks: a.allow_root_tasks,
+                liveness: Default::default(),
             })
             .await?;
             println!("capstan master serving at {}", m.url());
@@ -374,6 +375,7 @@ pub async fn start_dev(
         data_dir: data_dir.join("master"),
         store_url: None,
         allow_root_tasks,
+        liveness: Default::default(),
     })
     .await?;
     let mut config = capstan_agent::AgentConfig {

@@ -286,6 +286,9 @@ async fn list_agents(State(app): State<AppState>) -> Json<Vec<AgentView>> {
                         ports: a.used_ports.len() as u32,
                     },
                     tasks: a.tasks.len(),
+                    liveness: "active".into(),
+                    last_seen: None,
+                    unreachable_since: None,
                 }
             })
             .collect(),
@@ -384,7 +387,7 @@ async fn register_agent(State(app): State<AppState>, body: Bytes) -> ApiResult<J
     app.core.submit(Command::RegisterAgent { info: req.info }).await?;
     app.core.submit(Command::AgentReconcile { agent: id, known: req.known_tasks }).await?;
     let last_update_seq = app.core.state.read().agents.get(&id).map(|a| a.last_update_seq).unwrap_or(0);
-    Ok(Json(RegisterResponse { master_epoch: app.core.epoch, last_update_seq }))
+    Ok(Json(RegisterResponse { master_epoch: app.core.epoch, last_update_seq, heartbeat_interval_ms: 5_000 }))
 }
 
 #[derive(Deserialize)]
@@ -424,7 +427,7 @@ async fn agent_orders(
             Some(order_for(t, &job.spec.task, job.spec.health_check.as_ref()))
         })
         .collect();
-    Ok(Json(Orders { master_epoch: epoch, version: a.orders_version, tasks }))
+    Ok(Json(Orders { master_epoch: epoch, version: a.orders_version, tasks, stop: vec![], frozen: false }))
 }
 
 fn order_for(t: &Task, spec: &TaskSpec, health_check: Option<&capstan_model::spec::HealthCheckSpec>) -> Order {

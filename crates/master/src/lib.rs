@@ -3,6 +3,7 @@
 
 pub mod core;
 pub mod http;
+pub mod liveness;
 pub mod metrics;
 pub mod scheduler;
 
@@ -21,6 +22,7 @@ pub struct MasterConfig {
     pub store_url: Option<String>,
     /// Tasks may run as root.
     pub allow_root_tasks: bool,
+    pub liveness: liveness::LivenessConfig,
 }
 
 pub struct MasterHandle {

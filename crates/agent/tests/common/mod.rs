@@ -89,6 +89,7 @@ impl Cluster {
             data_dir: dir.path().join("master"),
             store_url: None,
             allow_root_tasks: false,
+            liveness: Default::default(),
         })
         .await
         .expect("master starts");
