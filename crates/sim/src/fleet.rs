@@ -669,6 +669,8 @@ mod tests {
         let orders = capstan_api::Orders {
             master_epoch: 7,
             version: 3,
+            stop: vec![],
+            frozen: false,
             tasks: vec![capstan_api::Order {
                 task: TaskId(42),
                 job: "a/b/c".parse().expect("a job key"),
