@@ -437,7 +437,11 @@ impl Agent {
         let mut delay = RETRY_MIN;
         loop {
             let known: Vec<TaskId> = self.tasks.lock().keys().copied().collect();
-            match self.client.register(&RegisterRequest { info: self.info.clone(), known_tasks: known, running_tasks: vec![] }).await {
+            match self
+                .client
+                .register(&RegisterRequest { info: self.info.clone(), known_tasks: known, running_tasks: vec![] })
+                .await
+            {
                 Ok(resp) => {
                     *self.epoch.lock() = resp.master_epoch;
                     let last = resp.last_update_seq;

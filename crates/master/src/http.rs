@@ -2,6 +2,8 @@
 //! Handlers parse, call the core, render; errors always have the `{"error": {...}}` shape.
 
 use crate::core::{now, Core, CoreError};
+use crate::events::Events;
+use crate::liveness::Liveness;
 use crate::scheduler::Unplaced;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
@@ -26,6 +28,52 @@ pub struct AppState {
     pub http: reqwest::Client,
     /// The latest usage of each task, as agents report it; in memory only.
     pub usage: Arc<parking_lot::Mutex<std::collections::HashMap<TaskId, TaskUsage>>>,
+    pub liveness: Arc<Liveness>,
+    pub events: Arc<Events>,
+    pub admission: Arc<Admission>,
+}
+
+/// Back-pressure: how many requests of each costly kind are served at once. A request over the
+/// limit is answered 503 with `Retry-After` at once (agents back off with jitter), so neither a
+/// re-registration storm nor a flood of status updates queues up without bound in the master.
+pub struct Admission {
+    pub registrations: tokio::sync::Semaphore,
+    pub updates: tokio::sync::Semaphore,
+    pub heartbeats: tokio::sync::Semaphore,
+    /// Large answers (task and job lists): held until the body is sent, so that slow readers
+    /// cannot make the master hold more than this many such answers.
+    pub lists: Arc<tokio::sync::Semaphore>,
+}
+
+/// Requests of each kind served at once.
+pub const MAX_REGISTRATIONS: usize = 64;
+pub const MAX_UPDATE_BATCHES: usize = 128;
+pub const MAX_HEARTBEATS: usize = 512;
+pub const MAX_LIST_ANSWERS: usize = 8;
+/// Status updates in one batch at most.
+pub const MAX_UPDATES_PER_BATCH: usize = 10_000;
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            registrations: tokio::sync::Semaphore::new(MAX_REGISTRATIONS),
+            updates: tokio::sync::Semaphore::new(MAX_UPDATE_BATCHES),
+            heartbeats: tokio::sync::Semaphore::new(MAX_HEARTBEATS),
+            lists: Arc::new(tokio::sync::Semaphore::new(MAX_LIST_ANSWERS)),
+        }
+    }
+}
+
+/// The 503 of a shed request: retry after `secs` (agents add jitter).
+fn shed(app: &AppState, route: &str, secs: u64) -> ApiFailure {
+    app.core.metrics.requests_shed.get_or_create(&crate::metrics::RouteLabel { route: route.into() }).inc();
+    let mut f = ApiFailure::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        format!("the master is busy with other {route} requests; retry in {secs} s"),
+    );
+    f.retry_after = Some(secs);
+    f
 }
 
 pub fn router(app: AppState) -> Router {
@@ -40,12 +88,19 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/quotas", get(list_quotas))
         .route("/v1/quotas/{role}", axum::routing::put(set_quota).delete(remove_quota))
         .route("/v1/scheduler", get(get_scheduler).put(set_scheduler))
+        .route("/v1/admin/status", get(admin_status))
+        .route("/v1/admin/freeze", post(freeze))
+        .route("/v1/admin/unfreeze", post(unfreeze))
+        .route("/v1/admin/breaker/reset", post(reset_breaker))
+        .route("/v1/events", get(events))
         .route("/v1/agent/register", post(register_agent))
+        .route("/v1/agent/{id}/heartbeat", post(agent_heartbeat))
         .route("/v1/agent/{id}/orders", get(agent_orders))
         .route("/v1/agent/updates", post(agent_updates))
         .route("/v1/agent/usage", post(agent_usage))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiFailure::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(axum::middleware::from_fn_with_state(app.clone(), frozen_notice))
         .with_state(app)
 }
 
@@ -53,6 +108,7 @@ pub fn router(app: AppState) -> Router {
 pub struct ApiFailure {
     status: StatusCode,
     body: ErrorBody,
+    retry_after: Option<u64>,
 }
 
 impl ApiFailure {
@@ -60,6 +116,7 @@ impl ApiFailure {
         ApiFailure {
             status,
             body: ErrorBody { error: ErrorDetail { code: code.into(), message: message.into(), details: vec![] } },
+            retry_after: None,
         }
     }
     fn details(mut self, details: Vec<serde_json::Value>) -> ApiFailure {
@@ -70,7 +127,11 @@ impl ApiFailure {
 
 impl IntoResponse for ApiFailure {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
+        let mut resp = (self.status, Json(self.body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, secs.into());
+        }
+        resp
     }
 }
 
@@ -84,6 +145,7 @@ impl From<CoreError> for ApiFailure {
             }
             CoreError::Rejected(Rejection::Invalid(_)) => (StatusCode::BAD_REQUEST, "bad_request"),
             CoreError::Rejected(Rejection::OverQuota(_)) => (StatusCode::CONFLICT, "over_quota"),
+            CoreError::Rejected(Rejection::Frozen(_)) => (StatusCode::CONFLICT, "frozen"),
             CoreError::Store(_) | CoreError::Closed => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         ApiFailure::new(status, code, e.to_string())
@@ -286,9 +348,16 @@ async fn list_agents(State(app): State<AppState>) -> Json<Vec<AgentView>> {
                         ports: a.used_ports.len() as u32,
                     },
                     tasks: a.tasks.len(),
-                    liveness: "active".into(),
-                    last_seen: None,
-                    unreachable_since: None,
+                    liveness: if a.liveness == capstan_state::Liveness::Active
+                        && app.liveness.reregistering()
+                        && app.liveness.last_seen(a.info.id).is_none()
+                    {
+                        "reregistering".into()
+                    } else {
+                        a.liveness.as_str().into()
+                    },
+                    last_seen: app.liveness.last_seen(a.info.id).map(rfc3339),
+                    unreachable_since: a.liveness.unreachable_since().map(rfc3339),
                 }
             })
             .collect(),
@@ -382,12 +451,97 @@ async fn metrics(State(app): State<AppState>) -> Response {
 // ---- agent protocol
 
 async fn register_agent(State(app): State<AppState>, body: Bytes) -> ApiResult<Json<RegisterResponse>> {
+    let Ok(_permit) = app.admission.registrations.try_acquire() else {
+        return Err(shed(&app, "registration", 2));
+    };
     let req: RegisterRequest = parse_body(&body)?;
     let id = req.info.id;
     app.core.submit(Command::RegisterAgent { info: req.info }).await?;
-    app.core.submit(Command::AgentReconcile { agent: id, known: req.known_tasks }).await?;
+    let applied = app
+        .core
+        .submit(Command::AgentReconcile {
+            agent: id,
+            known: req.known_tasks,
+            running: req.running_tasks,
+            as_of_seq: None,
+        })
+        .await?;
+    app.liveness.seen(id);
+    reconcile_events(&app, id, &applied, "registered again");
     let last_update_seq = app.core.state.read().agents.get(&id).map(|a| a.last_update_seq).unwrap_or(0);
-    Ok(Json(RegisterResponse { master_epoch: app.core.epoch, last_update_seq, heartbeat_interval_ms: 5_000 }))
+    Ok(Json(RegisterResponse {
+        master_epoch: app.core.epoch,
+        last_update_seq,
+        heartbeat_interval_ms: app.liveness.config.heartbeat_interval.as_millis() as u64,
+    }))
+}
+
+/// Events for what reconciling an agent changed.
+fn reconcile_events(app: &AppState, agent: AgentId, applied: &capstan_state::Applied, how: &str) {
+    if applied.agent_back {
+        app.events.add("agent_back", format!("agent {agent} {how}: it is active again"));
+    }
+    for (task, why) in &applied.strays_found {
+        app.events.add("stray_task", format!("task {task} runs on agent {agent} but {why}"));
+    }
+    for task in &applied.taken_back {
+        app.events.add(
+            "task_taken_back",
+            format!(
+                "task {task} came back with agent {agent} before its replacement started: kept, replacement stopped"
+            ),
+        );
+    }
+}
+
+/// The agent is alive; its lists are compared with the state under the read lock and logged as
+/// an `AgentReconcile` only when they disagree (or the agent was not active).
+async fn agent_heartbeat(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<HeartbeatResponse>> {
+    let Ok(_permit) = app.admission.heartbeats.try_acquire() else {
+        return Err(shed(&app, "heartbeat", 1));
+    };
+    let agent: AgentId = id.parse().map_err(|e: String| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", e))?;
+    let req: HeartbeatRequest = parse_body(&body)?;
+    if req.agent != agent {
+        return Err(ApiFailure::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("the body names agent {} but the path agent {agent}", req.agent),
+        ));
+    }
+    app.core.metrics.heartbeats.inc();
+    let needed = {
+        let state = app.core.state.read();
+        if !state.agents.contains_key(&agent) {
+            return Err(ApiFailure::new(
+                StatusCode::NOT_FOUND,
+                "unknown_agent",
+                format!("agent {agent} is not registered; register first"),
+            ));
+        }
+        state.reconcile_needed(agent, &req.known_tasks, &req.running_tasks, req.as_of_seq)
+    };
+    app.liveness.seen(agent);
+    if needed {
+        let applied = app
+            .core
+            .submit(Command::AgentReconcile {
+                agent,
+                known: req.known_tasks,
+                running: req.running_tasks,
+                as_of_seq: Some(req.as_of_seq),
+            })
+            .await?;
+        reconcile_events(&app, agent, &applied, "answers heartbeats again");
+    }
+    Ok(Json(HeartbeatResponse {
+        master_epoch: app.core.epoch,
+        heartbeat_interval_ms: app.liveness.config.heartbeat_interval.as_millis() as u64,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -409,6 +563,10 @@ async fn agent_orders(
     let known = q.version.unwrap_or(0);
     let fresh = q.epoch != Some(epoch);
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000).min(60_000));
+    // An agent asking for its orders is alive, whether or not its heartbeats get through.
+    if app.core.state.read().agents.contains_key(&agent) {
+        app.liveness.seen(agent);
+    }
     if !fresh {
         app.core.wait_agent(agent, wait, |s| s.agents.get(&agent).is_none_or(|a| a.orders_version != known)).await;
     }
@@ -427,7 +585,20 @@ async fn agent_orders(
             Some(order_for(t, &job.spec.task, job.spec.health_check.as_ref()))
         })
         .collect();
-    Ok(Json(Orders { master_epoch: epoch, version: a.orders_version, tasks, stop: vec![], frozen: false }))
+    // Strays are stopped only when the master's view is complete (not while agents may still be
+    // re-registering), never while frozen, and unknown ones only after the grace period.
+    let grace = app.liveness.config.stray_grace.as_millis() as u64;
+    let t_now = now();
+    let stop = if state.frozen.is_some() || app.liveness.reregistering() {
+        vec![]
+    } else {
+        a.strays
+            .iter()
+            .filter(|(_, s)| s.stop_now || s.since.plus_ms(grace) <= t_now)
+            .map(|(task, s)| StopOrder { task: *task, reason: s.reason.clone() })
+            .collect()
+    };
+    Ok(Json(Orders { master_epoch: epoch, version: a.orders_version, tasks, stop, frozen: state.frozen.is_some() }))
 }
 
 fn order_for(t: &Task, spec: &TaskSpec, health_check: Option<&capstan_model::spec::HealthCheckSpec>) -> Order {
@@ -462,7 +633,18 @@ async fn agent_usage(State(app): State<AppState>, body: Bytes) -> ApiResult<Json
 }
 
 async fn agent_updates(State(app): State<AppState>, body: Bytes) -> ApiResult<Json<UpdatesResponse>> {
+    let Ok(_permit) = app.admission.updates.try_acquire() else {
+        return Err(shed(&app, "status update", 1));
+    };
     let req: UpdatesRequest = parse_body(&body)?;
+    if req.updates.len() > MAX_UPDATES_PER_BATCH {
+        return Err(ApiFailure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_updates",
+            format!("{} status updates in one batch; send at most {MAX_UPDATES_PER_BATCH}", req.updates.len()),
+        ));
+    }
+    app.core.metrics.status_updates.inc_by(req.updates.len() as u64);
     let agent = req.agent;
     let last = req.updates.iter().map(|u| u.seq).max();
     if last.is_some() {
@@ -557,4 +739,147 @@ fn job_view(state: &ClusterState, j: &Job, unplaced: &crate::scheduler::Unplaced
         pending_reasons: reasons,
         spec: (*j.spec).clone(),
     }
+}
+
+// ---- operator controls
+
+/// Every mutating answer says so while the cluster is frozen.
+async fn frozen_notice(
+    State(app): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let mutating = req.method() != axum::http::Method::GET && !req.uri().path().starts_with("/v1/agent/");
+    let mut resp = next.run(req).await;
+    if mutating {
+        if let Some(f) = &app.core.state.read().frozen {
+            let text = format!("{} (frozen by {} since {})", f.reason, f.by, rfc3339(f.at));
+            // Header values are visible ASCII; anything else is replaced.
+            let ascii: String = text.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).collect();
+            if let Ok(v) = axum::http::HeaderValue::from_str(&ascii) {
+                resp.headers_mut().insert(FROZEN_HEADER, v);
+            }
+        }
+    }
+    resp
+}
+
+fn admin_status_of(app: &AppState) -> AdminStatus {
+    let state = app.core.state.read();
+    let c = &app.liveness.config;
+    let reregistering = app.liveness.reregistering();
+    let mut agents: BTreeMap<String, u64> = BTreeMap::new();
+    for a in state.agents.values() {
+        let key = if a.liveness == capstan_state::Liveness::Active
+            && reregistering
+            && app.liveness.last_seen(a.info.id).is_none()
+        {
+            "reregistering"
+        } else {
+            a.liveness.as_str()
+        };
+        *agents.entry(key.into()).or_default() += 1;
+    }
+    let breaker = app.liveness.breaker();
+    AdminStatus {
+        frozen: state.frozen.as_ref().map(|f| FreezeView {
+            reason: f.reason.clone(),
+            by: f.by.clone(),
+            since: rfc3339(f.at),
+        }),
+        breaker: BreakerView {
+            tripped: breaker.is_some(),
+            reason: breaker.as_ref().map(|t| t.reason.clone()),
+            since: breaker.as_ref().map(|t| rfc3339(t.since)),
+            threshold: c.breaker_threshold,
+            window_ms: c.breaker_window.as_millis() as u64,
+            fault_domain: c.fault_domain.clone(),
+        },
+        reregistration_until: app.liveness.reregistration_until().map(rfc3339),
+        agents,
+        removals_total: state.counters.agent_removals,
+        tasks_replaced_total: state.counters.tasks_replaced_unreachable,
+        stray_tasks: state.agents.values().map(|a| a.strays.len() as u64).sum(),
+        settings: LivenessSettingsView {
+            heartbeat_interval_ms: c.heartbeat_interval.as_millis() as u64,
+            agent_timeout_ms: c.agent_timeout.as_millis() as u64,
+            agent_removal_rate: c.removal_rate.to_string(),
+            reregistration_period_ms: c.reregistration_period.as_millis() as u64,
+            stray_grace_ms: c.stray_grace.as_millis() as u64,
+        },
+    }
+}
+
+async fn admin_status(State(app): State<AppState>) -> Json<AdminStatus> {
+    Json(admin_status_of(&app))
+}
+
+fn check_operator(by: &str) -> ApiResult<()> {
+    if by.trim().is_empty() {
+        return Err(ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", "`by` must say who asks (user@host)"));
+    }
+    Ok(())
+}
+
+async fn freeze(State(app): State<AppState>, body: Bytes) -> ApiResult<Json<AdminStatus>> {
+    let req: FreezeRequest = parse_body(&body)?;
+    check_operator(&req.by)?;
+    if req.reason.trim().is_empty() {
+        return Err(ApiFailure::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "a freeze needs a reason, for whoever finds the cluster frozen",
+        ));
+    }
+    let freeze =
+        capstan_state::Freeze { reason: req.reason.trim().to_string(), by: req.by.trim().to_string(), at: now() };
+    app.core.submit(Command::SetFreeze { freeze: Some(freeze.clone()) }).await?;
+    app.events.add(
+        "frozen",
+        format!(
+            "cluster frozen by {}: {}; kills, replacements, preemptions and removals are paused",
+            freeze.by, freeze.reason
+        ),
+    );
+    Ok(Json(admin_status_of(&app)))
+}
+
+async fn unfreeze(State(app): State<AppState>, body: Bytes) -> ApiResult<Json<AdminStatus>> {
+    let req: OperatorRequest = parse_body(&body)?;
+    check_operator(&req.by)?;
+    let was = app.core.state.read().frozen.clone();
+    if let Some(f) = was {
+        app.core.submit(Command::SetFreeze { freeze: None }).await?;
+        app.events
+            .add("unfrozen", format!("cluster unfrozen by {} (frozen by {} for: {})", req.by.trim(), f.by, f.reason));
+    }
+    Ok(Json(admin_status_of(&app)))
+}
+
+async fn reset_breaker(State(app): State<AppState>, body: Bytes) -> ApiResult<Json<AdminStatus>> {
+    let req: OperatorRequest = parse_body(&body)?;
+    check_operator(&req.by)?;
+    if let Some(trip) = app.liveness.reset_breaker() {
+        app.events.add(
+            "breaker_reset",
+            format!(
+                "reset by {}: removals resume at the removal rate (it had tripped: {})",
+                req.by.trim(),
+                trip.reason
+            ),
+        );
+    }
+    Ok(Json(admin_status_of(&app)))
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    after: Option<u64>,
+    wait_ms: Option<u64>,
+}
+
+async fn events(State(app): State<AppState>, Query(q): Query<EventsQuery>) -> Json<EventsPage> {
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0).min(60_000));
+    let (events, missed, next) = app.events.wait_read(q.after.unwrap_or(0), wait).await;
+    Json(EventsPage { events, next, missed })
 }

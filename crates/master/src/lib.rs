@@ -2,6 +2,7 @@
 //! HTTP API. `start` returns once it serves.
 
 pub mod core;
+pub mod events;
 pub mod http;
 pub mod liveness;
 pub mod metrics;
@@ -30,6 +31,8 @@ pub struct MasterHandle {
     pub core: Arc<core::Core>,
     pub server: tokio::task::JoinHandle<()>,
     pub scheduler: tokio::task::JoinHandle<()>,
+    pub liveness: tokio::task::JoinHandle<()>,
+    pub events: Arc<events::Events>,
 }
 
 impl MasterHandle {
@@ -62,6 +65,9 @@ pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
         .await
         .with_context(|| format!("cannot listen on {}", config.bind))?;
     let addr = listener.local_addr()?;
+    config.liveness.check().map_err(|e| anyhow::anyhow!(e))?;
+    let liveness = Arc::new(liveness::Liveness::new(config.liveness.clone()));
+    let events = Arc::new(events::Events::default());
     let unplaced = scheduler::Unplaced::default();
     let app = http::AppState {
         core: core.clone(),
@@ -69,6 +75,9 @@ pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
         policy: Arc::new(ValidationPolicy { allow_root: config.allow_root_tasks }),
         http: reqwest::Client::new(),
         usage: Default::default(),
+        liveness: liveness.clone(),
+        events: events.clone(),
+        admission: Default::default(),
     };
     let router = http::router(app);
     let server = tokio::spawn(async move {
@@ -77,6 +86,7 @@ pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
         }
     });
     let scheduler = tokio::spawn(scheduler::run(core.clone(), unplaced));
+    let liveness_loop = tokio::spawn(liveness::run(core.clone(), liveness.clone(), events.clone()));
     tracing::info!("master serving on http://{addr}");
-    Ok(MasterHandle { addr, core, server, scheduler })
+    Ok(MasterHandle { addr, core, server, scheduler, liveness: liveness_loop, events })
 }

@@ -16,6 +16,16 @@ pub struct StateLabel {
     pub state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LivenessLabel {
+    pub liveness: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub tasks: Family<StateLabel, Gauge>,
@@ -34,6 +44,16 @@ pub struct Metrics {
     pub log_index: Gauge,
     pub scheduler_queue: Gauge,
     pub scheduler_rate_limit: Gauge,
+    pub agents_by_liveness: Family<LivenessLabel, Gauge>,
+    pub frozen: Gauge,
+    pub breaker_tripped: Gauge,
+    pub agent_removals: Gauge,
+    pub tasks_replaced: Gauge,
+    pub tasks_taken_back: Gauge,
+    pub stray_tasks: Gauge,
+    pub heartbeats: Counter,
+    pub status_updates: Counter,
+    pub requests_shed: Family<RouteLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -111,8 +131,58 @@ impl Metrics {
         );
         let log_index = Gauge::default();
         registry.register("log_index", "Index of the last command applied", log_index.clone());
+        let agents_by_liveness = Family::<LivenessLabel, Gauge>::default();
+        registry.register("agents_by_liveness", "Agents by liveness", agents_by_liveness.clone());
+        let frozen = Gauge::default();
+        registry.register("frozen", "1 while the cluster is frozen (no destructive actions)", frozen.clone());
+        let breaker_tripped = Gauge::default();
+        registry.register(
+            "breaker_tripped",
+            "1 while the mass-loss breaker stops agent removals",
+            breaker_tripped.clone(),
+        );
+        let agent_removals = Gauge::default();
+        registry.register(
+            "agent_removals_total",
+            "Removal steps of unreachable agents (rate limited)",
+            agent_removals.clone(),
+        );
+        let tasks_replaced = Gauge::default();
+        registry.register(
+            "tasks_replaced_total",
+            "Tasks replaced elsewhere because their agent stayed unreachable",
+            tasks_replaced.clone(),
+        );
+        let tasks_taken_back = Gauge::default();
+        registry.register(
+            "tasks_taken_back_total",
+            "Replaced tasks taken back when their agent returned before the replacement started",
+            tasks_taken_back.clone(),
+        );
+        let stray_tasks = Gauge::default();
+        registry.register(
+            "stray_tasks",
+            "Tasks running on agents without the master wanting them",
+            stray_tasks.clone(),
+        );
+        let heartbeats = Counter::default();
+        registry.register("heartbeats", "Agent heartbeats received", heartbeats.clone());
+        let status_updates = Counter::default();
+        registry.register("status_updates", "Status updates received from agents", status_updates.clone());
+        let requests_shed = Family::<RouteLabel, Counter>::default();
+        registry.register("requests_shed", "Requests answered 503 to shed load", requests_shed.clone());
         Metrics {
             registry,
+            agents_by_liveness,
+            frozen,
+            breaker_tripped,
+            agent_removals,
+            tasks_replaced,
+            tasks_taken_back,
+            stray_tasks,
+            heartbeats,
+            status_updates,
+            requests_shed,
             tasks,
             agents,
             jobs,
@@ -148,6 +218,15 @@ impl Metrics {
         self.log_index.set(state.index as i64);
         self.scheduler_queue.set(state.queue.len() as i64);
         self.scheduler_rate_limit.set(i64::from(state.scheduler.max_placements_per_second.unwrap_or(0)));
+        for l in ["active", "unreachable", "removed"] {
+            let n = state.agents.values().filter(|a| a.liveness.as_str() == l).count();
+            self.agents_by_liveness.get_or_create(&LivenessLabel { liveness: l.into() }).set(n as i64);
+        }
+        self.frozen.set(i64::from(state.frozen.is_some()));
+        self.agent_removals.set(state.counters.agent_removals as i64);
+        self.tasks_replaced.set(state.counters.tasks_replaced_unreachable as i64);
+        self.tasks_taken_back.set(state.counters.tasks_taken_back as i64);
+        self.stray_tasks.set(state.agents.values().map(|a| a.strays.len() as i64).sum());
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out

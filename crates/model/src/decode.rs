@@ -429,9 +429,6 @@ impl Cx {
             Value::String(s) if s == "never" => Some(ReplaceAfter::Never),
             other => self.duration("replace_after", other).map(ReplaceAfter::After),
         });
-        if replace_after.is_some() {
-            self.not_yet("replace_after", "replace_after");
-        }
         let min_healthy = self.get(&o, "min_healthy").and_then(|v| match v.as_f64() {
             Some(f) if (0.0..=1.0).contains(&f) => Some(f),
             Some(f) => {

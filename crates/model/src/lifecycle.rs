@@ -23,8 +23,14 @@ pub enum Event {
     Exited(TaskExit),
     /// Someone asked Capstan to stop it; `by` is said in the reason ("user request", "job killed").
     Kill { by: String },
-    /// Its agent is gone and the task with it.
+    /// Its agent is gone and the task with it: the agent says it no longer has the task, or it
+    /// stayed unreachable past the job's `replace_after` (then the task is replaced elsewhere).
     AgentLost,
+    /// Its agent stopped answering heartbeats.
+    AgentUnreachable,
+    /// Its agent answers again and still has the task. For a LOST task this takes the copy back
+    /// (its replacement had not started); the caller decides when that is right.
+    AgentBack,
 }
 
 impl Event {
@@ -38,6 +44,8 @@ impl Event {
             Event::Exited(_) => "exited(failure)",
             Event::Kill { .. } => "kill",
             Event::AgentLost => "agent_lost",
+            Event::AgentUnreachable => "agent_unreachable",
+            Event::AgentBack => "agent_back",
         }
     }
 }
@@ -51,6 +59,8 @@ pub enum Effect {
     Kill,
     /// Give back what the task held on its agent.
     Release,
+    /// Hold the task's resources on its agent again (a LOST copy taken back).
+    Reserve,
     /// Start a new task for the same instance, not before `delay_ms`; `failures` is the instance's
     /// count of consecutive failures so far (it drives the backoff and `max_failures`).
     Replace { delay_ms: u64, failures: u32 },
@@ -133,16 +143,17 @@ pub fn transition(state: TaskState, desired: Desired, event: &Event, cx: &Contex
             Run => to(Assigned, Run, vec![Effect::Launch], format!("assigned to agent {agent}")),
             Stop => same(Outcome::Illegal),
         },
-        (Assigned | Starting | Running | Killing, Event::Assign { .. }) => same(Outcome::Illegal),
+        (Assigned | Starting | Running | Killing | Unreachable, Event::Assign { .. }) => same(Outcome::Illegal),
         (Finished | Failed | Killed | Lost, Event::Assign { .. }) => same(Outcome::Illegal),
 
         // --- reports from the agent
         (Assigned, Event::Starting) => to(Starting, desired, vec![], "launching".into()),
-        (Starting | Running | Killing, Event::Starting) => same(Outcome::Ignored),
+        // An unreachable agent's reports wait for its return (`AgentBack`), except its exits.
+        (Starting | Running | Killing | Unreachable, Event::Starting) => same(Outcome::Ignored),
         (Pending | Finished | Failed | Killed | Lost, Event::Starting) => same(Outcome::Illegal),
 
         (Assigned | Starting, Event::Running { pid }) => to(Running, desired, vec![], format!("running as pid {pid}")),
-        (Running | Killing, Event::Running { .. }) => same(Outcome::Ignored),
+        (Running | Killing | Unreachable, Event::Running { .. }) => same(Outcome::Ignored),
         (Pending | Finished | Failed | Killed | Lost, Event::Running { .. }) => same(Outcome::Illegal),
 
         (Killing, Event::Exited(exit)) => {
@@ -153,7 +164,7 @@ pub fn transition(state: TaskState, desired: Desired, event: &Event, cx: &Contex
             };
             to(Killed, Stop, vec![Effect::Release], reason)
         }
-        (Assigned | Starting | Running, Event::Exited(exit)) => match desired {
+        (Assigned | Starting | Running | Unreachable, Event::Exited(exit)) => match desired {
             Stop => {
                 let reason = cx.kill_reason.map_or_else(|| exit.to_string(), |why| format!("killed: {why}"));
                 to(Killed, Stop, vec![Effect::Release], reason)
@@ -167,6 +178,10 @@ pub fn transition(state: TaskState, desired: Desired, event: &Event, cx: &Contex
         (Assigned | Starting | Running, Event::Kill { by }) => {
             to(Killing, Stop, vec![Effect::Kill], format!("killing: {by}"))
         }
+        (Unreachable, Event::Kill { by }) => match desired {
+            Run => to(Unreachable, Stop, vec![], format!("to be killed once its agent answers: {by}")),
+            Stop => same(Outcome::Ignored),
+        },
         (Killing | Finished | Failed | Killed | Lost, Event::Kill { .. }) => same(Outcome::Ignored),
 
         // --- the agent is gone
@@ -181,7 +196,47 @@ pub fn transition(state: TaskState, desired: Desired, event: &Event, cx: &Contex
         (Killing, Event::AgentLost) => {
             to(Lost, Stop, vec![Effect::Release], "lost with its agent while stopping".into())
         }
+        (Unreachable, Event::AgentLost) => match desired {
+            Run => to(
+                Lost,
+                Run,
+                vec![Effect::Release, Effect::Replace { delay_ms: 0, failures: cx.failures }],
+                "lost: its agent stayed unreachable past the job's replace_after; replaced elsewhere".into(),
+            ),
+            Stop => {
+                to(Lost, Stop, vec![Effect::Release], "lost: its agent stayed unreachable while it was to stop".into())
+            }
+        },
         (Pending | Finished | Failed | Killed | Lost, Event::AgentLost) => same(Outcome::Illegal),
+
+        // --- the agent stops answering, and comes back
+        (Assigned | Starting | Running | Killing, Event::AgentUnreachable) => {
+            to(Unreachable, desired, vec![], "its agent stopped answering; the task probably still runs there".into())
+        }
+        (Unreachable, Event::AgentUnreachable) => same(Outcome::Ignored),
+        (Pending | Finished | Failed | Killed | Lost, Event::AgentUnreachable) => same(Outcome::Illegal),
+
+        (Unreachable, Event::AgentBack) => match desired {
+            // Without a start seen, the launch may not have happened: the order is sent again and
+            // the agent (which knows the task) reports what it sees.
+            Run if cx.running_since.is_some() => to(Running, Run, vec![], "its agent answers again".into()),
+            Run => to(Assigned, Run, vec![Effect::Launch], "its agent answers again".into()),
+            Stop => {
+                let why = cx.kill_reason.unwrap_or("stop requested while its agent was unreachable");
+                to(Killing, Stop, vec![Effect::Kill], format!("killing: {why}"))
+            }
+        },
+        (Lost, Event::AgentBack) => match desired {
+            Run => to(
+                Running,
+                Run,
+                vec![Effect::Reserve],
+                "taken back: its agent returned with it running before its replacement started".into(),
+            ),
+            Stop => same(Outcome::Illegal),
+        },
+        (Assigned | Starting | Running | Killing, Event::AgentBack) => same(Outcome::Ignored),
+        (Pending | Finished | Failed | Killed, Event::AgentBack) => same(Outcome::Illegal),
     }
 }
 
@@ -221,6 +276,8 @@ pub fn sample_events() -> Vec<Event> {
         Event::Exited(TaskExit::Exited { code: 3 }),
         Event::Kill { by: "user request".into() },
         Event::AgentLost,
+        Event::AgentUnreachable,
+        Event::AgentBack,
     ]
 }
 
@@ -247,6 +304,7 @@ mod tests {
                 Effect::Launch => "launch".to_string(),
                 Effect::Kill => "kill".to_string(),
                 Effect::Release => "release".to_string(),
+                Effect::Reserve => "reserve".to_string(),
                 Effect::Replace { delay_ms, failures } => format!("replace({delay_ms}ms,f={failures})"),
                 Effect::InstanceDone { success } => format!("done({success})"),
             })

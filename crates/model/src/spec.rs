@@ -95,11 +95,47 @@ impl TryFrom<String> for DurationMs {
 }
 
 /// What to do with the tasks of an agent that stopped answering.
+/// What happens to a job's tasks on an unreachable agent: replaced elsewhere once the agent has
+/// been unreachable this long, or never (singletons: better down than twice). Text form `"5m"` or
+/// `"never"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(into = "String", try_from = "String")]
 pub enum ReplaceAfter {
     After(DurationMs),
     Never,
+}
+
+impl ReplaceAfter {
+    /// For jobs that do not say.
+    pub const DEFAULT: ReplaceAfter = ReplaceAfter::After(DurationMs(5 * 60 * 1000));
+
+    /// Milliseconds after the agent became unreachable; `None` for never.
+    pub fn ms(self) -> Option<u64> {
+        match self {
+            ReplaceAfter::After(d) => Some(d.0),
+            ReplaceAfter::Never => None,
+        }
+    }
+}
+
+impl From<ReplaceAfter> for String {
+    fn from(r: ReplaceAfter) -> String {
+        match r {
+            ReplaceAfter::After(d) => d.to_string(),
+            ReplaceAfter::Never => "never".into(),
+        }
+    }
+}
+
+impl TryFrom<String> for ReplaceAfter {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        if s.trim() == "never" {
+            Ok(ReplaceAfter::Never)
+        } else {
+            s.parse::<DurationMs>().map(ReplaceAfter::After)
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -117,6 +153,7 @@ pub struct JobSpec {
     pub cron: Option<String>,
     pub cron_timezone: Option<String>,
     pub cron_collision_policy: Option<CronCollisionPolicy>,
+    /// Tasks on an unreachable agent; `None`: [`ReplaceAfter::DEFAULT`].
     pub replace_after: Option<ReplaceAfter>,
     pub min_healthy: Option<f64>,
     pub task: TaskSpec,

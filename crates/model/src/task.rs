@@ -38,10 +38,13 @@ pub enum TaskState {
     Killed,
     /// Its agent was lost with it.
     Lost,
+    /// Its agent stopped answering; the task probably still runs there. It keeps its place until
+    /// it is replaced (per its job's `replace_after`) or its agent answers again.
+    Unreachable,
 }
 
 impl TaskState {
-    pub const ALL: [TaskState; 9] = [
+    pub const ALL: [TaskState; 10] = [
         TaskState::Pending,
         TaskState::Assigned,
         TaskState::Starting,
@@ -51,6 +54,7 @@ impl TaskState {
         TaskState::Failed,
         TaskState::Killed,
         TaskState::Lost,
+        TaskState::Unreachable,
     ];
 
     pub fn is_terminal(self) -> bool {
@@ -59,7 +63,14 @@ impl TaskState {
 
     /// True while the task holds resources on an agent.
     pub fn holds_resources(self) -> bool {
-        matches!(self, TaskState::Assigned | TaskState::Starting | TaskState::Running | TaskState::Killing)
+        matches!(
+            self,
+            TaskState::Assigned
+                | TaskState::Starting
+                | TaskState::Running
+                | TaskState::Killing
+                | TaskState::Unreachable
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -73,6 +84,7 @@ impl TaskState {
             TaskState::Failed => "FAILED",
             TaskState::Killed => "KILLED",
             TaskState::Lost => "LOST",
+            TaskState::Unreachable => "UNREACHABLE",
         }
     }
 }

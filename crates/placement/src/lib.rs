@@ -80,9 +80,12 @@ struct Refusals {
 }
 
 impl Refusals {
-    fn explain(&self, agents: usize) -> String {
-        if agents == 0 {
+    fn explain(&self, agents: usize, registered: usize) -> String {
+        if registered == 0 {
             return "no agents are registered".into();
+        }
+        if agents == 0 {
+            return format!("no agent is active: all {registered} registered agents are unreachable or removed");
         }
         let mut parts: Vec<String> = ["cpus", "mem", "disk", "ports"]
             .iter()
@@ -108,7 +111,7 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
     let mut searched = 0usize;
     let scan_max = limit.saturating_mul(SCAN_PER_SEARCH).max(limit);
 
-    let agents: Vec<&Agent> = state.agents.values().collect();
+    let agents: Vec<&Agent> = state.agents.values().filter(|a| a.schedulable()).collect();
     // One random order per pass; each task starts at a different place in it.
     let mut order: Vec<usize> = (0..agents.len()).collect();
     let mut rng = seed;
@@ -217,8 +220,8 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
                 out.placements.push(Placement { task: task_id, agent: agent.info.id, ports });
             }
             None => {
-                let why = refusals.explain(agents.len());
-                if spec.production && preemption_searches < PREEMPTION_SEARCHES_PER_PASS {
+                let why = refusals.explain(agents.len(), state.agents.len());
+                if spec.production && state.frozen.is_none() && preemption_searches < PREEMPTION_SEARCHES_PER_PASS {
                     preemption_searches += 1;
                     let already: BTreeSet<TaskId> = out.preemptions.iter().map(|p| p.victim).collect();
                     // Sibling-aware: the pass's own placements and promises count against the

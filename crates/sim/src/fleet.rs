@@ -393,8 +393,12 @@ impl Shared {
                 let st = agent.state.lock();
                 st.tasks.iter().filter(|(_, t)| !t.ended).map(|(id, _)| *id).collect()
             };
-            let body = serde_json::to_vec(&RegisterRequest { info: agent.info.clone(), known_tasks: known.clone(), running_tasks: known })
-                .expect("serializable");
+            let body = serde_json::to_vec(&RegisterRequest {
+                info: agent.info.clone(),
+                known_tasks: known.clone(),
+                running_tasks: known,
+            })
+            .expect("serializable");
             let result = {
                 let _permit = self.registrations.acquire().await.expect("never closed");
                 self.stats.registrations.fetch_add(1, Ordering::Relaxed);

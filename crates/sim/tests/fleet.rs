@@ -22,7 +22,7 @@ async fn hundred_tasks_run_then_die_on_twenty_sim_agents() {
         data_dir: dir.path().join("master"),
         store_url: None,
         allow_root_tasks: false,
-            liveness: Default::default(),
+        liveness: Default::default(),
     })
     .await
     .unwrap();

@@ -16,12 +16,58 @@ pub struct AgentInfo {
     pub version: String,
 }
 
+/// Whether the master hears from an agent (see `crates/master/src/liveness.rs` for who decides).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Liveness {
+    /// Heard from within the agent timeout; new tasks may go there.
+    Active,
+    /// Not heard from within the timeout since `since`; its tasks are kept (UNREACHABLE) until
+    /// their job's `replace_after` passes and a (rate-limited) removal replaces them.
+    Unreachable { since: Timestamp },
+    /// Unreachable, and every task that may be replaced was replaced (at `at`).
+    Removed { since: Timestamp, at: Timestamp },
+    // A `Draining` state is reserved for maintenance.
+}
+
+impl Liveness {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Liveness::Active => "active",
+            Liveness::Unreachable { .. } => "unreachable",
+            Liveness::Removed { .. } => "removed",
+        }
+    }
+
+    /// When it stopped answering, unless it is active.
+    pub fn unreachable_since(self) -> Option<Timestamp> {
+        match self {
+            Liveness::Active => None,
+            Liveness::Unreachable { since } | Liveness::Removed { since, .. } => Some(since),
+        }
+    }
+}
+
+/// A task that runs on an agent while the master does not want it there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stray {
+    /// When the master first saw it.
+    pub since: Timestamp,
+    /// Stop it without waiting for the grace period: the master knows it (ended, replaced, or
+    /// its job killed) and wants it stopped. An unknown task waits out the grace period: unknown
+    /// is not the same as dead.
+    pub stop_now: bool,
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Agent {
     pub info: AgentInfo,
     pub registered_at: Timestamp,
     /// The highest status-update sequence number applied from this agent.
     pub last_update_seq: u64,
+    pub liveness: Liveness,
+    /// Tasks that run there without the master wanting them (found by reconciliation).
+    pub strays: BTreeMap<TaskId, Stray>,
     // --- derived from tasks; rebuilt after a snapshot is loaded
     #[serde(skip)]
     pub used: Demand,
@@ -41,11 +87,18 @@ impl Agent {
             info,
             registered_at: at,
             last_update_seq: 0,
+            liveness: Liveness::Active,
+            strays: BTreeMap::new(),
             used: Demand::default(),
             used_ports: BTreeSet::new(),
             tasks: BTreeSet::new(),
             orders_version: 0,
         }
+    }
+
+    /// New tasks may be placed here.
+    pub fn schedulable(&self) -> bool {
+        self.liveness == Liveness::Active
     }
 
     /// Whether `demand` fits in what is left (ports counted, not chosen).

@@ -15,9 +15,21 @@ use std::fmt;
 pub enum Command {
     /// An agent (re-)registers with what it offers.
     RegisterAgent { info: AgentInfo },
-    /// After an agent (re-)registered: the tasks it still has. Tasks the master thinks are
-    /// starting or running there but that the agent does not have are lost.
-    AgentReconcile { agent: AgentId, known: Vec<TaskId> },
+    /// What an agent has, after it (re-)registered or when a heartbeat shows the master and the
+    /// agent disagree; makes the agent active. `known`: every task it has (running or ended and
+    /// not yet reported); `running`: those whose process runs. Tasks the master has starting or
+    /// running there that the agent does not know are lost; tasks that run there without the
+    /// master wanting them become strays. `as_of_seq`: the agent's newest status update when it
+    /// took the lists; lists older than what the master applied are not compared (`None`: a
+    /// registration, always compared).
+    AgentReconcile { agent: AgentId, known: Vec<TaskId>, running: Vec<TaskId>, as_of_seq: Option<u64> },
+    /// Agents not heard from within the agent timeout: marked unreachable (cheap, not destructive).
+    AgentsUnreachable { agents: Vec<AgentId> },
+    /// One (rate-limited) removal step of an unreachable agent: its tasks whose job's
+    /// `replace_after` has passed are LOST and replaced elsewhere.
+    RemoveAgent { agent: AgentId },
+    /// The big red button: `Some` stops every destructive action cluster-wide; `None` resumes.
+    SetFreeze { freeze: Option<Freeze> },
     /// A new job; its tasks get ids derived from `seed`.
     CreateJob { spec: JobSpec, seed: u64 },
     /// Stop every task of the job; the job disappears once they all ended.
@@ -41,6 +53,9 @@ impl Command {
         match self {
             Command::RegisterAgent { .. } => "register_agent",
             Command::AgentReconcile { .. } => "agent_reconcile",
+            Command::AgentsUnreachable { .. } => "agents_unreachable",
+            Command::RemoveAgent { .. } => "remove_agent",
+            Command::SetFreeze { .. } => "set_freeze",
             Command::CreateJob { .. } => "create_job",
             Command::KillJob { .. } => "kill_job",
             Command::KillTask { .. } => "kill_task",
@@ -152,6 +167,14 @@ pub struct Quota {
     pub cpus_milli: u64,
     pub mem_bytes: u64,
     pub disk_bytes: u64,
+}
+
+/// Who froze the cluster, why, and when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Freeze {
+    pub reason: String,
+    pub by: String,
+    pub at: Timestamp,
 }
 
 /// Levers an operator pulls at run time; kept in the state so they survive restarts.

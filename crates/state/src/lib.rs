@@ -6,7 +6,7 @@ pub mod codec;
 pub mod command;
 pub mod state;
 
-pub use agent::{Agent, AgentInfo};
+pub use agent::{Agent, AgentInfo, Liveness, Stray};
 pub use codec::{decode_command, decode_snapshot, encode_command, encode_snapshot, CodecError};
-pub use command::{Command, Placement, Preemption, Quota, Report, SchedulerSettings, Stamped, StatusUpdate};
+pub use command::{Command, Freeze, Placement, Preemption, Quota, Report, SchedulerSettings, Stamped, StatusUpdate};
 pub use state::{Applied, ClusterState, Job, QueueKey, Rejection, Task, TaskEventRecord};

@@ -1,8 +1,9 @@
 //! The cluster state and the one function that changes it.
 
-use crate::agent::{Agent, AgentInfo};
-use crate::command::{Command, Placement, Quota, Report, SchedulerSettings, Stamped, StatusUpdate};
+use crate::agent::{Agent, AgentInfo, Liveness, Stray};
+use crate::command::{Command, Freeze, Placement, Quota, Report, SchedulerSettings, Stamped, StatusUpdate};
 use capstan_model::lifecycle::{self, Context, Effect, Event, Outcome, RestartPolicy};
+use capstan_model::spec::ReplaceAfter;
 use capstan_model::{derive_id, AgentId, Desired, JobKey, JobSpec, JobType, TaskExit, TaskId, TaskState, Timestamp};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,10 +28,10 @@ pub struct Job {
     /// Batch: instances that are over for good, and whether they succeeded.
     pub done: BTreeMap<u32, bool>,
     pub finished_at: Option<Timestamp>,
-    // --- derived from tasks
-    /// The live (or latest) task of each instance.
-    #[serde(skip)]
+    /// The task of each instance: the live (or latest) one; kept, not derived, because a copy
+    /// taken back when its agent returns is older than the replacement it displaced.
     pub current: BTreeMap<u32, TaskId>,
+    // --- derived from tasks
     /// All tasks of the job still remembered, per instance, oldest first.
     #[serde(skip)]
     pub history: BTreeMap<u32, Vec<TaskId>>,
@@ -98,6 +99,12 @@ pub struct Counters {
     pub duplicate_updates: u64,
     pub updates_for_unknown_tasks: u64,
     pub placements_refused: u64,
+    /// Removal steps of unreachable agents.
+    pub agent_removals: u64,
+    /// Tasks replaced elsewhere because their agent stayed unreachable.
+    pub tasks_replaced_unreachable: u64,
+    /// LOST copies taken back when their agent returned before their replacement started.
+    pub tasks_taken_back: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -115,6 +122,8 @@ pub struct ClusterState {
     /// Production quotas per role; a role without one is not limited.
     pub quotas: BTreeMap<String, Quota>,
     pub scheduler: SchedulerSettings,
+    /// Set while the cluster is frozen: no kills, replacements, preemptions or removals.
+    pub frozen: Option<Freeze>,
     // --- derived
     /// Tasks waiting for a place, by id.
     #[serde(skip)]
@@ -124,7 +133,7 @@ pub struct ClusterState {
     pub queue: BTreeSet<QueueKey>,
     /// Tasks by state (index: `TaskState::ALL` order), kept up to date so reading it is free.
     #[serde(skip)]
-    pub counts: [u64; 9],
+    pub counts: [u64; 10],
 }
 
 /// A pending task's place in the scheduling queue: `(-priority, job order, task creation seq, id)`:
@@ -151,6 +160,8 @@ pub enum Rejection {
     JobKilled(JobKey),
     #[error("{0}")]
     OverQuota(String),
+    #[error("the cluster is frozen ({0}); destructive actions wait for `capstan admin unfreeze`")]
+    Frozen(String),
     #[error("invalid command: {0}")]
     Invalid(String),
 }
@@ -166,6 +177,14 @@ pub struct Applied {
     pub created: Vec<TaskId>,
     /// Placements that no longer fit and were dropped (Place).
     pub placements_refused: u32,
+    /// Tasks that became strays (AgentReconcile), with why.
+    pub strays_found: Vec<(TaskId, String)>,
+    /// The agent was not active and is now (AgentReconcile).
+    pub agent_back: bool,
+    /// Tasks replaced elsewhere (RemoveAgent).
+    pub replaced: Vec<TaskId>,
+    /// LOST copies taken back (AgentReconcile).
+    pub taken_back: Vec<TaskId>,
 }
 
 impl ClusterState {
@@ -194,22 +213,34 @@ impl ClusterState {
                 out.agents_touched.insert(info.id);
                 out.new_pending = true;
             }
-            Command::AgentReconcile { agent, known } => {
-                let a = self.agents.get(agent).ok_or(Rejection::NoSuchAgent(*agent))?;
-                let known: BTreeSet<TaskId> = known.iter().copied().collect();
-                let missing: Vec<TaskId> = a
-                    .tasks
-                    .iter()
-                    .filter(|id| !known.contains(id))
-                    .filter(|id| {
-                        self.tasks.get(id).is_some_and(|t| {
-                            matches!(t.state, TaskState::Starting | TaskState::Running | TaskState::Killing)
-                        })
-                    })
-                    .copied()
-                    .collect();
-                for id in missing {
-                    self.step(id, &Event::AgentLost, at, &mut out);
+            Command::AgentReconcile { agent, known, running, as_of_seq } => {
+                self.reconcile_agent(*agent, known, running, *as_of_seq, at, &mut out)?;
+            }
+            Command::AgentsUnreachable { agents } => {
+                for id in agents {
+                    let Some(a) = self.agents.get_mut(id) else { continue };
+                    if a.liveness != Liveness::Active {
+                        continue;
+                    }
+                    a.liveness = Liveness::Unreachable { since: at };
+                    let tasks: Vec<TaskId> = a.tasks.iter().copied().collect();
+                    for t in tasks {
+                        self.step(t, &Event::AgentUnreachable, at, &mut out);
+                    }
+                }
+            }
+            Command::RemoveAgent { agent } => {
+                if let Some(f) = &self.frozen {
+                    return Err(Rejection::Frozen(f.reason.clone()));
+                }
+                self.remove_agent(*agent, at, &mut out)?;
+            }
+            Command::SetFreeze { freeze } => {
+                self.frozen = freeze.as_ref().map(|f| Freeze { at, ..f.clone() });
+                // Agents learn it with their orders (no health-check kills while frozen).
+                for a in self.agents.values_mut() {
+                    a.orders_version += 1;
+                    out.agents_touched.insert(a.info.id);
                 }
             }
             Command::CreateJob { spec, seed } => {
@@ -246,6 +277,9 @@ impl ClusterState {
                 out.new_pending = true;
             }
             Command::KillJob { job, by } => {
+                if let Some(f) = &self.frozen {
+                    return Err(Rejection::Frozen(f.reason.clone()));
+                }
                 let j = self.jobs.get_mut(job).ok_or_else(|| Rejection::NoSuchJob(job.clone()))?;
                 if j.killed.is_none() {
                     j.killed = Some(by.clone());
@@ -257,12 +291,18 @@ impl ClusterState {
                 self.forget_job_if_over(job);
             }
             Command::KillTask { task, by } => {
+                if let Some(f) = &self.frozen {
+                    return Err(Rejection::Frozen(f.reason.clone()));
+                }
                 if !self.tasks.contains_key(task) {
                     return Err(Rejection::NoSuchTask(*task));
                 }
                 self.kill_task(*task, by, at, &mut out);
             }
             Command::Preempt { preemptions } => {
+                if let Some(f) = &self.frozen {
+                    return Err(Rejection::Frozen(f.reason.clone()));
+                }
                 for p in preemptions {
                     let (Some(victim), Some(by)) = (self.tasks.get(&p.victim), self.tasks.get(&p.by)) else { continue };
                     let (Some(vj), Some(bj)) = (self.jobs.get(&victim.job), self.jobs.get(&by.job)) else { continue };
@@ -327,6 +367,204 @@ impl ClusterState {
                 self.restart_instance(task, 0, 0, at, out);
             }
         }
+    }
+
+    /// `AgentReconcile`: the agent is active again; what it has is compared with what the master
+    /// has there (see the command's documentation).
+    fn reconcile_agent(
+        &mut self,
+        agent: AgentId,
+        known: &[TaskId],
+        running: &[TaskId],
+        as_of_seq: Option<u64>,
+        at: Timestamp,
+        out: &mut Applied,
+    ) -> Result<(), Rejection> {
+        let a = self.agents.get_mut(&agent).ok_or(Rejection::NoSuchAgent(agent))?;
+        let was = a.liveness;
+        if was != Liveness::Active {
+            a.liveness = Liveness::Active;
+            a.orders_version += 1;
+            out.agents_touched.insert(agent);
+            out.agent_back = true;
+            out.new_pending = true;
+        }
+        let stale = as_of_seq.is_some_and(|seq| a.last_update_seq > seq);
+        let known: BTreeSet<TaskId> = known.iter().copied().collect();
+        let running: BTreeSet<TaskId> = running.iter().copied().collect();
+        // Its unreachable tasks: back if it still has them, lost (and replaced) if not.
+        let held: Vec<TaskId> = a.tasks.iter().copied().collect();
+        for id in &held {
+            let Some(t) = self.tasks.get(id) else { continue };
+            let has = known.contains(id);
+            match t.state {
+                TaskState::Unreachable if has => self.step(*id, &Event::AgentBack, at, out),
+                TaskState::Unreachable if !stale => self.step(*id, &Event::AgentLost, at, out),
+                TaskState::Starting | TaskState::Running | TaskState::Killing if !has && !stale => {
+                    self.step(*id, &Event::AgentLost, at, out)
+                }
+                _ => {}
+            }
+        }
+        if stale {
+            return Ok(());
+        }
+        // Strays: running there without the master wanting them.
+        let a = self.agents.get_mut(&agent).expect("checked above");
+        a.strays.retain(|id, _| running.contains(id));
+        for id in running {
+            let here = self.tasks.get(&id).is_some_and(|t| t.agent == Some(agent) && t.state.holds_resources());
+            if here || self.agents[&agent].strays.contains_key(&id) {
+                continue;
+            }
+            let stray = match self.tasks.get(&id) {
+                None => Some(Stray {
+                    since: at,
+                    stop_now: false,
+                    reason: "unknown to the master: stopped once the stray grace period has passed".into(),
+                }),
+                Some(t) if t.agent != Some(agent) => Some(Stray {
+                    since: at,
+                    stop_now: false,
+                    reason: "the master has it on another agent: stopped once the stray grace period has passed".into(),
+                }),
+                Some(t) => self.returning_copy(id, t.state, at, out),
+            };
+            if let Some(stray) = stray {
+                out.strays_found.push((id, stray.reason.clone()));
+                let a = self.agents.get_mut(&agent).expect("checked above");
+                a.strays.insert(id, stray);
+                a.orders_version += 1;
+                out.agents_touched.insert(agent);
+            }
+        }
+        Ok(())
+    }
+
+    /// A task the master has ended (on this agent) runs there: the copy of an instance that was
+    /// replaced while its agent was unreachable, say. The rule, documented in
+    /// docs/operations.md: if the instance's replacement is RUNNING (and not unhealthy), the
+    /// returning copy is surplus and stops; otherwise the replacement stops and the returning
+    /// copy is taken back (it keeps serving). Nothing is stopped or taken back while frozen: the
+    /// copy is recorded, and stopped after the freeze.
+    fn returning_copy(&mut self, id: TaskId, state: TaskState, at: Timestamp, out: &mut Applied) -> Option<Stray> {
+        let t = &self.tasks[&id];
+        let stop = |reason: String| Some(Stray { since: at, stop_now: true, reason });
+        let Some(job) = self.jobs.get(&t.job) else {
+            return stop("its job is gone".into());
+        };
+        if job.killed.is_some() {
+            return stop("its job was killed".into());
+        }
+        let Some(&current) = job.current.get(&t.instance) else {
+            return stop(format!("the master has it as {state}"));
+        };
+        if state != TaskState::Lost || current == id || t.desired != Desired::Run {
+            return stop(format!("the master has it as {state}"));
+        }
+        let r = &self.tasks[&current];
+        let replacement_serves =
+            matches!(r.state, TaskState::Running) && r.healthy != Some(false) || r.state.is_terminal();
+        let agent = t.agent.and_then(|a| self.agents.get(&a));
+        let fits =
+            agent.is_some_and(|a| a.fits(&job.spec.task.demand()) && t.ports.iter().all(|p| !a.used_ports.contains(p)));
+        if replacement_serves || self.frozen.is_some() || !fits {
+            return stop(format!(
+                "surplus copy of instance {}: task {current} replaced it while its agent was unreachable",
+                t.instance
+            ));
+        }
+        // Take the returning copy back, then stop the replacement (no longer the instance's task,
+        // so stopping it starts nothing new).
+        let (job_key, instance) = (t.job.clone(), t.instance);
+        self.jobs.get_mut(&job_key).expect("exists").current.insert(instance, id);
+        self.step(id, &Event::AgentBack, at, out);
+        let by = format!("surplus: task {id} of instance {instance} came back with its agent before this one started");
+        self.step(current, &Event::Kill { by }, at, out);
+        self.counters.tasks_taken_back += 1;
+        out.taken_back.push(id);
+        None
+    }
+
+    /// `RemoveAgent`: replaces the unreachable agent's tasks whose job's `replace_after` passed
+    /// (and ends those that were to stop anyway); the agent is removed once nothing it holds may
+    /// be replaced later.
+    fn remove_agent(&mut self, agent: AgentId, at: Timestamp, out: &mut Applied) -> Result<(), Rejection> {
+        let a = self.agents.get(&agent).ok_or(Rejection::NoSuchAgent(agent))?;
+        let since = match a.liveness {
+            Liveness::Unreachable { since } => since,
+            other => {
+                return Err(Rejection::Invalid(format!("agent {agent} is {}, not unreachable", other.as_str())));
+            }
+        };
+        let due: Vec<TaskId> = self.due_for_replacement(agent, at).collect();
+        for id in &due {
+            let replaced = self.tasks.get(id).is_some_and(|t| t.desired == Desired::Run);
+            self.step(*id, &Event::AgentLost, at, out);
+            if replaced {
+                self.counters.tasks_replaced_unreachable += 1;
+                out.replaced.push(*id);
+            }
+        }
+        self.counters.agent_removals += 1;
+        let later = self.tasks_on(agent).any(|t| {
+            t.state == TaskState::Unreachable
+                && self
+                    .jobs
+                    .get(&t.job)
+                    .is_some_and(|j| j.spec.replace_after.unwrap_or(ReplaceAfter::DEFAULT).ms().is_some())
+        });
+        if !later {
+            let a = self.agents.get_mut(&agent).expect("checked above");
+            a.liveness = Liveness::Removed { since, at };
+        }
+        Ok(())
+    }
+
+    /// Tasks on an unreachable agent that a removal at `now` would end: those to stop anyway, and
+    /// those whose job's `replace_after` has passed since the agent became unreachable.
+    pub fn due_for_replacement(&self, agent: AgentId, now: Timestamp) -> impl Iterator<Item = TaskId> + '_ {
+        let since = self.agents.get(&agent).and_then(|a| match a.liveness {
+            Liveness::Unreachable { since } => Some(since),
+            _ => None,
+        });
+        self.tasks_on(agent)
+            .filter(move |t| {
+                let Some(since) = since else { return false };
+                if t.state != TaskState::Unreachable {
+                    return false;
+                }
+                if t.desired == Desired::Stop {
+                    return true;
+                }
+                let after = self.jobs.get(&t.job).map(|j| j.spec.replace_after.unwrap_or(ReplaceAfter::DEFAULT));
+                after.and_then(|r| r.ms()).is_some_and(|ms| since.plus_ms(ms) <= now)
+            })
+            .map(|t| t.id)
+    }
+
+    /// Whether an `AgentReconcile` with these lists would change anything: heartbeats are
+    /// compared under the read lock and logged only when they do.
+    pub fn reconcile_needed(&self, agent: AgentId, known: &[TaskId], running: &[TaskId], as_of_seq: u64) -> bool {
+        let Some(a) = self.agents.get(&agent) else { return false };
+        if a.liveness != Liveness::Active {
+            return true;
+        }
+        if a.last_update_seq > as_of_seq {
+            return false;
+        }
+        let known: BTreeSet<TaskId> = known.iter().copied().collect();
+        let running_set: BTreeSet<TaskId> = running.iter().copied().collect();
+        let missing = self.tasks_on(agent).any(|t| {
+            matches!(t.state, TaskState::Starting | TaskState::Running | TaskState::Killing | TaskState::Unreachable)
+                && !known.contains(&t.id)
+        });
+        let new_strays = running.iter().any(|id| {
+            !a.strays.contains_key(id)
+                && !self.tasks.get(id).is_some_and(|t| t.agent == Some(agent) && t.state.holds_resources())
+        });
+        let gone_strays = a.strays.keys().any(|id| !running_set.contains(id));
+        missing || new_strays || gone_strays
     }
 
     /// What the production jobs of a role hold now (all their instances, placed or not).
@@ -464,6 +702,9 @@ impl ClusterState {
         let Some(agent) = self.agents.get_mut(&p.agent) else {
             return false;
         };
+        if !agent.schedulable() {
+            return false;
+        }
         let spec = &job.spec.task;
         let demand = spec.demand();
         if p.ports.len() != spec.ports.len() || !agent.fits(&demand) {
@@ -491,6 +732,9 @@ impl ClusterState {
             return;
         }
         a.last_update_seq = u.seq;
+        if matches!(u.report, Report::Exited { .. }) && a.strays.remove(&u.task).is_some() {
+            return;
+        }
         let Some(task) = self.tasks.get_mut(&u.task) else {
             self.counters.updates_for_unknown_tasks += 1;
             return;
@@ -600,6 +844,13 @@ impl ClusterState {
                         out.agents_touched.insert(a.info.id);
                     }
                 }
+                Effect::Reserve => {
+                    if let Some(a) = agent_id.and_then(|a| self.agents.get_mut(&a)) {
+                        a.reserve(id, &demand, &ports);
+                        a.orders_version += 1;
+                        out.agents_touched.insert(a.info.id);
+                    }
+                }
                 Effect::Replace { delay_ms, failures } => {
                     self.restart_instance(id, *delay_ms, *failures, at, out);
                 }
@@ -675,14 +926,13 @@ impl ClusterState {
     pub fn rebuild_derived(&mut self) {
         self.pending.clear();
         self.queue.clear();
-        self.counts = [0; 9];
+        self.counts = [0; 10];
         for agent in self.agents.values_mut() {
             agent.used = Default::default();
             agent.used_ports.clear();
             agent.tasks.clear();
         }
         for job in self.jobs.values_mut() {
-            job.current.clear();
             job.history.clear();
         }
         // One key in memory per job: tasks read from a snapshot each had their own copy.
@@ -698,7 +948,6 @@ impl ClusterState {
         for t in ids {
             self.counts[state_index(t.state)] += 1;
             if let Some(job) = self.jobs.get_mut(&t.job) {
-                job.current.insert(t.instance, t.id);
                 job.history.entry(t.instance).or_default().push(t.id);
                 if t.state == TaskState::Pending {
                     self.pending.insert(t.id);

@@ -310,3 +310,225 @@ fn refused_commands_say_why() {
     let err = c.try_apply(Command::RegisterAgent { info: nameless }).unwrap_err();
     assert!(matches!(err, Rejection::Invalid(_)), "{err}");
 }
+
+// ---- agents that stop answering
+
+const OTHER: AgentId = AgentId(2);
+
+impl Cluster {
+    fn with_second_agent() -> Cluster {
+        let mut c = Cluster::new();
+        let ports = vec![PortRange { first: 32000, last: 32009 }];
+        c.apply(Command::RegisterAgent { info: agent_info(OTHER.0, 4000, 4096 * MIB, 4096 * MIB, ports) });
+        c
+    }
+
+    fn service_with(
+        &mut self,
+        key: &str,
+        instances: u32,
+        replace_after: capstan_model::spec::ReplaceAfter,
+    ) -> Vec<TaskId> {
+        let mut spec = JobShape::service(instances).spec(key);
+        spec.replace_after = Some(replace_after);
+        self.apply(Command::CreateJob { spec, seed: 7 }).created
+    }
+
+    fn place_on_other(&mut self, task: TaskId) {
+        let used = &self.state.agents[&OTHER].used_ports;
+        let port = (32000..=32009).find(|p| !used.contains(p)).unwrap();
+        let applied =
+            self.apply(Command::Place { placements: vec![Placement { task, agent: OTHER, ports: vec![port] }] });
+        assert_eq!(applied.placements_refused, 0);
+    }
+
+    fn report_from_other(&mut self, task: TaskId, report: Report) {
+        let seq = self.seq.entry(OTHER).or_insert(0);
+        *seq += 1;
+        let update = StatusUpdate { seq: *seq, task, report, at: Timestamp(self.now_ms) };
+        self.apply(Command::AgentUpdates { agent: OTHER, updates: vec![update] });
+    }
+
+    fn reconcile(&mut self, agent: AgentId, running: &[TaskId]) -> Applied {
+        let as_of_seq = Some(*self.seq.get(&agent).unwrap_or(&0));
+        self.apply(Command::AgentReconcile { agent, known: running.to_vec(), running: running.to_vec(), as_of_seq })
+    }
+}
+
+fn after(ms: u64) -> capstan_model::spec::ReplaceAfter {
+    capstan_model::spec::ReplaceAfter::After(capstan_model::spec::DurationMs(ms))
+}
+
+#[test]
+fn an_unreachable_agent_keeps_its_tasks_and_gets_them_back_when_it_answers() {
+    let mut c = Cluster::with_second_agent();
+    let tasks = c.service_with("www/prod/web", 2, after(60_000));
+    for t in &tasks {
+        c.run(*t);
+    }
+    c.apply(Command::AgentsUnreachable { agents: vec![AGENT] });
+    for t in &tasks {
+        assert_eq!(c.task(*t).state, TaskState::Unreachable);
+        assert!(c.task(*t).reason().contains("stopped answering"), "{}", c.task(*t).reason());
+    }
+    assert!(c.state.pending.is_empty(), "nothing is replaced just because an agent is unreachable");
+    assert_eq!(c.state.agents[&AGENT].used.cpus_milli, 500, "its tasks keep their resources");
+    // Back before replace_after: the same tasks run on, nothing new was created.
+    let applied = c.reconcile(AGENT, &tasks);
+    assert!(applied.agent_back);
+    for t in &tasks {
+        assert_eq!(c.task(*t).state, TaskState::Running);
+    }
+    assert_eq!(c.state.tasks.len(), 2);
+    assert_eq!(c.state.counters.tasks_replaced_unreachable, 0);
+}
+
+#[test]
+fn nothing_is_placed_on_an_unreachable_agent() {
+    let mut c = Cluster::new();
+    let tasks = c.create("www/prod/web", JobShape::service(1));
+    c.apply(Command::AgentsUnreachable { agents: vec![AGENT] });
+    let applied =
+        c.apply(Command::Place { placements: vec![Placement { task: tasks[0], agent: AGENT, ports: vec![31000] }] });
+    assert_eq!(applied.placements_refused, 1);
+    assert_eq!(c.task(tasks[0]).state, TaskState::Pending);
+}
+
+#[test]
+fn a_removal_replaces_only_tasks_whose_replace_after_passed_and_never_singletons() {
+    let mut c = Cluster::with_second_agent();
+    let fast = c.service_with("www/prod/fast", 1, after(10_000));
+    let slow = c.service_with("www/prod/slow", 1, after(600_000));
+    let single = c.service_with("www/prod/single", 1, capstan_model::spec::ReplaceAfter::Never);
+    for t in fast.iter().chain(&slow).chain(&single) {
+        c.run(*t);
+    }
+    c.apply(Command::AgentsUnreachable { agents: vec![AGENT] });
+    let due: Vec<TaskId> = c.state.due_for_replacement(AGENT, Timestamp(c.now_ms)).collect();
+    assert!(due.is_empty(), "nothing is due at once");
+    c.wait(10_000);
+    let due: Vec<TaskId> = c.state.due_for_replacement(AGENT, Timestamp(c.now_ms + 1)).collect();
+    assert_eq!(due, fast);
+    let applied = c.apply(Command::RemoveAgent { agent: AGENT });
+    assert_eq!(applied.replaced, fast);
+    assert_eq!(c.task(fast[0]).state, TaskState::Lost);
+    assert!(c.task(fast[0]).reason().contains("replace_after"), "{}", c.task(fast[0]).reason());
+    let replacement = c.current("www/prod/fast", 0);
+    assert_ne!(replacement, fast[0]);
+    assert_eq!(c.task(replacement).state, TaskState::Pending);
+    assert_eq!(c.task(slow[0]).state, TaskState::Unreachable);
+    assert_eq!(c.task(single[0]).state, TaskState::Unreachable);
+    assert!(
+        matches!(c.state.agents[&AGENT].liveness, capstan_state::Liveness::Unreachable { .. }),
+        "the slow job's task may still be replaced: the agent is not removed yet"
+    );
+    c.wait(600_000);
+    let applied = c.apply(Command::RemoveAgent { agent: AGENT });
+    assert_eq!(applied.replaced, slow);
+    assert_eq!(c.task(single[0]).state, TaskState::Unreachable, "never means never");
+    assert!(matches!(c.state.agents[&AGENT].liveness, capstan_state::Liveness::Removed { .. }));
+    assert_eq!(c.state.counters.agent_removals, 2);
+    assert_eq!(c.state.counters.tasks_replaced_unreachable, 2);
+}
+
+#[test]
+fn a_returning_copy_is_surplus_when_its_replacement_runs() {
+    let mut c = Cluster::with_second_agent();
+    let old = c.service_with("www/prod/web", 1, after(1_000))[0];
+    c.run(old);
+    c.apply(Command::AgentsUnreachable { agents: vec![AGENT] });
+    c.wait(1_000);
+    c.apply(Command::RemoveAgent { agent: AGENT });
+    let replacement = c.current("www/prod/web", 0);
+    c.place_on_other(replacement);
+    c.report_from_other(replacement, Report::Running { pid: 7 });
+    // The agent comes back, its copy still running.
+    let applied = c.reconcile(AGENT, &[old]);
+    assert!(applied.agent_back);
+    assert_eq!(applied.strays_found.len(), 1);
+    let stray = &c.state.agents[&AGENT].strays[&old];
+    assert!(stray.stop_now, "the master knows this copy: no grace period");
+    assert!(stray.reason.contains("surplus copy"), "{}", stray.reason);
+    assert_eq!(c.current("www/prod/web", 0), replacement, "the running replacement stays");
+    assert_eq!(c.task(replacement).state, TaskState::Running);
+    // Its end clears it.
+    c.report(old, Report::Exited { exit: TaskExit::Killed { by: "stop order".into() } });
+    assert!(c.state.agents[&AGENT].strays.is_empty());
+}
+
+#[test]
+fn a_returning_copy_is_taken_back_when_its_replacement_has_not_started() {
+    let mut c = Cluster::with_second_agent();
+    let old = c.service_with("www/prod/web", 1, after(1_000))[0];
+    c.run(old);
+    c.apply(Command::AgentsUnreachable { agents: vec![AGENT] });
+    c.wait(1_000);
+    c.apply(Command::RemoveAgent { agent: AGENT });
+    let replacement = c.current("www/prod/web", 0);
+    c.place_on_other(replacement);
+    assert_eq!(c.task(replacement).state, TaskState::Assigned);
+    let applied = c.reconcile(AGENT, &[old]);
+    assert_eq!(applied.taken_back, vec![old]);
+    assert!(applied.strays_found.is_empty());
+    assert_eq!(c.task(old).state, TaskState::Running);
+    assert_eq!(c.current("www/prod/web", 0), old);
+    assert_eq!(c.task(replacement).state, TaskState::Killing, "the replacement stops");
+    assert!(c.state.agents[&AGENT].tasks.contains(&old), "the copy holds its resources again");
+    // The stopped replacement does not start yet another task.
+    c.report_from_other(replacement, Report::Exited { exit: TaskExit::Killed { by: "stop".into() } });
+    assert_eq!(c.task(replacement).state, TaskState::Killed);
+    assert_eq!(c.current("www/prod/web", 0), old);
+    assert!(c.state.pending.is_empty());
+    assert_eq!(c.state.counters.tasks_taken_back, 1);
+}
+
+#[test]
+fn an_unknown_running_task_is_a_stray_that_waits_for_the_grace_period() {
+    let mut c = Cluster::new();
+    let unknown = TaskId(0xabcdef);
+    let applied = c.reconcile(AGENT, &[unknown]);
+    assert_eq!(applied.strays_found.len(), 1);
+    let stray = &c.state.agents[&AGENT].strays[&unknown];
+    assert!(!stray.stop_now, "unknown is not the same as dead");
+    assert!(c.state.reconcile_needed(AGENT, &[], &[], 0), "a stray that stopped is to be forgotten");
+    assert!(!c.state.reconcile_needed(AGENT, &[unknown], &[unknown], 0), "nothing new");
+    c.reconcile(AGENT, &[]);
+    assert!(c.state.agents[&AGENT].strays.is_empty());
+}
+
+#[test]
+fn a_stale_list_loses_nothing() {
+    let mut c = Cluster::new();
+    let t = c.create("www/prod/web", JobShape::service(1))[0];
+    c.run(t);
+    // A list taken before the agent's last two updates does not say the task is gone.
+    let seq = c.seq[&AGENT];
+    c.apply(Command::AgentReconcile { agent: AGENT, known: vec![], running: vec![], as_of_seq: Some(seq - 2) });
+    assert_eq!(c.task(t).state, TaskState::Running);
+    assert!(!c.state.reconcile_needed(AGENT, &[], &[], seq - 1));
+    // A current one does.
+    assert!(c.state.reconcile_needed(AGENT, &[], &[], seq));
+    c.apply(Command::AgentReconcile { agent: AGENT, known: vec![], running: vec![], as_of_seq: Some(seq) });
+    assert_eq!(c.task(t).state, TaskState::Lost);
+}
+
+#[test]
+fn a_frozen_cluster_refuses_every_destructive_command() {
+    let mut c = Cluster::with_second_agent();
+    let t = c.service_with("www/prod/web", 1, after(1_000))[0];
+    c.run(t);
+    let freeze = capstan_state::Freeze { reason: "incident 42".into(), by: "ops@host".into(), at: Timestamp(0) };
+    c.apply(Command::SetFreeze { freeze: Some(freeze) });
+    assert_eq!(c.state.frozen.as_ref().unwrap().at, Timestamp(c.now_ms), "stamped when applied");
+    let refused = c.try_apply(Command::KillTask { task: t, by: "user".into() }).unwrap_err();
+    assert!(matches!(refused, Rejection::Frozen(ref r) if r == "incident 42"), "{refused}");
+    assert!(c.try_apply(Command::KillJob { job: key("www/prod/web"), by: "user".into() }).is_err());
+    c.apply(Command::AgentsUnreachable { agents: vec![AGENT] });
+    assert_eq!(c.task(t).state, TaskState::Unreachable, "marking unreachable is not destructive");
+    c.wait(5_000);
+    assert!(matches!(c.try_apply(Command::RemoveAgent { agent: AGENT }), Err(Rejection::Frozen(_))));
+    assert_eq!(c.task(t).state, TaskState::Unreachable);
+    c.apply(Command::SetFreeze { freeze: None });
+    c.apply(Command::RemoveAgent { agent: AGENT });
+    assert_eq!(c.task(t).state, TaskState::Lost);
+}

@@ -76,6 +76,25 @@ enum Op {
     Wait {
         ms: u64,
     },
+    /// The agent stopped answering.
+    Unreachable {
+        agent_pick: usize,
+    },
+    /// A removal step (refused unless the agent is unreachable and the cluster not frozen).
+    Remove {
+        agent_pick: usize,
+    },
+    /// The agent says what it has: a subset of what the master put there (kept by `keep`, a bit
+    /// mask over them), maybe a task the master never heard of, maybe with a stale list.
+    Reconcile {
+        agent_pick: usize,
+        keep: u64,
+        unknown: Option<u64>,
+        stale: bool,
+    },
+    Freeze {
+        on: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -151,6 +170,11 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<usize>(), prop::bool::weighted(0.1)).prop_map(|(pick, unknown)| Op::KillTask { pick, unknown }),
         1 => (0..JOBS_MAX).prop_map(|name| Op::KillJob { name }),
         2 => (0u64..30_000).prop_map(|ms| Op::Wait { ms }),
+        1 => any::<usize>().prop_map(|agent_pick| Op::Unreachable { agent_pick }),
+        1 => any::<usize>().prop_map(|agent_pick| Op::Remove { agent_pick }),
+        2 => (any::<usize>(), any::<u64>(), prop::option::weighted(0.2, any::<u64>()), prop::bool::weighted(0.2))
+            .prop_map(|(agent_pick, keep, unknown, stale)| Op::Reconcile { agent_pick, keep, unknown, stale }),
+        1 => any::<bool>().prop_map(|on| Op::Freeze { on }),
     ]
 }
 
@@ -202,7 +226,7 @@ fn first_fit(state: &ClusterState, now: u64, count_plan: bool) -> Vec<Placement>
             continue;
         }
         let spec = &state.jobs[&task.job].spec.task;
-        for (agent_id, agent) in &state.agents {
+        for (agent_id, agent) in state.agents.iter().filter(|(_, a)| a.schedulable()) {
             let (cpus, mem, disk, plan_ports) = used.get(agent_id).cloned().unwrap();
             let cap = &agent.info.capacity;
             let free = free_ports(state, *agent_id, &plan_ports);
@@ -350,7 +374,13 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
                 ports: *ports,
             };
             expect.rejected = state.jobs.contains_key(&job_key(*name));
-            Command::CreateJob { spec: shape.spec(&job_key(*name).to_string()), seed: *seed }
+            let mut spec = shape.spec(&job_key(*name).to_string());
+            spec.replace_after = match seed % 3 {
+                0 => None,
+                1 => Some(capstan_model::spec::ReplaceAfter::After(capstan_model::spec::DurationMs(5_000))),
+                _ => Some(capstan_model::spec::ReplaceAfter::Never),
+            };
+            Command::CreateJob { spec, seed: *seed }
         }
         Op::PlaceFirstFit => {
             let placements = first_fit(state, now, true);
@@ -412,13 +442,54 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
                     TaskId(0xdead_beef)
                 }
             };
+            expect.rejected |= state.frozen.is_some();
             Command::KillTask { task, by: "test".into() }
         }
         Op::KillJob { name } => {
-            expect.rejected = !state.jobs.contains_key(&job_key(*name));
+            expect.rejected = !state.jobs.contains_key(&job_key(*name)) || state.frozen.is_some();
             Command::KillJob { job: job_key(*name), by: "test".into() }
         }
         Op::Wait { .. } => return None,
+        Op::Unreachable { agent_pick } => Command::AgentsUnreachable { agents: vec![pick(&agents, *agent_pick)?] },
+        Op::Remove { agent_pick } => {
+            let agent = pick(&agents, *agent_pick)?;
+            expect.rejected = state.frozen.is_some()
+                || !matches!(state.agents[&agent].liveness, capstan_state::Liveness::Unreachable { .. });
+            Command::RemoveAgent { agent }
+        }
+        Op::Reconcile { agent_pick, keep, unknown, stale } => {
+            let agent = pick(&agents, *agent_pick)?;
+            let there: Vec<TaskId> = state.tasks.values().filter(|t| t.agent == Some(agent)).map(|t| t.id).collect();
+            let mut known: Vec<TaskId> =
+                there.iter().enumerate().filter(|(i, _)| keep >> (i % 64) & 1 == 1).map(|(_, t)| *t).collect();
+            let mut running: Vec<TaskId> = known
+                .iter()
+                .copied()
+                .filter(|t| {
+                    !matches!(state.tasks[t].state, TaskState::Finished | TaskState::Failed | TaskState::Killed)
+                })
+                .collect();
+            if let Some(u) = unknown {
+                known.push(TaskId(*u));
+                running.push(TaskId(*u));
+            }
+            let last = state.agents[&agent].last_update_seq;
+            let as_of_seq = if *stale && last > 0 {
+                Some(last - 1)
+            } else if now.is_multiple_of(2) {
+                Some(last)
+            } else {
+                None
+            };
+            Command::AgentReconcile { agent, known, running, as_of_seq }
+        }
+        Op::Freeze { on } => Command::SetFreeze {
+            freeze: on.then(|| capstan_state::Freeze {
+                reason: "test".into(),
+                by: "tester".into(),
+                at: capstan_model::Timestamp(now),
+            }),
+        },
     };
     Some((command, expect))
 }
@@ -472,7 +543,9 @@ fn check_invariants(state: &ClusterState) -> Result<(), TestCaseError> {
         let job = state.jobs.get(&t.job);
         prop_assert!(job.is_some(), "task {} of a job that is gone", t.id);
         prop_assert!(t.instance < job.unwrap().spec.instances, "task {} instance out of range", t.id);
-        if !t.state.is_terminal() {
+        // A replacement stopping because the copy it replaced came back is live for a while beside
+        // it; it is not wanted (desired STOP).
+        if !t.state.is_terminal() && t.desired == capstan_model::Desired::Run {
             prop_assert!(
                 live.insert(((*t.job).clone(), t.instance)),
                 "two live tasks for {} instance {}",
