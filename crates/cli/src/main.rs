@@ -6,12 +6,14 @@ mod bench;
 mod output;
 
 use anyhow::{bail, Context as _};
-use capstan_api::Client;
+use capstan_api::{ApiError, Client};
+use capstan_master::liveness::{LivenessConfig, RemovalRate};
 use clap::{Args, Parser, Subcommand};
 use output::Output;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -56,7 +58,7 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Operator actions: quotas, scheduler levers.
+    /// Operator actions: freeze, status, breaker, events, quotas, scheduler levers.
     Admin {
         #[command(subcommand)]
         cmd: admin::AdminCmd,
@@ -90,6 +92,63 @@ struct DevArgs {
     allow_root_tasks: bool,
     #[command(flatten)]
     agent: AgentFlags,
+    // Last: its help heading applies to the flags after it.
+    #[command(flatten)]
+    liveness: LivenessFlags,
+}
+
+/// How the master judges whether agents are alive and how carefully it replaces the tasks of
+/// those that are not (`capstan master` and `capstan dev`). The defaults are
+/// [`LivenessConfig::default`]'s (a unit test holds them equal).
+#[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Agent liveness (master)")]
+struct LivenessFlags {
+    /// How often agents send a heartbeat (they are told when they register).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+    /// An agent not heard from for this long is marked unreachable (its tasks are kept); at
+    /// least twice --heartbeat-interval.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    agent_timeout: Duration,
+    /// At most this many agent removals (its tasks replaced elsewhere) per duration: `COUNT/DURATION`.
+    #[arg(long, default_value = "1/10s")]
+    agent_removal_rate: RemovalRate,
+    /// The mass-loss breaker trips (no removals at all) when more than this share of the agents
+    /// became unreachable within --breaker-window.
+    #[arg(long, default_value_t = 0.3)]
+    breaker_threshold: f64,
+    /// The window of --breaker-threshold.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    breaker_window: Duration,
+    /// The agent attribute whose values are fault domains: all agents (two or more) of one value
+    /// unreachable trips the breaker too.
+    #[arg(long, default_value = "rack")]
+    fault_domain: String,
+    /// After it starts (or finds it was stalled), the master waits this long for agents to call in
+    /// before it concludes anything about them. Default: --agent-timeout.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    reregistration_period: Option<Duration>,
+    /// A task that runs on an agent without the master knowing it is stopped only after this long.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    stray_grace: Duration,
+}
+
+impl LivenessFlags {
+    /// The master's settings, checked as a whole; an error names the flag.
+    fn config(self) -> anyhow::Result<LivenessConfig> {
+        let config = LivenessConfig {
+            heartbeat_interval: self.heartbeat_interval,
+            agent_timeout: self.agent_timeout,
+            removal_rate: self.agent_removal_rate,
+            breaker_threshold: self.breaker_threshold,
+            breaker_window: self.breaker_window,
+            fault_domain: self.fault_domain,
+            reregistration_period: self.reregistration_period.unwrap_or(self.agent_timeout),
+            stray_grace: self.stray_grace,
+        };
+        config.check().map_err(|e| anyhow::anyhow!(e))?;
+        Ok(config)
+    }
 }
 
 /// What the agent offers and how it recovers, measures and cleans up (`capstan agent` and
@@ -165,6 +224,8 @@ struct MasterArgs {
     store: Option<String>,
     #[arg(long)]
     allow_root_tasks: bool,
+    #[command(flatten)]
+    liveness: LivenessFlags,
 }
 
 #[derive(Args)]
@@ -294,9 +355,10 @@ async fn wait_for_shutdown() {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Dev(a) => {
+            let liveness = a.liveness.config()?;
             init_tracing();
             let data_dir = a.data_dir.unwrap_or_else(default_data_dir);
-            let dev = start_dev(&data_dir, a.bind, a.allow_root_tasks, |c| a.agent.apply(c)).await?;
+            let dev = start_dev(&data_dir, a.bind, a.allow_root_tasks, liveness, |c| a.agent.apply(c)).await?;
             println!("capstan dev cluster serving at {} (data in {})", dev.url(), data_dir.display());
             println!("try: capstan job create examples/hello.toml && capstan task list");
             wait_for_shutdown().await;
@@ -306,13 +368,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Master(a) => {
+            let liveness = a.liveness.config()?;
             init_tracing();
             let m = capstan_master::start(capstan_master::MasterConfig {
                 bind: a.bind,
                 data_dir: a.data_dir,
                 store_url: a.store,
                 allow_root_tasks: a.allow_root_tasks,
-                liveness: Default::default(),
+                liveness,
             })
             .await?;
             println!("capstan master serving at {}", m.url());
@@ -362,12 +425,14 @@ impl Dev {
     }
 }
 
-/// Master + agent in this process, each with its own directory under `data_dir`; `agent` sets
-/// the agent's settings beyond the defaults (resources, attributes, cgroup root, recovery…).
+/// Master + agent in this process, each with its own directory under `data_dir`; `liveness` is
+/// the master's (checked by the caller); `agent` sets the agent's settings beyond the defaults
+/// (resources, attributes, cgroup root, recovery…).
 pub async fn start_dev(
     data_dir: &std::path::Path,
     bind: SocketAddr,
     allow_root_tasks: bool,
+    liveness: LivenessConfig,
     agent: impl FnOnce(&mut capstan_agent::AgentConfig) -> anyhow::Result<()>,
 ) -> anyhow::Result<Dev> {
     let master = capstan_master::start(capstan_master::MasterConfig {
@@ -375,7 +440,7 @@ pub async fn start_dev(
         data_dir: data_dir.join("master"),
         store_url: None,
         allow_root_tasks,
-        liveness: Default::default(),
+        liveness,
     })
     .await?;
     let mut config = capstan_agent::AgentConfig {
@@ -385,6 +450,25 @@ pub async fn start_dev(
     agent(&mut config)?;
     let agent = capstan_agent::start(config).await?;
     Ok(Dev { master, agent })
+}
+
+/// Sends a request that changes the cluster. Afterwards, when the master said that the cluster is
+/// frozen, warns loudly on standard error, whether the request was accepted or not; a request
+/// refused because of the freeze says how to lift it.
+pub(crate) async fn mutate<T>(
+    client: &Client,
+    request: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> anyhow::Result<T> {
+    let result = request.await;
+    if let Some(notice) = client.frozen_notice() {
+        eprintln!("{}", output::frozen_warning(&notice));
+    }
+    result.map_err(|e| match &e {
+        ApiError::Api { code, .. } if code == "frozen" => {
+            anyhow::anyhow!("{e} (the cluster is frozen; `capstan admin unfreeze` lifts it)")
+        }
+        _ => e.into(),
+    })
 }
 
 fn read_job_file(file: &std::path::Path) -> anyhow::Result<capstan_model::JobSpec> {
@@ -415,7 +499,7 @@ async fn cmd_job(cmd: JobCmd, c: &ClientArgs) -> anyhow::Result<()> {
         }
         JobCmd::Create { file } => {
             let spec = read_job_file(&file)?;
-            let created = client.create_job(&serde_json::to_value(&spec)?).await?;
+            let created = mutate(&client, client.create_job(&serde_json::to_value(&spec)?)).await?;
             c.output.print(&created, || format!("job {} created with {} tasks", created.job, created.tasks.len()));
         }
         JobCmd::Update { file } => {
@@ -426,7 +510,7 @@ async fn cmd_job(cmd: JobCmd, c: &ClientArgs) -> anyhow::Result<()> {
         }
         JobCmd::Kill { key } => {
             let key = job_key(&key)?;
-            let v = client.kill_job(&key).await?;
+            let v = mutate(&client, client.kill_job(&key)).await?;
             c.output.print(&v, || format!("job {key}: {}", v["status"].as_str().unwrap_or("killing")));
         }
         JobCmd::Status { key } => {
@@ -459,7 +543,7 @@ async fn cmd_task(cmd: TaskCmd, c: &ClientArgs) -> anyhow::Result<()> {
             c.output.print(&t, || output::task_detail(&t));
         }
         TaskCmd::Kill { id } => {
-            let t = client.kill_task(parse_task_id(&id)?).await?;
+            let t = mutate(&client, client.kill_task(parse_task_id(&id)?)).await?;
             c.output.print(&t, || format!("task {}: {} ({})", t.id, t.state, t.reason));
         }
         TaskCmd::Logs { id, stderr, follow, tail } => {
@@ -482,4 +566,78 @@ async fn cmd_agent_list(c: &ClientArgs) -> anyhow::Result<()> {
     let agents = Client::new(&c.addr).agents().await?;
     c.output.print(&agents, || output::agent_table(&agents));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn liveness_of(args: &[&str]) -> anyhow::Result<LivenessConfig> {
+        let mut all = vec!["capstan", "master", "--data-dir", "/nonexistent"];
+        all.extend(args);
+        let cli = Cli::try_parse_from(all)?;
+        let Cmd::Master(m) = cli.command else { panic!("parsed as another command") };
+        m.liveness.config()
+    }
+
+    #[test]
+    fn liveness_flags_default_to_the_masters_defaults() {
+        assert_eq!(liveness_of(&[]).unwrap(), LivenessConfig::default());
+        let cli = Cli::try_parse_from(["capstan", "dev"]).unwrap();
+        let Cmd::Dev(d) = cli.command else { panic!("parsed as another command") };
+        assert_eq!(d.liveness.config().unwrap(), LivenessConfig::default());
+    }
+
+    #[test]
+    fn liveness_flags_map_onto_the_config() {
+        let c = liveness_of(&[
+            "--heartbeat-interval",
+            "2s",
+            "--agent-timeout",
+            "1m",
+            "--agent-removal-rate",
+            "5/1m",
+            "--breaker-threshold",
+            "0.5",
+            "--breaker-window",
+            "2m",
+            "--fault-domain",
+            "zone",
+            "--stray-grace",
+            "10m",
+        ])
+        .unwrap();
+        let want = LivenessConfig {
+            heartbeat_interval: Duration::from_secs(2),
+            agent_timeout: Duration::from_secs(60),
+            removal_rate: RemovalRate { count: 5, per: Duration::from_secs(60) },
+            breaker_threshold: 0.5,
+            breaker_window: Duration::from_secs(120),
+            fault_domain: "zone".into(),
+            // Not given: the agent timeout.
+            reregistration_period: Duration::from_secs(60),
+            stray_grace: Duration::from_secs(600),
+        };
+        assert_eq!(c, want);
+        let c = liveness_of(&["--agent-timeout", "1m", "--reregistration-period", "90s"]).unwrap();
+        assert_eq!(c.reregistration_period, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn bad_liveness_flags_are_refused_naming_the_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--agent-removal-rate", "0/1s"], "--agent-removal-rate"),
+            (&["--agent-removal-rate", "fast"], "--agent-removal-rate"),
+            (&["--agent-timeout", "1s", "--heartbeat-interval", "5s"], "--agent-timeout"),
+            (&["--heartbeat-interval", "0s"], "--heartbeat-interval"),
+            (&["--breaker-threshold", "1.5"], "--breaker-threshold"),
+            (&["--breaker-threshold", "0"], "--breaker-threshold"),
+            (&["--fault-domain", " "], "--fault-domain"),
+            (&["--stray-grace", "soon"], "--stray-grace"),
+        ];
+        for (args, flag) in cases {
+            let e = liveness_of(args).expect_err(&format!("{args:?} must be refused"));
+            assert!(e.to_string().contains(flag), "{args:?}: the message must name {flag}: {e}");
+        }
+    }
 }

@@ -3,6 +3,7 @@
 use capstan_api::{AgentView, JobView, TaskView};
 use comfy_table::{presets::UTF8_FULL, Table};
 use serde::Serialize;
+use std::time::{Duration, SystemTime};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum Output {
@@ -136,11 +137,27 @@ pub fn agent_table(agents: &[AgentView]) -> String {
     if agents.is_empty() {
         return "no agents".into();
     }
-    let mut t = table(&["AGENT", "HOST", "CPUS", "MEM", "DISK", "PORTS", "TASKS", "ATTRIBUTES"]);
+    let mut t = table(&[
+        "AGENT",
+        "HOST",
+        "LIVENESS",
+        "LAST SEEN",
+        "UNREACHABLE SINCE",
+        "CPUS",
+        "MEM",
+        "DISK",
+        "PORTS",
+        "TASKS",
+        "ATTRIBUTES",
+    ]);
+    let now = SystemTime::now();
     for a in agents {
         t.add_row(vec![
             a.id.to_string(),
             a.hostname.clone(),
+            if a.liveness.is_empty() { "-".to_string() } else { a.liveness.clone() },
+            a.last_seen.as_deref().map_or_else(|| "-".to_string(), |at| relative(at, now)),
+            a.unreachable_since.as_deref().map_or_else(|| "-".to_string(), |at| relative(at, now)),
             format!("{}/{}", a.used.cpus, a.capacity.cpus),
             format!("{}/{}", a.used.mem.human(), a.capacity.mem.human()),
             format!("{}/{}", a.used.disk.human(), a.capacity.disk.human()),
@@ -150,4 +167,73 @@ pub fn agent_table(agents: &[AgentView]) -> String {
         ]);
     }
     t.to_string()
+}
+
+/// The line every mutating command prints on standard error while the cluster is frozen.
+pub fn frozen_warning(notice: &str) -> String {
+    format!("warning: the cluster is FROZEN: {notice}; destructive actions are paused (capstan admin unfreeze)")
+}
+
+/// An RFC 3339 time of the master as people read it next to `now`: `12s ago`, `in 3m5s`; the
+/// text as it is when it is not such a time.
+pub fn relative(at: &str, now: SystemTime) -> String {
+    let Ok(t) = humantime::parse_rfc3339_weak(at) else { return at.to_string() };
+    match now.duration_since(t) {
+        Ok(past) => format!("{} ago", compact(past)),
+        Err(future) => format!("in {}", compact(future.duration())),
+    }
+}
+
+/// An RFC 3339 time with how long ago (or how soon) it is: `2024-05-01T10:00:00.000Z (12s ago)`.
+pub fn time_and_relative(at: &str, now: SystemTime) -> String {
+    let rel = relative(at, now);
+    if rel == at {
+        at.to_string()
+    } else {
+        format!("{at} ({rel})")
+    }
+}
+
+/// The two largest units of a duration, whole seconds at the finest: `45s`, `5m12s`, `3h4m`, `2d3h`.
+pub fn compact(d: Duration) -> String {
+    let s = d.as_secs();
+    let (days, hours, minutes, seconds) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
+    match (days, hours, minutes) {
+        (0, 0, 0) => format!("{seconds}s"),
+        (0, 0, m) => format!("{m}m{seconds}s"),
+        (0, h, m) => format!("{h}h{m}m"),
+        (d, h, _) => format!("{d}d{h}h"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compact_durations_keep_the_two_largest_units() {
+        let cases =
+            [(0, "0s"), (45, "45s"), (312, "5m12s"), (3600 * 3 + 245, "3h4m"), (86_400 * 2 + 3 * 3600 + 7, "2d3h")];
+        for (secs, want) in cases {
+            assert_eq!(compact(Duration::from_secs(secs)), want, "{secs} s");
+        }
+    }
+
+    #[test]
+    fn relative_times_read_both_ways_and_leave_other_text_alone() {
+        let now = humantime::parse_rfc3339_weak("2024-05-01T10:00:00Z").unwrap();
+        assert_eq!(relative("2024-05-01T09:59:48.250Z", now), "11s ago");
+        assert_eq!(relative("2024-05-01T10:03:05Z", now), "in 3m5s");
+        assert_eq!(relative("yesterday", now), "yesterday");
+        assert_eq!(time_and_relative("2024-05-01T09:59:00.000Z", now), "2024-05-01T09:59:00.000Z (1m0s ago)");
+    }
+
+    #[test]
+    fn the_frozen_warning_is_loud_and_says_how_to_lift_it() {
+        assert_eq!(
+            frozen_warning("rack r3 flaps (frozen by ops@h1 since 2024-05-01T10:00:00.000Z)"),
+            "warning: the cluster is FROZEN: rack r3 flaps (frozen by ops@h1 since 2024-05-01T10:00:00.000Z); \
+             destructive actions are paused (capstan admin unfreeze)"
+        );
+    }
 }
