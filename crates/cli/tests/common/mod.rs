@@ -249,7 +249,20 @@ enum Mode {
     Dev { resources: String, flags: Vec<String> },
     /// `capstan master` on a fixed address (so that a restarted master has the same URL) and
     /// `capstan agent` with these flags on top of the ones every agent start gets.
-    Split { master_bind: String, agent_flags: Vec<String> },
+    Split { master_bind: String, agent_flags: Vec<String>, master_flags: Vec<String>, agent_prefix: Vec<String> },
+}
+
+/// How to start a split cluster beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct SplitOptions {
+    /// The master's address (default `127.0.0.1`); its port is picked for the cluster.
+    pub master_host: Option<String>,
+    /// Flags of every start of the master (e.g. `--agent-timeout 2s`).
+    pub master_flags: Vec<String>,
+    /// Flags of every start of the agent.
+    pub agent_flags: Vec<String>,
+    /// A command the agent runs under (e.g. `ip netns exec NAME`).
+    pub agent_prefix: Vec<String>,
 }
 
 /// A daemon that did not come up: how it exited and what it said on standard error.
@@ -276,6 +289,7 @@ pub struct Cluster {
     dev: Option<Child>,
     master: Option<Child>,
     agent: Option<Child>,
+    extra_agents: Vec<Child>,
     starts: u32,
     http: reqwest::blocking::Client,
 }
@@ -314,17 +328,55 @@ impl Cluster {
     /// [`start_split`](Self::start_split) with flags that every start of the agent gets (e.g.
     /// `--usage-interval 200ms`).
     pub fn start_split_with(agent_flags: &[&str]) -> Cluster {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
+        Self::start_split_opts(SplitOptions {
+            agent_flags: agent_flags.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+    }
+
+    /// A split cluster started as `opts` says.
+    pub fn start_split_opts(opts: SplitOptions) -> Cluster {
+        let host = opts.master_host.unwrap_or_else(|| "127.0.0.1".into());
+        let port = std::net::TcpListener::bind(format!("{host}:0"))
             .and_then(|l| l.local_addr())
             .expect("a free port for the master")
             .port();
         let mode = Mode::Split {
-            master_bind: format!("127.0.0.1:{port}"),
-            agent_flags: agent_flags.iter().map(|s| s.to_string()).collect(),
+            master_bind: format!("{host}:{port}"),
+            agent_flags: opts.agent_flags,
+            master_flags: opts.master_flags,
+            agent_prefix: opts.agent_prefix,
         };
         let mut c = Self::new(false, mode);
         c.spawn_all();
         c
+    }
+
+    /// Split clusters: one more agent, as its own process on this host (not under the agent
+    /// prefix), with its data in `DATA/NAME` and `flags`; returns its API URL once the master
+    /// lists it. It is killed with the cluster.
+    pub fn start_extra_agent(&mut self, name: &str, flags: &[&str]) -> String {
+        let Mode::Split { master_bind, .. } = self.mode.clone() else { panic!("not a split cluster") };
+        let mut args: Vec<OsString> = vec!["agent".into(), "--master".into(), format!("http://{master_bind}").into()];
+        args.extend(["--data-dir".into(), self.data_dir.join(name).into()]);
+        args.extend(["--bind", "127.0.0.1:0", "--resources"].map(OsString::from));
+        args.push(format!("ports={}-{}", self.ports.0 + 50, self.ports.1 + 50).into());
+        args.extend(["--cgroup-root".into(), self.cgroup_root.clone().into()]);
+        args.extend(flags.iter().map(OsString::from));
+        let (child, first) = match self.spawn_daemon(name, &[], &args) {
+            Ok(started) => started,
+            Err(f) => {
+                panic!("capstan agent {name} did not start ({:?}): {}\n{}", f.status, f.stderr, self.log_tail(60))
+            }
+        };
+        self.extra_agents.push(child);
+        let api = first.split_whitespace().find(|w| w.starts_with("http://")).expect("the agent's API URL").to_string();
+        wait_until(SOON, "the extra agent is registered", || {
+            let agents = self.request("GET", "/v1/agents", None)?;
+            let registered = agents.1.as_array().is_some_and(|a| a.iter().any(|x| x["address"] == api.as_str()));
+            ensure(registered, agents)
+        });
+        api
     }
 
     fn new(private: bool, mode: Mode) -> Cluster {
@@ -349,6 +401,7 @@ impl Cluster {
             dev: None,
             master: None,
             agent: None,
+            extra_agents: Vec::new(),
             starts: 0,
             http: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(10))
@@ -379,11 +432,23 @@ impl Cluster {
 
     /// Spawns `capstan ARGS` (its output going to the log, tagged `what`) and waits for its first
     /// line of standard output. `Err` when it exits before printing one.
-    fn spawn_daemon(&mut self, what: &str, args: &[OsString]) -> Result<(Child, String), StartFailure> {
+    fn spawn_daemon(
+        &mut self,
+        what: &str,
+        prefix: &[String],
+        args: &[OsString],
+    ) -> Result<(Child, String), StartFailure> {
         self.starts += 1;
         let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
         writeln!(log, "===== start #{} of the cluster's daemons: capstan {what} =====", self.starts).expect("log file");
-        let mut cmd = Command::new(CAPSTAN);
+        let mut cmd = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(CAPSTAN);
+                c
+            }
+            None => Command::new(CAPSTAN),
+        };
         cmd.args(args)
             .env("NO_COLOR", "1")
             .env("CAPSTAN_LOG", std::env::var("CAPSTAN_LOG").unwrap_or_else(|_| "info".into()))
@@ -449,7 +514,7 @@ impl Cluster {
         args.push(if resources.is_empty() { ports } else { format!("{resources},{ports}") }.into());
         args.extend(["--cgroup-root".into(), self.cgroup_root.clone().into()]);
         args.extend(flags.iter().map(OsString::from));
-        let (child, first) = match self.spawn_daemon("dev", &args) {
+        let (child, first) = match self.spawn_daemon("dev", &[], &args) {
             Ok(started) => started,
             Err(f) => panic!("capstan dev did not start ({:?}): {}\n{}", f.status, f.stderr, self.log_tail(60)),
         };
@@ -486,13 +551,16 @@ impl Cluster {
     /// Split clusters: starts the master on its data directory and its fixed address (retrying
     /// while the address is still taken by the one just killed) and waits until it serves.
     pub fn start_master(&mut self) {
-        let Mode::Split { master_bind, .. } = self.mode.clone() else { panic!("start_master: not a split cluster") };
+        let Mode::Split { master_bind, master_flags, .. } = self.mode.clone() else {
+            panic!("start_master: not a split cluster")
+        };
         assert!(self.master.is_none(), "the master already runs");
         let mut args: Vec<OsString> = vec!["master".into(), "--data-dir".into(), self.master_dir().into()];
         args.extend(["--bind".into(), master_bind.clone().into()]);
+        args.extend(master_flags.iter().map(OsString::from));
         let deadline = Instant::now() + SOON;
         let (child, first) = loop {
-            match self.spawn_daemon("master", &args) {
+            match self.spawn_daemon("master", &[], &args) {
                 Ok(started) => break started,
                 Err(f) if f.stderr.contains("cannot listen") && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(200));
@@ -509,7 +577,7 @@ impl Cluster {
 
     /// The arguments of `capstan agent` for this cluster, then `extra`.
     fn agent_args(&self, extra: &[&str]) -> Vec<OsString> {
-        let Mode::Split { master_bind, agent_flags } = &self.mode else { panic!("not a split cluster") };
+        let Mode::Split { master_bind, agent_flags, .. } = &self.mode else { panic!("not a split cluster") };
         let mut args: Vec<OsString> = vec!["agent".into(), "--master".into(), format!("http://{master_bind}").into()];
         args.extend(["--data-dir".into(), self.agent_dir().into()]);
         args.extend(["--bind", "127.0.0.1:0", "--resources"].map(OsString::from));
@@ -520,12 +588,20 @@ impl Cluster {
         args
     }
 
+    fn agent_prefix(&self) -> Vec<String> {
+        match &self.mode {
+            Mode::Split { agent_prefix, .. } => agent_prefix.clone(),
+            Mode::Dev { .. } => vec![],
+        }
+    }
+
     /// Split clusters: starts the agent on its data directory with the cluster's flags and
     /// `extra`, and waits until the master lists it as registered (when the master runs).
     pub fn start_agent(&mut self, extra: &[&str]) {
         assert!(self.agent.is_none(), "the agent already runs");
         let args = self.agent_args(extra);
-        let (child, first) = match self.spawn_daemon("agent", &args) {
+        let prefix = self.agent_prefix();
+        let (child, first) = match self.spawn_daemon("agent", &prefix, &args) {
             Ok(started) => started,
             Err(f) => panic!("capstan agent did not start ({:?}): {}\n{}", f.status, f.stderr, self.log_tail(60)),
         };
@@ -550,7 +626,8 @@ impl Cluster {
     pub fn agent_fails_to_start(&mut self, extra: &[&str]) -> StartFailure {
         assert!(self.agent.is_none(), "the agent already runs");
         let args = self.agent_args(extra);
-        match self.spawn_daemon("agent", &args) {
+        let prefix = self.agent_prefix();
+        match self.spawn_daemon("agent", &prefix, &args) {
             Ok((mut child, first)) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -575,6 +652,9 @@ impl Cluster {
         kill_child(self.dev.take());
         kill_child(self.agent.take());
         kill_child(self.master.take());
+        for child in std::mem::take(&mut self.extra_agents) {
+            kill_child(Some(child));
+        }
     }
 
     /// `kill -9` of every daemon, then new ones on the same data directory.
