@@ -2,10 +2,15 @@
 //! tasks through the containerizer, reports what happens to them, and serves their logs.
 //!
 //! Loops, each a tokio task: `orders` (long-polls the master and reconciles what runs here with
-//! what must), `send_updates` (status updates from the durable queue in batches, retried until
-//! acknowledged), `usage` (measures running tasks, enforces disk quotas), `gc` (removes old
-//! sandboxes), and one watcher per task (waits for its supervisor and turns what it sees into
-//! updates).
+//! what must, stops what the master wants gone, and learns whether the cluster is frozen),
+//! `send_updates` (status updates from the durable queue in batches, retried until acknowledged),
+//! `heartbeat` (tells the master every heartbeat interval that the agent lives and what it has),
+//! `usage` (measures running tasks, enforces disk quotas), `gc` (removes old sandboxes), and one
+//! watcher per task (waits for its supervisor and turns what it sees into updates).
+//!
+//! Every call to the master is retried with jittered backoff (`retry`); a master that sheds load
+//! (503, 429) is given at least a second, and a re-registration after an outage waits a random
+//! part of the heartbeat interval, so that a cluster's agents never hammer their master.
 //!
 //! On start the agent reads its checkpoint (`checkpoint`): a damaged or newer file stops it with a
 //! message naming the file, unless the operator asked for `--recover=cleanup`.
@@ -13,25 +18,29 @@
 pub mod checkpoint;
 mod gc;
 pub mod health;
+mod heartbeat;
 pub mod http;
 pub mod resources;
+pub mod retry;
 pub mod updates;
 pub mod usage;
 
 pub use checkpoint::{CheckpointError, RecoverMode};
 
 use anyhow::Context as _;
-use capstan_api::{ApiError, Client, Order, RegisterRequest};
+use capstan_api::{Client, HeartbeatRequest, Order, RegisterRequest, StopOrder};
 use capstan_containerizer::{AttachError, Attached, Containerizer, ContainerizerConfig, LaunchSpec};
-use capstan_model::spec::HealthCheckSpec;
+use capstan_model::spec::{DurationMs, HealthCheckSpec};
 use capstan_model::{AgentId, Capacity, Desired, TaskExit, TaskId};
 use capstan_state::{AgentInfo, Report, StatusUpdate};
 use checkpoint::{REPORTED_MARKER, SANDBOXES_DIR, UPDATE_LOG_FILE};
 use health::{CheckTarget, HealthEvent};
 use parking_lot::Mutex;
+use retry::{Backoff, Failure};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -124,6 +133,11 @@ struct Local {
     health_check: Option<(HealthCheckSpec, CheckTarget)>,
     /// The running checker; aborted when the task ends.
     checker: Option<JoinHandle<()>>,
+    /// Counts the checkers started for this task; events of an earlier one are ignored.
+    checker_generation: u64,
+    /// The checker found the task unhealthy while the cluster was frozen, so it was not stopped;
+    /// when the cluster is unfrozen its checker starts again and a new run of failures stops it.
+    unhealthy_spared: bool,
     /// The watcher of the task (aborted by [`AgentHandle::stop`]).
     watcher: Option<tokio::task::AbortHandle>,
 }
@@ -139,6 +153,8 @@ impl Local {
             started: false,
             health_check: None,
             checker: None,
+            checker_generation: 0,
+            unhealthy_spared: false,
             watcher: None,
         }
     }
@@ -147,6 +163,29 @@ impl Local {
         let (stop, _) = mpsc::unbounded_channel();
         Local { ended: true, reported, ended_at_ms, ..Local::running(stop, 0) }
     }
+}
+
+/// What the agent tells the master it has (at registration and in every heartbeat).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct TaskLists {
+    /// Every task it has: running, or ended and not yet collected. Sorted.
+    known: Vec<TaskId>,
+    /// The tasks among `known` that have not ended (their process runs, or is being started).
+    /// Sorted.
+    running: Vec<TaskId>,
+}
+
+fn task_lists(tasks: &HashMap<TaskId, Local>) -> TaskLists {
+    let mut lists = TaskLists::default();
+    for (id, l) in tasks {
+        lists.known.push(*id);
+        if !l.ended {
+            lists.running.push(*id);
+        }
+    }
+    lists.known.sort_unstable();
+    lists.running.sort_unstable();
+    lists
 }
 
 /// Tasks whose sandboxes were collected: never launched again, even if a stale order names
@@ -182,6 +221,17 @@ pub struct Agent {
     collected: Mutex<Collected>,
     pub updates: Arc<UpdateQueue>,
     epoch: Mutex<u64>,
+    /// The heartbeat interval the master asked for last, in ms.
+    heartbeat_interval_ms: AtomicU64,
+    /// The latest orders say the cluster is frozen: a failed health check does not stop its task.
+    frozen: AtomicBool,
+    /// A call to the master failed as in an outage (unreachable, failing, shedding load) since the
+    /// last registration: the next re-registration waits a random part of the heartbeat interval.
+    outage_since_registered: AtomicBool,
+    /// One registration at a time (orders, updates and heartbeats may each ask for one).
+    registering: tokio::sync::Mutex<()>,
+    /// Successful registrations so far.
+    registrations: AtomicU64,
     /// The agent's loops (for [`AgentHandle::stop`]).
     loops: Mutex<Vec<tokio::task::AbortHandle>>,
 }
@@ -210,16 +260,6 @@ impl AgentHandle {
 }
 
 const POLL_WAIT: Duration = Duration::from_secs(30);
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(5);
-
-/// Jittered exponential backoff: the next delay after `d` (doubling, capped at `RETRY_MAX`,
-/// ±25 % jitter so that many agents do not retry in step).
-fn backoff(d: Duration) -> Duration {
-    let next = (d * 2).min(RETRY_MAX);
-    let jitter = rand::random::<f64>() * 0.5 + 0.75;
-    next.mul_f64(jitter).clamp(RETRY_MIN, RETRY_MAX)
-}
 
 /// Reads (or, with `--recover=cleanup`, resets) the checkpoint: the agent id and the update log.
 fn open_checkpoint(config: &AgentConfig, containerizer: &Containerizer) -> anyhow::Result<(AgentId, UpdateQueue)> {
@@ -285,19 +325,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<AgentHandle> {
     let mut attributes = config.attributes.clone();
     attributes.entry("hostname".into()).or_insert_with(|| hostname.clone());
     let info = AgentInfo { id, hostname, address, capacity, attributes, version: env!("CARGO_PKG_VERSION").into() };
-    let agent = Arc::new(Agent {
-        id,
-        info,
-        client: Client::new(&config.masters),
-        containerizer,
-        sandboxes,
-        tasks: Mutex::new(HashMap::new()),
-        collected: Mutex::new(Collected::default()),
-        updates: Arc::new(updates),
-        epoch: Mutex::new(0),
-        loops: Mutex::new(Vec::new()),
-        config,
-    });
+    let agent = Arc::new(Agent::new(config, info, containerizer, sandboxes, updates));
     agent.recover()?;
     let router = http::router(agent.clone());
     let mut loops = vec![tokio::spawn(async move {
@@ -312,6 +340,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<AgentHandle> {
         a.register().await;
         let started = [
             tokio::spawn(a.clone().send_updates()),
+            tokio::spawn(heartbeat::heartbeat_loop(a.clone())),
             tokio::spawn(usage::usage_loop(a.clone())),
             tokio::spawn(gc::gc_loop(a.clone())),
         ];
@@ -324,12 +353,74 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<AgentHandle> {
 }
 
 impl Agent {
+    fn new(
+        config: AgentConfig,
+        info: AgentInfo,
+        containerizer: Containerizer,
+        sandboxes: PathBuf,
+        updates: UpdateQueue,
+    ) -> Agent {
+        Agent {
+            id: info.id,
+            info,
+            client: Client::new(&config.masters),
+            containerizer,
+            sandboxes,
+            tasks: Mutex::new(HashMap::new()),
+            collected: Mutex::new(Collected::default()),
+            updates: Arc::new(updates),
+            epoch: Mutex::new(0),
+            heartbeat_interval_ms: AtomicU64::new(retry::HEARTBEAT_DEFAULT.as_millis() as u64),
+            frozen: AtomicBool::new(false),
+            outage_since_registered: AtomicBool::new(false),
+            registering: tokio::sync::Mutex::new(()),
+            registrations: AtomicU64::new(0),
+            loops: Mutex::new(Vec::new()),
+            config,
+        }
+    }
+
     pub fn sandbox(&self, task: TaskId) -> PathBuf {
         self.sandboxes.join(task.to_string())
     }
 
     pub fn is_running(&self, task: TaskId) -> bool {
         self.tasks.lock().get(&task).is_some_and(|l| !l.ended)
+    }
+
+    /// Whether the latest orders said the cluster is frozen.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::SeqCst)
+    }
+
+    /// How often heartbeats go to the master (as it asked last).
+    pub fn heartbeat_interval(&self) -> Duration {
+        retry::heartbeat_interval(self.heartbeat_interval_ms.load(Ordering::Relaxed))
+    }
+
+    fn set_heartbeat_interval(&self, ms: u64) {
+        self.heartbeat_interval_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Remembers that a call to the master failed as in an outage (see `outage_since_registered`).
+    fn note_failure(&self, failure: Failure) {
+        if failure.is_outage() {
+            self.outage_since_registered.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The heartbeat to send now. `as_of_seq` is read before the lists, and every status update
+    /// is created after the change it reports is in the task table, so the lists are never older
+    /// than `as_of_seq` claims.
+    fn heartbeat_request(&self) -> HeartbeatRequest {
+        let as_of_seq = self.updates.last_seq();
+        let TaskLists { known, running } = task_lists(&self.tasks.lock());
+        HeartbeatRequest { agent: self.id, known_tasks: known, running_tasks: running, as_of_seq }
+    }
+
+    fn register_request(&self) -> RegisterRequest {
+        let TaskLists { known, running } = task_lists(&self.tasks.lock());
+        RegisterRequest { info: self.info.clone(), known_tasks: known, running_tasks: running }
     }
 
     /// Running tasks and their disk reservations.
@@ -378,14 +469,18 @@ impl Agent {
             match self.containerizer.attach(&sandbox) {
                 Ok(Attached::Running(handle)) => {
                     tracing::info!(%task, "re-attached to a running task");
-                    self.watch(task, handle, 0);
+                    let stops = self.track(task, 0);
+                    self.watch(task, handle, stops);
                 }
                 Ok(Attached::NotStarted) => {
                     // The agent stopped while it started the supervisor: nothing ran, so this is
                     // not an end of the task. Start it now, as the launch would have.
                     tracing::warn!(%task, "the agent stopped before the task's supervisor started; starting it now");
                     match self.containerizer.relaunch(&sandbox) {
-                        Ok(handle) => self.watch(task, handle, 0),
+                        Ok(handle) => {
+                            let stops = self.track(task, 0);
+                            self.watch(task, handle, stops);
+                        }
                         Err(e) => {
                             tracing::warn!(%task, "relaunch failed: {e}");
                             self.tasks.lock().insert(task, Local::ended(updates::now().0, false));
@@ -432,30 +527,42 @@ impl Agent {
         }
     }
 
-    /// Registers (again) with the master, until it answers.
+    /// Registers (again) with the master, until it answers. A caller that finds another
+    /// registration under way waits for it and returns. A re-registration after an outage first
+    /// waits a random part of the heartbeat interval (`retry::reregistration_delay`).
     async fn register(&self) {
-        let mut delay = RETRY_MIN;
+        let seen = self.registrations.load(Ordering::SeqCst);
+        let _one = self.registering.lock().await;
+        if self.registrations.load(Ordering::SeqCst) != seen {
+            return; // another loop registered meanwhile
+        }
+        if seen > 0 && self.outage_since_registered.load(Ordering::SeqCst) {
+            let delay = retry::reregistration_delay(self.heartbeat_interval(), rand::random());
+            tracing::info!("registering with the master again in {delay:?} (spread after an outage)");
+            tokio::time::sleep(delay).await;
+        }
+        let mut backoff = Backoff::default();
         loop {
-            let known: Vec<TaskId> = self.tasks.lock().keys().copied().collect();
-            match self
-                .client
-                .register(&RegisterRequest { info: self.info.clone(), known_tasks: known, running_tasks: vec![] })
-                .await
-            {
+            match self.client.register(&self.register_request()).await {
                 Ok(resp) => {
                     *self.epoch.lock() = resp.master_epoch;
+                    self.set_heartbeat_interval(resp.heartbeat_interval_ms);
                     let last = resp.last_update_seq;
                     if !self.updates.renumber_if_behind(last) {
                         self.mark_reported(&self.updates.pending_upto(last));
                         self.updates.ack(last);
                     }
+                    self.outage_since_registered.store(false, Ordering::SeqCst);
+                    self.registrations.fetch_add(1, Ordering::SeqCst);
                     tracing::info!(agent = %self.id, "registered with the master");
                     return;
                 }
                 Err(e) => {
+                    let failure = retry::classify(&e);
+                    self.note_failure(failure);
+                    let delay = backoff.next(failure, rand::random());
                     tracing::warn!("cannot register with the master: {e}; retrying in {delay:?}");
                     tokio::time::sleep(delay).await;
-                    delay = backoff(delay);
                 }
             }
         }
@@ -463,28 +570,86 @@ impl Agent {
 
     async fn follow_orders(self: Arc<Self>) {
         let mut version = 0;
-        let mut delay = RETRY_MIN;
+        let mut backoff = Backoff::default();
         loop {
             let epoch = *self.epoch.lock();
             match self.client.orders(self.id, epoch, version, POLL_WAIT).await {
                 Ok(orders) => {
-                    delay = RETRY_MIN;
+                    backoff.reset();
+                    self.set_frozen(orders.frozen);
                     if orders.master_epoch != epoch {
                         // A new master run: register again so it learns what runs here.
                         self.register().await;
                     }
                     version = orders.version;
                     self.reconcile(orders.tasks);
+                    self.apply_stop_orders(&orders.stop);
                 }
-                Err(ApiError::Api { status: 404, .. }) => {
-                    self.register().await;
-                }
-                Err(e) => {
-                    tracing::warn!("cannot get orders: {e}; retrying in {delay:?}");
-                    tokio::time::sleep(delay).await;
-                    delay = backoff(delay);
-                }
+                Err(e) => match retry::classify(&e) {
+                    Failure::UnknownAgent => self.register().await,
+                    failure => {
+                        self.note_failure(failure);
+                        let delay = backoff.next(failure, rand::random());
+                        tracing::warn!("cannot get orders: {e}; retrying in {delay:?}");
+                        tokio::time::sleep(delay).await;
+                    }
+                },
             }
+        }
+    }
+
+    /// Stops the tasks that run here and that the master wants gone (`Orders.stop`), each as
+    /// `TaskExit::Killed` with the order's reason; returns how many it asked to stop. An order
+    /// naming a task that does not run here (unknown, or already ended) is ignored. Orders come
+    /// again with every answer of the long poll; asking a stopping task to stop again does
+    /// nothing.
+    fn apply_stop_orders(&self, stops: &[StopOrder]) -> usize {
+        let tasks = self.tasks.lock();
+        let mut asked = 0;
+        for order in stops {
+            match tasks.get(&order.task) {
+                Some(l) if !l.ended => {
+                    tracing::info!(task = %order.task, "the master ordered it stopped: {}", order.reason);
+                    let _ = l.stop.send(Stop::By(order.reason.clone()));
+                    asked += 1;
+                }
+                _ => tracing::debug!(task = %order.task, "ignoring a stop order: the task does not run here"),
+            }
+        }
+        asked
+    }
+
+    /// Follows the cluster's freeze as the latest orders say. When it ends, every task found
+    /// unhealthy meanwhile gets a fresh checker (without a grace period: the task had its), so
+    /// that the next run of failed checks stops it as usual.
+    fn set_frozen(self: &Arc<Self>, frozen: bool) {
+        if self.frozen.swap(frozen, Ordering::SeqCst) == frozen {
+            return;
+        }
+        if frozen {
+            tracing::warn!("the cluster is frozen: a failed health check no longer stops its task");
+            return;
+        }
+        tracing::info!("the cluster is no longer frozen: failed health checks stop their tasks again");
+        // Under the tasks lock after the swap: a checker's `Unhealthy` either saw the freeze and
+        // is marked spared here, or sees the unfreeze and stops its task itself.
+        let spared: Vec<TaskId> = {
+            let mut tasks = self.tasks.lock();
+            tasks
+                .iter_mut()
+                .filter(|(_, l)| l.unhealthy_spared)
+                .map(|(id, l)| {
+                    l.unhealthy_spared = false;
+                    if let Some(checker) = l.checker.take() {
+                        checker.abort();
+                    }
+                    *id
+                })
+                .collect()
+        };
+        for task in spared {
+            tracing::info!(%task, "checking again the health of a task found unhealthy while the cluster was frozen");
+            self.spawn_checker(task, false);
         }
     }
 
@@ -557,14 +722,25 @@ impl Agent {
 
     /// Starts the task's health checker if it has a check, runs, and has no checker yet. Healthy
     /// and unhealthy become `Report::Health`; unhealthy also stops the task as
-    /// `TaskExit::HealthCheckFailed`.
+    /// `TaskExit::HealthCheckFailed`, unless the cluster is frozen.
     fn start_health_check(self: &Arc<Self>, task: TaskId) {
+        self.spawn_checker(task, true);
+    }
+
+    /// [`Agent::start_health_check`]; `grace`: false to start checking again without the
+    /// check's grace period.
+    fn spawn_checker(self: &Arc<Self>, task: TaskId, grace: bool) {
         let mut tasks = self.tasks.lock();
         let Some(l) = tasks.get_mut(&task) else { return };
         if l.ended || !l.started || l.checker.is_some() {
             return;
         }
-        let Some((spec, target)) = l.health_check.clone() else { return };
+        let Some((mut spec, target)) = l.health_check.clone() else { return };
+        if !grace {
+            spec.grace_period = DurationMs(0);
+        }
+        l.checker_generation += 1;
+        let generation = l.checker_generation;
         let (events_tx, mut events) = mpsc::unbounded_channel();
         l.checker = Some(health::spawn(spec, target, events_tx));
         drop(tasks);
@@ -572,19 +748,43 @@ impl Agent {
         tokio::spawn(async move {
             // Ends when the checker is aborted (its sender goes with it).
             while let Some(event) = events.recv().await {
-                match event {
-                    HealthEvent::Healthy { detail } => {
-                        tracing::info!(%task, "healthy: {detail}");
-                        agent.updates.push(task, Report::Health { healthy: true, reason: detail });
-                    }
-                    HealthEvent::Unhealthy { reason } => {
-                        tracing::warn!(%task, "unhealthy, stopping it: {reason}");
-                        agent.updates.push(task, Report::Health { healthy: false, reason: reason.clone() });
-                        agent.stop_task(task, Stop::Because(TaskExit::HealthCheckFailed { reason }));
-                    }
-                }
+                agent.on_health_event(task, generation, event);
             }
         });
+    }
+
+    /// Acts on what the `generation`th checker of `task` found.
+    fn on_health_event(&self, task: TaskId, generation: u64, event: HealthEvent) {
+        let mut tasks = self.tasks.lock();
+        let Some(l) = tasks.get_mut(&task).filter(|l| !l.ended && l.checker_generation == generation) else {
+            return; // the task ended, or a newer checker took over
+        };
+        match event {
+            HealthEvent::Healthy { detail } => {
+                l.unhealthy_spared = false;
+                drop(tasks);
+                tracing::info!(%task, "healthy: {detail}");
+                self.updates.push(task, Report::Health { healthy: true, reason: detail });
+            }
+            HealthEvent::Unhealthy { reason } => {
+                // Read under the tasks lock: see `set_frozen`.
+                let frozen = self.frozen.load(Ordering::SeqCst);
+                l.unhealthy_spared = frozen;
+                let stop = l.stop.clone();
+                drop(tasks);
+                self.updates.push(task, Report::Health { healthy: false, reason: reason.clone() });
+                if frozen {
+                    tracing::warn!(
+                        %task,
+                        "unhealthy, but the cluster is frozen, so it keeps running: {reason}; once unfrozen, \
+                         a new run of failed checks stops it"
+                    );
+                } else {
+                    tracing::warn!(%task, "unhealthy, stopping it: {reason}");
+                    let _ = stop.send(Stop::Because(TaskExit::HealthCheckFailed { reason }));
+                }
+            }
+        }
     }
 
     fn launch(self: &Arc<Self>, order: Order) {
@@ -604,10 +804,13 @@ impl Agent {
             log_max_bytes: 0,
             log_keep: 0,
         };
+        // In the task table before its first update: a heartbeat whose `as_of_seq` covers the
+        // update lists the task.
+        let stops = self.track(task, order.spec.disk.0);
         self.updates.push(task, Report::Starting);
         match self.containerizer.launch(&sandbox, &spec) {
             Ok(handle) => {
-                self.watch(task, handle, order.spec.disk.0);
+                self.watch(task, handle, stops);
                 if let Some(check) = order.health_check.clone() {
                     let target = self.check_target(&order);
                     if let Some(l) = self.tasks.lock().get_mut(&task) {
@@ -625,10 +828,22 @@ impl Agent {
         }
     }
 
-    /// Watches one task until it ends, reporting what it sees and passing on stop requests.
-    fn watch(self: &Arc<Self>, task: TaskId, mut handle: capstan_containerizer::TaskHandle, disk_limit_bytes: u64) {
-        let (stop_tx, mut stop_rx) = mpsc::unbounded_channel::<Stop>();
+    /// Enters a task that runs (or is being started) in the task table; returns where its stop
+    /// requests arrive, for [`Agent::watch`].
+    fn track(&self, task: TaskId, disk_limit_bytes: u64) -> mpsc::UnboundedReceiver<Stop> {
+        let (stop_tx, stop_rx) = mpsc::unbounded_channel::<Stop>();
         self.tasks.lock().insert(task, Local::running(stop_tx, disk_limit_bytes));
+        stop_rx
+    }
+
+    /// Watches one task (entered by [`Agent::track`]) until it ends, reporting what it sees and
+    /// passing on stop requests.
+    fn watch(
+        self: &Arc<Self>,
+        task: TaskId,
+        mut handle: capstan_containerizer::TaskHandle,
+        mut stop_rx: mpsc::UnboundedReceiver<Stop>,
+    ) {
         let agent = self.clone();
         let watcher = tokio::spawn(async move {
             let mut stopping = false;
@@ -687,7 +902,7 @@ impl Agent {
     /// Sends queued status updates in batches (each made durable first) until each is
     /// acknowledged, backing off while the master does not take them.
     async fn send_updates(self: Arc<Self>) {
-        let mut delay = RETRY_MIN;
+        let mut backoff = Backoff::default();
         loop {
             let notified = self.updates.ready.notified();
             tokio::pin!(notified);
@@ -696,18 +911,18 @@ impl Agent {
             let batch = match tokio::task::spawn_blocking(move || queue.batch()).await {
                 Ok(Ok(batch)) => batch,
                 Ok(Err(e)) => {
+                    let delay = backoff.next(Failure::Other, rand::random());
                     tracing::error!(
                         "cannot write the status update log: {e}; nothing is sent before it is durable; \
                          retrying in {delay:?}"
                     );
                     tokio::time::sleep(delay).await;
-                    delay = backoff(delay);
                     continue;
                 }
                 Err(e) => {
-                    tracing::error!("writing the status update log failed: {e}");
+                    let delay = backoff.next(Failure::Other, rand::random());
+                    tracing::error!("writing the status update log failed: {e}; retrying in {delay:?}");
                     tokio::time::sleep(delay).await;
-                    delay = backoff(delay);
                     continue;
                 }
             };
@@ -723,23 +938,231 @@ impl Agent {
                     self.mark_reported(&acked);
                     self.updates.ack(resp.acked_seq);
                     if resp.acked_seq >= last {
-                        delay = RETRY_MIN;
+                        backoff.reset();
                     } else {
+                        let delay = backoff.next(Failure::Other, rand::random());
                         tracing::warn!(
                             "the master acknowledged status updates up to {} of {last}; retrying in {delay:?}",
                             resp.acked_seq
                         );
                         tokio::time::sleep(delay).await;
-                        delay = backoff(delay);
                     }
                 }
-                Err(ApiError::Api { status: 404, .. }) => self.register().await,
-                Err(e) => {
-                    tracing::warn!("cannot send status updates: {e}; retrying in {delay:?}");
-                    tokio::time::sleep(delay).await;
-                    delay = backoff(delay);
-                }
+                Err(e) => match retry::classify(&e) {
+                    Failure::UnknownAgent => self.register().await,
+                    failure => {
+                        self.note_failure(failure);
+                        let delay = backoff.next(failure, rand::random());
+                        tracing::warn!("cannot send status updates: {e}; retrying in {delay:?}");
+                        tokio::time::sleep(delay).await;
+                    }
+                },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capstan_containerizer::ContainerizerConfig;
+    use capstan_model::spec::HealthCheckType;
+    use std::path::Path;
+
+    /// An agent whose master does not exist and whose update queue is in memory, to drive its
+    /// pieces directly (no loop runs). `None`, said loudly, where cgroups cannot be found.
+    fn agent(dir: &Path) -> Option<Arc<Agent>> {
+        let containerizer = match Containerizer::new(ContainerizerConfig::default()) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::io::Write::write_all(
+                    &mut std::io::stderr(),
+                    format!("\n!!!!! SKIPPED: no containerizer here ({e}) !!!!!\n").as_bytes(),
+                );
+                assert_ne!(std::env::var("CAPSTAN_REQUIRE_PRIVILEGED_TESTS").as_deref(), Ok("1"), "{e}");
+                return None;
+            }
+        };
+        let info = AgentInfo {
+            id: AgentId(7),
+            hostname: "test".into(),
+            address: "http://127.0.0.1:1".into(),
+            capacity: Capacity::default(),
+            attributes: BTreeMap::new(),
+            version: "test".into(),
+        };
+        let config = AgentConfig::new("http://127.0.0.1:1", dir);
+        Some(Arc::new(Agent::new(config, info, containerizer, dir.join("sandboxes"), UpdateQueue::default())))
+    }
+
+    fn reports(agent: &Agent) -> Vec<(TaskId, Report)> {
+        agent.updates.batch().unwrap().into_iter().map(|u| (u.task, u.report)).collect()
+    }
+
+    #[test]
+    fn task_lists_name_every_task_and_the_running_ones_sorted() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut tasks = HashMap::new();
+        tasks.insert(TaskId(30), Local::running(tx.clone(), 0));
+        tasks.insert(TaskId(10), Local::ended(1_000, false)); // ended, end not yet acknowledged
+        tasks.insert(TaskId(20), Local::running(tx, 0));
+        tasks.insert(TaskId(5), Local::ended(2_000, true)); // ended and acknowledged, not collected
+        assert_eq!(
+            task_lists(&tasks),
+            TaskLists {
+                known: vec![TaskId(5), TaskId(10), TaskId(20), TaskId(30)],
+                running: vec![TaskId(20), TaskId(30)]
+            }
+        );
+        assert_eq!(task_lists(&HashMap::new()), TaskLists::default());
+    }
+
+    #[test]
+    fn registration_and_heartbeats_carry_known_and_running_tasks_as_of_the_newest_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(agent) = agent(dir.path()) else { return };
+        let empty = agent.heartbeat_request();
+        assert_eq!((empty.as_of_seq, empty.known_tasks.len(), empty.running_tasks.len()), (0, 0, 0));
+
+        // As `launch` does: in the table first, then its first update.
+        let _stops = agent.track(TaskId(2), 0);
+        agent.updates.push(TaskId(2), Report::Starting);
+        agent.tasks.lock().insert(TaskId(1), Local::ended(1_000, false));
+        agent.updates.push(TaskId(1), Report::Exited { exit: TaskExit::Killed { by: "test".into() } });
+
+        let heartbeat = agent.heartbeat_request();
+        assert_eq!(heartbeat.agent, AgentId(7));
+        assert_eq!(heartbeat.as_of_seq, 2);
+        assert_eq!(heartbeat.as_of_seq, agent.updates.last_seq());
+        assert_eq!(heartbeat.known_tasks, [TaskId(1), TaskId(2)]);
+        assert_eq!(heartbeat.running_tasks, [TaskId(2)]);
+        let register = agent.register_request();
+        assert_eq!(register.known_tasks, [TaskId(1), TaskId(2)]);
+        assert_eq!(register.running_tasks, [TaskId(2)]);
+        assert_eq!(register.info.id, AgentId(7));
+    }
+
+    #[test]
+    fn the_heartbeat_interval_is_what_the_master_said_within_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(agent) = agent(dir.path()) else { return };
+        assert_eq!(agent.heartbeat_interval(), retry::HEARTBEAT_DEFAULT);
+        agent.set_heartbeat_interval(250);
+        assert_eq!(agent.heartbeat_interval(), Duration::from_millis(250));
+        agent.set_heartbeat_interval(0);
+        assert_eq!(agent.heartbeat_interval(), retry::HEARTBEAT_MIN);
+    }
+
+    #[test]
+    fn stop_orders_stop_running_tasks_with_their_reason_and_ignore_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(agent) = agent(dir.path()) else { return };
+        let mut running = agent.track(TaskId(1), 0);
+        let mut other = agent.track(TaskId(4), 0);
+        agent.tasks.lock().insert(TaskId(2), Local::ended(1_000, false));
+        let order = |task: u64, reason: &str| StopOrder { task: TaskId(task), reason: reason.into() };
+        let asked = agent.apply_stop_orders(&[
+            order(1, "stray task: unknown to the master for 5m"),
+            order(2, "already ended"),
+            order(3, "never ran here"),
+        ]);
+        assert_eq!(asked, 1);
+        match running.try_recv() {
+            Ok(Stop::By(by)) => assert_eq!(by, "stray task: unknown to the master for 5m"),
+            other => panic!("expected Stop::By, got {other:?}"),
+        }
+        assert!(other.try_recv().is_err(), "a task no order names is left alone");
+        assert!(reports(&agent).is_empty(), "the watcher reports the end, not the order");
+        // Orders come again with every answer of the long poll: asked again, nothing breaks.
+        assert_eq!(agent.apply_stop_orders(&[order(1, "again")]), 1);
+        assert_eq!(agent.apply_stop_orders(&[]), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_check_while_frozen_spares_the_task_until_a_new_run_of_failures_after_the_unfreeze() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(agent) = agent(dir.path()) else { return };
+        let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let check = HealthCheckSpec {
+            check_type: HealthCheckType::Tcp,
+            port: Some("main".into()),
+            path: None,
+            command: None,
+            interval: DurationMs(200),
+            timeout: DurationMs(200),
+            // Long: no failure counts before the unfreeze starts the checker again without it.
+            grace_period: DurationMs(60_000),
+            consecutive_failures: 2,
+        };
+        let target = CheckTarget {
+            host: std::net::Ipv4Addr::LOCALHOST.into(),
+            ports: BTreeMap::from([("main".to_string(), closed_port)]),
+            sandbox: dir.path().into(),
+            user: "nobody".into(),
+            env: vec![],
+            allow_root: false,
+        };
+        let task = TaskId(9);
+        let mut stops = agent.track(task, 0);
+        {
+            let mut tasks = agent.tasks.lock();
+            let l = tasks.get_mut(&task).unwrap();
+            l.started = true;
+            l.health_check = Some((check, target));
+        }
+        agent.start_health_check(task);
+        assert_eq!(agent.tasks.lock()[&task].checker_generation, 1);
+
+        agent.set_frozen(true);
+        assert!(agent.is_frozen());
+        // What the checker sends after a run of failures; here without waiting for one.
+        agent.on_health_event(task, 1, HealthEvent::Unhealthy { reason: "tcp connect failed".into() });
+        assert!(stops.try_recv().is_err(), "frozen: a failed health check does not stop the task");
+        assert!(agent.tasks.lock()[&task].unhealthy_spared);
+        assert!(matches!(
+            reports(&agent).as_slice(),
+            [(t, Report::Health { healthy: false, reason })] if *t == task && reason == "tcp connect failed"
+        ));
+        agent.set_frozen(true); // the same orders again change nothing
+        assert_eq!(agent.tasks.lock()[&task].checker_generation, 1);
+
+        agent.set_frozen(false);
+        assert!(!agent.is_frozen());
+        assert_eq!(agent.tasks.lock()[&task].checker_generation, 2, "a fresh checker");
+        assert!(!agent.tasks.lock()[&task].unhealthy_spared);
+        // The old checker's streak no longer counts...
+        agent.on_health_event(task, 1, HealthEvent::Unhealthy { reason: "stale".into() });
+        assert!(stops.try_recv().is_err(), "an event of the replaced checker stops nothing");
+        // ...a new run of failures (two checks 200 ms apart, no grace period) does.
+        let stop = tokio::time::timeout(Duration::from_secs(5), stops.recv()).await.expect("stopped").unwrap();
+        match stop {
+            Stop::Because(TaskExit::HealthCheckFailed { reason }) => {
+                assert!(reason.contains(&format!("127.0.0.1:{closed_port}")), "{reason}");
+                assert!(reason.contains("(2 checks in a row)"), "{reason}");
+            }
+            other => panic!("expected a health-check stop, got {other:?}"),
+        }
+        let checker = agent.tasks.lock().get_mut(&task).and_then(|l| l.checker.take());
+        if let Some(c) = checker {
+            c.abort();
+        }
+    }
+
+    #[test]
+    fn a_healthy_check_clears_a_spared_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(agent) = agent(dir.path()) else { return };
+        let task = TaskId(3);
+        let mut stops = agent.track(task, 0);
+        agent.tasks.lock().get_mut(&task).unwrap().checker_generation = 1;
+        agent.frozen.store(true, Ordering::SeqCst);
+        agent.on_health_event(task, 1, HealthEvent::Unhealthy { reason: "down".into() });
+        assert!(agent.tasks.lock()[&task].unhealthy_spared);
+        agent.on_health_event(task, 1, HealthEvent::Healthy { detail: "up".into() });
+        assert!(!agent.tasks.lock()[&task].unhealthy_spared, "healthy again: nothing to check again");
+        // Not frozen: unhealthy stops the task at once.
+        agent.frozen.store(false, Ordering::SeqCst);
+        agent.on_health_event(task, 1, HealthEvent::Unhealthy { reason: "down again".into() });
+        assert!(matches!(stops.try_recv(), Ok(Stop::Because(TaskExit::HealthCheckFailed { .. }))));
     }
 }

@@ -10,6 +10,7 @@
 
 use capstan_agent::{AgentConfig, AgentHandle};
 use capstan_api::{Client, TaskView};
+use capstan_master::liveness::LivenessConfig;
 use capstan_model::TaskId;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -78,21 +79,33 @@ pub struct Cluster {
     pub client: Client,
 }
 
+/// A real master on `127.0.0.1` with its state in `data_dir`. The caller aborts its server and
+/// scheduler when done (a [`Cluster`] does so for its own master).
+pub async fn start_master(data_dir: PathBuf, liveness: LivenessConfig) -> capstan_master::MasterHandle {
+    liveness.check().expect("valid liveness settings");
+    capstan_master::start(capstan_master::MasterConfig {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        data_dir,
+        store_url: None,
+        allow_root_tasks: false,
+        liveness,
+    })
+    .await
+    .expect("master starts")
+}
+
 impl Cluster {
     /// A master and an agent (usage every 200 ms; `tune` adjusts the agent's settings).
     pub async fn start(tune: impl FnOnce(&mut AgentConfig)) -> Cluster {
+        Cluster::start_with(LivenessConfig::default(), tune).await
+    }
+
+    /// [`Cluster::start`] with the master's liveness settings (heartbeat interval, timeouts).
+    pub async fn start_with(liveness: LivenessConfig, tune: impl FnOnce(&mut AgentConfig)) -> Cluster {
         let dir = tempfile::Builder::new().prefix("capstan-agent-test-").tempdir().expect("temporary directory");
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let master = capstan_master::start(capstan_master::MasterConfig {
-            bind: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.path().join("master"),
-            store_url: None,
-            allow_root_tasks: false,
-            liveness: Default::default(),
-        })
-        .await
-        .expect("master starts");
+        let master = start_master(dir.path().join("master"), liveness).await;
         let client = Client::new(&master.url());
         let mut c = Cluster {
             agent_dir: dir.path().join("agent"),
@@ -131,6 +144,11 @@ impl Cluster {
         if let Some(a) = self.agent.take() {
             a.stop();
         }
+    }
+
+    /// The cluster's temporary directory (the master's and the agent's data directories are in it).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     pub fn sandboxes(&self) -> PathBuf {
