@@ -9,10 +9,10 @@
 
 use crate::core::{now, Core};
 use crate::events::Events;
-use capstan_model::{AgentId, Timestamp};
+use capstan_model::{AgentId, TaskId, Timestamp};
 use capstan_state::{ClusterState, Command};
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -277,7 +277,8 @@ impl Liveness {
         if inner.breaker.is_none() && total > 0 {
             let recent: BTreeSet<AgentId> = inner.marks.iter().map(|(_, id)| *id).collect();
             let share = recent.len() as f64 / total as f64;
-            let reason = if share > c.breaker_threshold {
+            // One agent lost is never a mass loss, however small the cluster.
+            let reason = if recent.len() >= 2 && share > c.breaker_threshold {
                 Some(format!(
                     "{} of {total} agents ({:.0}%) became unreachable within {}, more than the {:.0}% threshold",
                     recent.len(),
@@ -374,8 +375,36 @@ fn lost_domain(
 pub async fn run(core: Arc<Core>, liveness: Arc<Liveness>, events: Arc<Events>) {
     let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Strays whose stop the agent has been woken for: orders do not change when a grace period
+    // ends, so the agent's long poll is woken to fetch the stop order now, once per stray.
+    let mut woken: HashSet<(AgentId, TaskId)> = HashSet::new();
     loop {
         interval.tick().await;
+        let due_strays: Vec<(AgentId, TaskId)> = {
+            let state = core.state.read();
+            if state.frozen.is_some() || liveness.reregistering() {
+                vec![]
+            } else {
+                let grace = liveness.config.stray_grace.as_millis() as u64;
+                let t = now();
+                state
+                    .agents
+                    .values()
+                    .flat_map(|a| {
+                        a.strays
+                            .iter()
+                            .filter(move |(_, s)| s.stop_now || s.since.plus_ms(grace) <= t)
+                            .map(move |(task, _)| (a.info.id, *task))
+                    })
+                    .collect()
+            }
+        };
+        woken.retain(|k| due_strays.contains(k));
+        for key in due_strays {
+            if woken.insert(key) {
+                core.agent_notify(key.0).notify_waiters();
+            }
+        }
         let d = {
             let state = core.state.read();
             liveness.tick(&state, state.frozen.is_some(), Instant::now())

@@ -580,7 +580,10 @@ impl Cluster {
         let Mode::Split { master_bind, agent_flags, .. } = &self.mode else { panic!("not a split cluster") };
         let mut args: Vec<OsString> = vec!["agent".into(), "--master".into(), format!("http://{master_bind}").into()];
         args.extend(["--data-dir".into(), self.agent_dir().into()]);
-        args.extend(["--bind", "127.0.0.1:0", "--resources"].map(OsString::from));
+        if !agent_flags.iter().any(|f| f == "--bind") {
+            args.extend(["--bind", "127.0.0.1:0"].map(OsString::from));
+        }
+        args.push("--resources".into());
         args.push(format!("ports={}-{}", self.ports.0, self.ports.1).into());
         args.extend(["--cgroup-root".into(), self.cgroup_root.clone().into()]);
         args.extend(agent_flags.iter().map(OsString::from));
