@@ -47,7 +47,8 @@ pub(crate) async fn heartbeat_loop(agent: Arc<Agent>) {
                              (logged once until it works again)"
                         );
                     }
-                    wait = retry::heartbeat_retry(interval, failure, &mut backoff, rand::random());
+                    wait = retry::heartbeat_retry(interval, failure, &mut backoff, rand::random())
+                        .max(retry::retry_after(&e));
                 }
             },
         }

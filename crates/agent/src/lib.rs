@@ -560,7 +560,7 @@ impl Agent {
                 Err(e) => {
                     let failure = retry::classify(&e);
                     self.note_failure(failure);
-                    let delay = backoff.next(failure, rand::random());
+                    let delay = backoff.next(failure, rand::random()).max(retry::retry_after(&e));
                     tracing::warn!("cannot register with the master: {e}; retrying in {delay:?}");
                     tokio::time::sleep(delay).await;
                 }
@@ -589,7 +589,7 @@ impl Agent {
                     Failure::UnknownAgent => self.register().await,
                     failure => {
                         self.note_failure(failure);
-                        let delay = backoff.next(failure, rand::random());
+                        let delay = backoff.next(failure, rand::random()).max(retry::retry_after(&e));
                         tracing::warn!("cannot get orders: {e}; retrying in {delay:?}");
                         tokio::time::sleep(delay).await;
                     }
@@ -952,7 +952,7 @@ impl Agent {
                     Failure::UnknownAgent => self.register().await,
                     failure => {
                         self.note_failure(failure);
-                        let delay = backoff.next(failure, rand::random());
+                        let delay = backoff.next(failure, rand::random()).max(retry::retry_after(&e));
                         tracing::warn!("cannot send status updates: {e}; retrying in {delay:?}");
                         tokio::time::sleep(delay).await;
                     }

@@ -4,11 +4,10 @@
 //! Pure: randomness comes in as an argument (`random`, uniform in `[0, 1)`), so the delays are
 //! tested exactly; the loops in `lib.rs` and `heartbeat.rs` pass `rand::random()`.
 //!
-//! Load shedding. A master that sheds load answers 503 (with `Retry-After: SECONDS`) or 429. The
-//! agent's `capstan_api::Client` turns an answer into `ApiError::Api { status, .. }` and keeps no
-//! header, and that client belongs to the API crate, so the agent cannot read `Retry-After`.
-//! Instead a shed answer gets a backoff of its own that starts at [`SHED_MIN`] (one second, the
-//! smallest `Retry-After` there is), doubles while the master keeps shedding, and adds up to 100 %
+//! Load shedding. A master that sheds load answers 503 (with `Retry-After: SECONDS`) or 429. A
+//! shed answer gets a backoff of its own, never shorter than the master's `Retry-After`
+//! ([`retry_after`]): it starts at [`SHED_MIN`] (one second, the smallest `Retry-After` there
+//! is), doubles while the master keeps shedding, and adds up to 100 %
 //! random jitter, so that the agents a master turned away do not come back in step. Its ceiling
 //! ([`SHED_BASE_MAX`] × 2) stays below the master's default agent timeout (30 s), so a master that
 //! sheds heartbeats for a while does not make every agent unreachable by itself.
@@ -71,6 +70,14 @@ pub fn classify(e: &ApiError) -> Failure {
         ApiError::Api { status, .. } if *status >= 500 => Failure::Outage,
         ApiError::Api { .. } | ApiError::Protocol { .. } => Failure::Other,
         ApiError::Unreachable { .. } => Failure::Outage,
+    }
+}
+
+/// The wait the master asked for with `Retry-After`, if it did (zero otherwise).
+pub fn retry_after(e: &ApiError) -> Duration {
+    match e {
+        ApiError::Api { retry_after_secs: Some(secs), .. } => Duration::from_secs((*secs).min(300)),
+        _ => Duration::ZERO,
     }
 }
 
@@ -138,7 +145,7 @@ mod tests {
     use super::*;
 
     fn api(status: u16, code: &str, message: &str) -> ApiError {
-        ApiError::Api { status, code: code.into(), message: message.into(), details: vec![] }
+        ApiError::Api { status, code: code.into(), message: message.into(), details: vec![], retry_after_secs: None }
     }
 
     #[test]
@@ -234,5 +241,18 @@ mod tests {
         assert_eq!(heartbeat_interval(0), HEARTBEAT_MIN);
         assert_eq!(heartbeat_interval(u64::MAX), HEARTBEAT_MAX);
         assert_eq!(heartbeat_interval(200), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn the_masters_retry_after_is_a_floor() {
+        let mut e = api(503, "overloaded", "busy");
+        assert_eq!(retry_after(&e), Duration::ZERO);
+        if let ApiError::Api { retry_after_secs, .. } = &mut e {
+            *retry_after_secs = Some(7);
+        }
+        assert_eq!(retry_after(&e), Duration::from_secs(7));
+        let mut b = Backoff::default();
+        assert!(b.next(classify(&e), 0.0).max(retry_after(&e)) >= Duration::from_secs(7));
+        assert_eq!(retry_after(&ApiError::Unreachable { addrs: String::new(), detail: String::new() }), Duration::ZERO);
     }
 }

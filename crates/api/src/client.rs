@@ -9,7 +9,14 @@ use std::time::Duration;
 pub enum ApiError {
     /// The master answered with an error body.
     #[error("{message}")]
-    Api { status: u16, code: String, message: String, details: Vec<serde_json::Value> },
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+        details: Vec<serde_json::Value>,
+        /// The master's `Retry-After` (seconds), when it sheds load.
+        retry_after_secs: Option<u64>,
+    },
     /// No master could be reached.
     #[error("cannot reach a Capstan master at {addrs}: {detail}")]
     Unreachable { addrs: String, detail: String },
@@ -88,6 +95,11 @@ impl Client {
     async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, ApiError> {
         let url = resp.url().to_string();
         let status = resp.status();
+        let retry_after_secs = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
         let bytes = resp.bytes().await.map_err(|e| ApiError::Protocol { url: url.clone(), detail: e.to_string() })?;
         if !status.is_success() {
             return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
@@ -96,12 +108,14 @@ impl Client {
                     code: b.error.code,
                     message: b.error.message,
                     details: b.error.details,
+                    retry_after_secs,
                 },
                 Err(_) => ApiError::Api {
                     status: status.as_u16(),
                     code: "http".into(),
                     message: format!("{status}: {}", String::from_utf8_lossy(&bytes)),
                     details: vec![],
+                    retry_after_secs,
                 },
             });
         }
