@@ -1,0 +1,84 @@
+//! Back-pressure of the real master: a storm of registrations is shed with 503 and `Retry-After`
+//! instead of queueing without bound, and every agent that retries gets in.
+
+use capstan_api::wire::{RegisterRequest, RegisterResponse};
+use capstan_master::{start, MasterConfig};
+use capstan_model::{AgentId, Capacity};
+use capstan_state::AgentInfo;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+fn info(id: u64) -> AgentInfo {
+    AgentInfo {
+        id: AgentId(id),
+        hostname: format!("storm-{id}"),
+        address: format!("http://10.9.{}.{}:5051", id / 256, id % 256),
+        capacity: Capacity { cpus_milli: 1000, mem_bytes: 1 << 30, disk_bytes: 1 << 30, ports: vec![] },
+        attributes: BTreeMap::new(),
+        version: "test".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_storm_is_shed_with_retry_after_and_everyone_gets_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = start(MasterConfig {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        store_url: None,
+        allow_root_tasks: false,
+        liveness: Default::default(),
+    })
+    .await
+    .unwrap();
+    let url = format!("{}/v1/agent/register", master.url());
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    const AGENTS: u64 = 1_500;
+    let mut handles = vec![];
+    for id in 1..=AGENTS {
+        let (http, url) = (http.clone(), url.clone());
+        handles.push(tokio::spawn(async move {
+            let body = RegisterRequest { info: info(id), known_tasks: vec![], running_tasks: vec![] };
+            let mut shed = 0u32;
+            loop {
+                let resp = http.post(&url).json(&body).timeout(Duration::from_secs(30)).send().await.unwrap();
+                match resp.status().as_u16() {
+                    200 => {
+                        let r: RegisterResponse = resp.json().await.unwrap();
+                        assert!(r.heartbeat_interval_ms > 0);
+                        return shed;
+                    }
+                    503 => {
+                        let after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(String::from);
+                        let body: serde_json::Value = resp.json().await.unwrap();
+                        assert_eq!(body["error"]["code"], "overloaded", "{body}");
+                        let secs: u64 = after.expect("a shed answer says when to retry").parse().unwrap();
+                        assert!((1..=60).contains(&secs));
+                        shed += 1;
+                        // Retry sooner than asked, only to keep the test short; spread like agents.
+                        tokio::time::sleep(Duration::from_millis(50 + id % 200)).await;
+                    }
+                    other => panic!("unexpected status {other}: {}", resp.text().await.unwrap_or_default()),
+                }
+            }
+        }));
+    }
+    let mut shed_total = 0;
+    for h in handles {
+        shed_total += h.await.unwrap();
+    }
+    let registered = master.core.state.read().agents.len() as u64;
+    assert_eq!(registered, AGENTS, "every agent got in");
+    assert!(
+        shed_total > 0,
+        "{AGENTS} registrations at once must exceed the {} admitted at a time",
+        capstan_master::http::MAX_REGISTRATIONS
+    );
+    let metrics = master.core.metrics.render(&master.core.state.read());
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("capstan_requests_shed_total{route=\"registration\"}"))
+        .expect("a shed counter");
+    let counted: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert_eq!(counted as u32, shed_total);
+}
