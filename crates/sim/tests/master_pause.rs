@@ -98,7 +98,6 @@ async fn master_paused_past_every_timeout_kills_nothing_and_converges() {
     config.setup_timeout = Duration::from_secs(60);
     config.converge_timeout = Duration::from_secs(30);
     config.settle = Duration::from_secs(2);
-    config.capacity = capstan_sim::FleetConfig::capacity_from(Some("cpus=8,mem=32GiB")).unwrap();
     config.progress = std::env::var_os("CAPSTAN_TEST_PROGRESS").is_some();
     // Without safeguards every agent would be unreachable and every task due for replacement.
     assert!(config.pause > config.agent_timeout + config.replace_after);
