@@ -558,6 +558,9 @@ impl Shared {
     async fn register(&self, index: u32, seen: u32) -> u64 {
         let agent = &self.agents[index as usize];
         loop {
+            if self.closed.load(Ordering::Relaxed) {
+                return 0;
+            }
             {
                 let mut st = agent.state.lock();
                 if st.registrations_done != seen {
