@@ -106,6 +106,7 @@ pub struct MasterPauseArgs {
     /// Keep the master's directory (store and log) and print where it is.
     #[arg(long)]
     pub keep_dir: bool,
+    /// `table` for people, `json` (the whole report) for scripts.
     #[arg(long, value_enum, default_value = "table")]
     pub output: OutputFormat,
 }
