@@ -1,5 +1,6 @@
 //! A fleet of simulated agents in one process, each speaking the real agent protocol to a real
-//! master: register, long-poll orders, report numbered status updates until acknowledged.
+//! master: register, long-poll orders, report numbered status updates until acknowledged, send
+//! heartbeats with what they run, obey stop orders, and back off when the master sheds load.
 //!
 //! Built so that 10,000 agents fit on two cores:
 //! - one shared HTTP client (HTTP/1.1, one connection per agent's long poll, pooled);
@@ -9,10 +10,21 @@
 //!   one POST per agent with everything it queued meanwhile, at most [`POSTS_IN_FLIGHT_MAX`] at a
 //!   time (a full pipe makes batches bigger instead of queues longer);
 //! - timed exits (`sim:finish`, `sim:fail`) wait in one shared heap served by one task;
+//! - heartbeats too: one heap of (due, agent) served by one task, at most
+//!   [`HEARTBEATS_IN_FLIGHT_MAX`] out; an agent is in the heap or has one heartbeat out, never both;
 //! - an agent forgets a task once it ended and left its orders, so memory follows what runs.
+//!
+//! Answers of the master, as the real agent reads them:
+//! - 404 with code `unknown_agent`: the master does not know the agent: register again (once,
+//!   however many of its loops heard it: see [`Shared::register`]). Any other 404 (a master
+//!   without the route, say) is an ordinary failure: back off and retry, never re-register.
+//! - 503 or 429: the master sheds load: wait what its `Retry-After` says, at least
+//!   [`SHED_BACKOFF_MIN`], longer after each further shed answer, with jitter upwards.
 
 use crate::executor::{behavior, Behavior};
-use capstan_api::{RegisterRequest, RegisterResponse, UpdatesRequest, UpdatesResponse};
+use capstan_api::{
+    ErrorBody, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, UpdatesRequest, UpdatesResponse,
+};
 use capstan_model::{AgentId, Capacity, Desired, TaskExit, TaskId, Timestamp};
 use capstan_state::{AgentInfo, Report, StatusUpdate};
 use parking_lot::Mutex;
@@ -22,7 +34,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 /// How long a status update waits to be coalesced with the next ones of its agent.
@@ -35,8 +47,21 @@ pub const REGISTRATIONS_IN_FLIGHT_MAX: usize = 128;
 pub const UPDATES_PER_POST_MAX: usize = 1000;
 /// How long one orders request waits on the master.
 pub const POLL_WAIT: Duration = Duration::from_secs(30);
+/// Heartbeats in flight across the fleet at most.
+pub const HEARTBEATS_IN_FLIGHT_MAX: usize = 256;
+/// How long one heartbeat waits for its answer (as the real agent's client).
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a shed answer (503, 429), the least wait, whatever `Retry-After` says.
+pub const SHED_BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// Consecutive shed answers double the wait up to this (or to what `Retry-After` asks, if more).
+pub const SHED_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// After a heartbeat failed otherwise (timeout, connection, an error answer), the least wait.
+pub const HEARTBEAT_RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// The heartbeat interval an agent uses before a master told it one, and the least it accepts.
+const HEARTBEAT_INTERVAL_DEFAULT_MS: u32 = 5_000;
+const HEARTBEAT_INTERVAL_MIN_MS: u32 = 100;
 
 #[derive(Clone, Debug)]
 pub struct FleetConfig {
@@ -95,11 +120,21 @@ pub struct Stats {
     pub update_errors: AtomicU64,
     pub launched: AtomicU64,
     pub exited: AtomicU64,
+    /// Running tasks the master stopped: `Desired::Stop` in the orders, or a stop order.
     pub killed: AtomicU64,
-    /// Running tasks that left the agent's orders without a stop order (lost, say).
+    /// The part of `killed` that a stop order (`Orders.stop`) named.
+    pub stop_orders: AtomicU64,
+    /// Running tasks that left the agent's orders without being stopped (lost, say). As with the
+    /// real agent, they keep running (and are reported in heartbeats) until a stop order names
+    /// them.
     pub vanished: AtomicU64,
     /// `Exited(Killed)` reports the master acknowledged.
     pub killed_acked: AtomicU64,
+    pub heartbeats_sent: AtomicU64,
+    /// Heartbeats that got no answer, or an error answer (shed ones included).
+    pub heartbeat_failures: AtomicU64,
+    /// Answers 503 or 429 on any route.
+    pub shed: AtomicU64,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -116,8 +151,12 @@ pub struct StatsSnapshot {
     pub launched: u64,
     pub exited: u64,
     pub killed: u64,
+    pub stop_orders: u64,
     pub vanished: u64,
     pub killed_acked: u64,
+    pub heartbeats_sent: u64,
+    pub heartbeat_failures: u64,
+    pub shed: u64,
     /// Tasks the fleet runs now.
     pub running: u64,
 }
@@ -130,6 +169,15 @@ pub(crate) struct OrdersLite {
     pub master_epoch: u64,
     pub version: u64,
     pub tasks: Vec<OrderLite>,
+    #[serde(default)]
+    pub stop: Vec<StopOrderLite>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct StopOrderLite {
+    pub task: TaskId,
+    #[serde(default)]
+    pub reason: String,
 }
 
 #[derive(Deserialize)]
@@ -146,6 +194,8 @@ pub(crate) struct SpecLite {
 
 struct SimTask {
     ended: bool,
+    /// Left the orders while running: the master does not place it here any more.
+    stray: bool,
 }
 
 #[derive(Default)]
@@ -162,9 +212,40 @@ struct AgentState {
     /// After a failed POST: not before then, and the delay that led there.
     retry_at: Option<Instant>,
     retry_delay: Duration,
+    /// Registrations completed. A loop that needs a new registration passes the count it saw
+    /// before its request; if another loop registered meanwhile, it does not register again.
+    registrations_done: u32,
+    /// A registration is out.
+    registering: bool,
+    /// As the master said (0: not told yet).
+    heartbeat_interval_ms: u32,
+    /// The wait after the latest failed heartbeat; zero after an answered one.
+    heartbeat_retry: Duration,
+    /// When the latest heartbeat was answered, in ms after the fleet started (0: never).
+    heartbeat_ok_ms: u64,
 }
 
 impl AgentState {
+    fn heartbeat_interval(&self) -> Duration {
+        let ms =
+            if self.heartbeat_interval_ms == 0 { HEARTBEAT_INTERVAL_DEFAULT_MS } else { self.heartbeat_interval_ms };
+        Duration::from_millis(u64::from(ms.max(HEARTBEAT_INTERVAL_MIN_MS)))
+    }
+
+    /// What a heartbeat reports: every task it has, the running ones, and the newest update's
+    /// sequence number (the lists reflect every update queued so far).
+    fn heartbeat_lists(&self) -> (Vec<TaskId>, Vec<TaskId>, u64) {
+        let mut known = Vec::with_capacity(self.tasks.len());
+        let mut running = Vec::with_capacity(self.tasks.len());
+        for (id, t) in &self.tasks {
+            known.push(*id);
+            if !t.ended {
+                running.push(*id);
+            }
+        }
+        (known, running, self.next_seq.saturating_sub(1))
+    }
+
     fn push(&mut self, task: TaskId, report: Report) {
         if self.next_seq == 0 {
             self.next_seq = 1;
@@ -205,9 +286,16 @@ struct Shared {
     /// Timed exits, earliest first.
     timers: Mutex<BinaryHeap<Reverse<TimedExit>>>,
     timers_notify: Notify,
+    /// (due, agent index) of every agent's next heartbeat, earliest first.
+    heartbeats: Mutex<BinaryHeap<Reverse<(Instant, u32)>>>,
+    heartbeats_notify: Notify,
+    heartbeat_posts: Arc<Semaphore>,
     registrations: Semaphore,
     posts: Arc<Semaphore>,
     stats: Stats,
+    started: Instant,
+    /// The fleet was dropped: loops that outlive its tasks (a heartbeat registering again) end.
+    closed: std::sync::atomic::AtomicBool,
     /// The latest error an agent met, for progress lines.
     last_error: Mutex<Option<String>>,
 }
@@ -221,6 +309,7 @@ pub struct Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Relaxed);
         for h in &self.handles {
             h.abort();
         }
@@ -237,6 +326,57 @@ fn now() -> Timestamp {
 fn backoff(d: Duration) -> Duration {
     let next = (d * 2).min(RETRY_MAX);
     next.mul_f64(rand::random::<f64>() * 0.5 + 0.75).max(RETRY_MIN)
+}
+
+/// The wait after a shed answer (503, 429): what the master asked in `Retry-After`, at least
+/// [`SHED_BACKOFF_MIN`], doubling `previous` (the wait after the shed answer before, zero if
+/// none) up to [`SHED_BACKOFF_MAX`] or the master's ask if more; then `jitter` (0..1) adds up to
+/// half, so agents shed together come back spread out, never sooner than asked.
+pub fn shed_delay(previous: Duration, retry_after: Option<Duration>, jitter: f64) -> Duration {
+    let floor = retry_after.unwrap_or(Duration::ZERO).max(SHED_BACKOFF_MIN);
+    let grown = (previous * 2).clamp(floor, SHED_BACKOFF_MAX.max(floor));
+    grown.mul_f64(1.0 + jitter.clamp(0.0, 1.0) * 0.5)
+}
+
+/// The wait after a heartbeat failed without being shed: at least [`HEARTBEAT_RETRY_MIN`],
+/// doubling `previous` up to twice the heartbeat interval (so an agent is heard soon after the
+/// master is back), with `jitter` (0..1) of ±25%.
+pub fn heartbeat_retry_delay(previous: Duration, interval: Duration, jitter: f64) -> Duration {
+    let ceiling = (interval * 2).max(HEARTBEAT_RETRY_MIN * 2);
+    let grown = (previous * 2).clamp(HEARTBEAT_RETRY_MIN, ceiling);
+    grown.mul_f64(0.75 + jitter.clamp(0.0, 1.0) * 0.5).max(HEARTBEAT_RETRY_MIN)
+}
+
+/// The wait until the next heartbeat after an answered one: the interval less up to 20% (`jitter`
+/// 0..1), so agents drift apart and none is ever late.
+pub fn heartbeat_next(interval: Duration, jitter: f64) -> Duration {
+    interval.mul_f64(1.0 - jitter.clamp(0.0, 1.0) * 0.2)
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is not used by the master).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// What an answer that is not a success means to an agent; `None` for a success.
+fn classify_failure(status: reqwest::StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Option<CallError> {
+    if status.is_success() {
+        return None;
+    }
+    if matches!(status.as_u16(), 503 | 429) {
+        return Some(CallError::Shed(retry_after));
+    }
+    let error = serde_json::from_slice::<ErrorBody>(body).ok();
+    // Only the agent routes' own answer means "register again": a 404 of a route the master
+    // does not have looks the same but for its code.
+    if status.as_u16() == 404 && error.as_ref().is_some_and(|b| b.error.code == "unknown_agent") {
+        return Some(CallError::UnknownAgent);
+    }
+    Some(CallError::Other(match error {
+        Some(b) => format!("{status} {}: {}", b.error.code, b.error.message),
+        None => format!("{status}: {}", String::from_utf8_lossy(body)),
+    }))
 }
 
 /// The HTTP client every simulated agent shares: HTTP/1.1 (one connection per long poll, as
@@ -263,9 +403,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+#[derive(Debug)]
 enum CallError {
-    /// The master does not know the agent: register again.
+    /// The master does not know the agent (404 `unknown_agent`): register again.
     UnknownAgent,
+    /// The master sheds load (503, 429): wait at least this (its `Retry-After`).
+    Shed(Option<Duration>),
     Other(String),
 }
 
@@ -302,14 +445,20 @@ impl Fleet {
             dirty_notify: Notify::new(),
             timers: Mutex::new(BinaryHeap::new()),
             timers_notify: Notify::new(),
+            heartbeats: Mutex::new(BinaryHeap::with_capacity(config.count)),
+            heartbeats_notify: Notify::new(),
+            heartbeat_posts: Arc::new(Semaphore::new(HEARTBEATS_IN_FLIGHT_MAX)),
             registrations: Semaphore::new(REGISTRATIONS_IN_FLIGHT_MAX),
             posts: Arc::new(Semaphore::new(POSTS_IN_FLIGHT_MAX)),
             stats: Stats::default(),
+            started: Instant::now(),
+            closed: std::sync::atomic::AtomicBool::new(false),
             last_error: Mutex::new(None),
         });
-        let mut handles = Vec::with_capacity(config.count + 2);
+        let mut handles = Vec::with_capacity(config.count + 3);
         handles.push(tokio::spawn(flusher(shared.clone())));
         handles.push(tokio::spawn(timed_exits(shared.clone())));
+        handles.push(tokio::spawn(heartbeater(shared.clone())));
         for i in 0..config.count {
             handles.push(tokio::spawn(run_agent(shared.clone(), i as u32)));
         }
@@ -332,7 +481,7 @@ impl Fleet {
         let s = &self.shared.stats;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let launched = get(&s.launched);
-        let ended = get(&s.exited) + get(&s.killed) + get(&s.vanished);
+        let ended = get(&s.exited) + get(&s.killed);
         StatsSnapshot {
             registered: get(&s.registered),
             registrations: get(&s.registrations),
@@ -345,8 +494,12 @@ impl Fleet {
             launched,
             exited: get(&s.exited),
             killed: get(&s.killed),
+            stop_orders: get(&s.stop_orders),
             vanished: get(&s.vanished),
             killed_acked: get(&s.killed_acked),
+            heartbeats_sent: get(&s.heartbeats_sent),
+            heartbeat_failures: get(&s.heartbeat_failures),
+            shed: get(&s.shed),
             running: launched.saturating_sub(ended),
         }
     }
@@ -359,6 +512,19 @@ impl Fleet {
     /// Updates queued but not yet acknowledged, over the fleet.
     pub fn updates_queued(&self) -> usize {
         self.shared.agents.iter().map(|a| a.state.lock().queue.len()).sum()
+    }
+
+    /// Agents whose latest heartbeat was answered at or after `since`.
+    pub fn heard_since(&self, since: Instant) -> usize {
+        let threshold_ms = since.saturating_duration_since(self.shared.started).as_millis() as u64;
+        self.shared
+            .agents
+            .iter()
+            .filter(|a| {
+                let ok = a.state.lock().heartbeat_ok_ms;
+                ok != 0 && ok >= threshold_ms
+            })
+            .count()
     }
 }
 
@@ -374,29 +540,51 @@ impl Shared {
     async fn call<T: for<'de> Deserialize<'de>>(&self, req: reqwest::RequestBuilder) -> Result<T, CallError> {
         let resp = req.send().await.map_err(|e| CallError::Other(error_chain(&e)))?;
         let status = resp.status();
+        let asked = retry_after(resp.headers());
         let bytes = resp.bytes().await.map_err(|e| CallError::Other(error_chain(&e)))?;
-        if status.as_u16() == 404 {
-            return Err(CallError::UnknownAgent);
-        }
-        if !status.is_success() {
-            return Err(CallError::Other(format!("{status}: {}", String::from_utf8_lossy(&bytes))));
+        if let Some(e) = classify_failure(status, asked, &bytes) {
+            if matches!(e, CallError::Shed(_)) {
+                self.stats.shed.fetch_add(1, Ordering::Relaxed);
+            }
+            return Err(e);
         }
         serde_json::from_slice(&bytes).map_err(|e| CallError::Other(format!("unreadable answer: {e}")))
     }
 
-    /// Registers (again) until the master answers; returns the master's epoch.
-    async fn register(&self, index: u32) -> u64 {
+    /// Registers (again) until the master answers; returns the master's epoch. `seen` is the
+    /// agent's `registrations_done` when the caller learned it must register: if another loop
+    /// registered since (or is registering now), this waits for that one instead of sending a
+    /// second registration.
+    async fn register(&self, index: u32, seen: u32) -> u64 {
         let agent = &self.agents[index as usize];
-        let mut delay = RETRY_MIN;
         loop {
-            let known: Vec<TaskId> = {
-                let st = agent.state.lock();
-                st.tasks.iter().filter(|(_, t)| !t.ended).map(|(id, _)| *id).collect()
-            };
+            if self.closed.load(Ordering::Relaxed) {
+                return 0;
+            }
+            {
+                let mut st = agent.state.lock();
+                if st.registrations_done != seen {
+                    return st.epoch;
+                }
+                if !st.registering {
+                    st.registering = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut delay = RETRY_MIN;
+        let mut shed = Duration::ZERO;
+        loop {
+            if self.closed.load(Ordering::Relaxed) {
+                agent.state.lock().registering = false;
+                return 0;
+            }
+            let (known, running, _) = agent.state.lock().heartbeat_lists();
             let body = serde_json::to_vec(&RegisterRequest {
                 info: agent.info.clone(),
-                known_tasks: known.clone(),
-                running_tasks: known,
+                known_tasks: known,
+                running_tasks: running,
             })
             .expect("serializable");
             let result = {
@@ -413,8 +601,12 @@ impl Shared {
             match result {
                 Ok(resp) => {
                     let mut st = agent.state.lock();
-                    let first = st.epoch == 0;
+                    let first = st.registrations_done == 0;
                     st.epoch = resp.master_epoch;
+                    st.registrations_done = st.registrations_done.wrapping_add(1).max(1);
+                    st.registering = false;
+                    st.heartbeat_interval_ms = u32::try_from(resp.heartbeat_interval_ms).unwrap_or(u32::MAX);
+                    let interval = st.heartbeat_interval();
                     st.continue_after(resp.last_update_seq);
                     if !st.queue.is_empty() {
                         self.mark_dirty(index, &mut st);
@@ -422,8 +614,15 @@ impl Shared {
                     drop(st);
                     if first {
                         self.stats.registered.fetch_add(1, Ordering::Relaxed);
+                        // The first heartbeat anywhere in the first interval, so that a fleet
+                        // registered at once does not beat in step.
+                        self.schedule_heartbeat(index, Instant::now() + interval.mul_f64(rand::random::<f64>()));
                     }
                     return resp.master_epoch;
+                }
+                Err(CallError::Shed(asked)) => {
+                    shed = shed_delay(shed, asked, rand::random());
+                    tokio::time::sleep(shed).await;
                 }
                 Err(CallError::UnknownAgent) | Err(CallError::Other(_)) => {
                     tokio::time::sleep(delay).await;
@@ -433,8 +632,13 @@ impl Shared {
         }
     }
 
-    /// Makes what the agent runs match its orders, queueing the reports.
-    fn reconcile(&self, index: u32, orders: Vec<OrderLite>) {
+    fn schedule_heartbeat(&self, index: u32, at: Instant) {
+        self.heartbeats.lock().push(Reverse((at, index)));
+        self.heartbeats_notify.notify_one();
+    }
+
+    /// Makes what the agent runs match its orders and stop orders, queueing the reports.
+    fn reconcile(&self, index: u32, orders: Vec<OrderLite>, stops: Vec<StopOrderLite>) {
         let agent = &self.agents[index as usize];
         let mut timers = Vec::new();
         let mut st = agent.state.lock();
@@ -447,7 +651,7 @@ impl Shared {
                 (Desired::Run, None) => {
                     st.next_pid = st.next_pid.wrapping_add(1).max(2);
                     let pid = st.next_pid;
-                    st.tasks.insert(order.task, SimTask { ended: false });
+                    st.tasks.insert(order.task, SimTask { ended: false, stray: false });
                     st.push(order.task, Report::Running { pid });
                     self.stats.launched.fetch_add(1, Ordering::Relaxed);
                     if let Behavior::Exit { after_ms, code } = behavior(&order.spec.command) {
@@ -460,7 +664,7 @@ impl Shared {
                     }
                 }
                 (Desired::Stop, Some(false)) => {
-                    st.tasks.insert(order.task, SimTask { ended: true });
+                    st.tasks.insert(order.task, SimTask { ended: true, stray: false });
                     st.push(
                         order.task,
                         Report::Exited { exit: TaskExit::Killed { by: "killed on the master's order".into() } },
@@ -468,21 +672,51 @@ impl Shared {
                     self.stats.killed.fetch_add(1, Ordering::Relaxed);
                 }
                 (Desired::Stop, None) => {
-                    st.tasks.insert(order.task, SimTask { ended: true });
+                    st.tasks.insert(order.task, SimTask { ended: true, stray: false });
                     st.push(
                         order.task,
                         Report::Exited { exit: TaskExit::Killed { by: "stopped before it started".into() } },
                     );
                     // Never counted as launched, so not as killed either.
                 }
-                (Desired::Run, Some(_)) | (Desired::Stop, Some(true)) => {}
+                (Desired::Run, Some(_)) => {
+                    // Placed here again (a stray taken back, say).
+                    if let Some(t) = st.tasks.get_mut(&order.task) {
+                        t.stray = false;
+                    }
+                }
+                (Desired::Stop, Some(true)) => {}
             }
         }
-        // What the master no longer places here is over for this agent: forget it.
-        let launched_gone = st.tasks.iter().filter(|(id, t)| !t.ended && !in_orders.contains(id)).count() as u64;
-        st.tasks.retain(|id, _| in_orders.contains(id));
-        if launched_gone > 0 {
-            self.stats.vanished.fetch_add(launched_gone, Ordering::Relaxed);
+        for stop in stops {
+            let Some(t) = st.tasks.get_mut(&stop.task) else { continue };
+            if t.ended {
+                continue;
+            }
+            t.ended = true;
+            let by = format!("stopped on the master's stop order: {}", stop.reason);
+            st.push(stop.task, Report::Exited { exit: TaskExit::Killed { by } });
+            self.stats.killed.fetch_add(1, Ordering::Relaxed);
+            self.stats.stop_orders.fetch_add(1, Ordering::Relaxed);
+        }
+        // What ended and left the orders is over for this agent: forget it. What left the orders
+        // while running keeps running, as on a real agent, until a stop order names it.
+        let mut newly_stray = 0;
+        st.tasks.retain(|id, t| {
+            if in_orders.contains(id) {
+                return true;
+            }
+            if t.ended {
+                return false;
+            }
+            if !t.stray {
+                t.stray = true;
+                newly_stray += 1;
+            }
+            true
+        });
+        if newly_stray > 0 {
+            self.stats.vanished.fetch_add(newly_stray, Ordering::Relaxed);
         }
         if st.queue.len() > before {
             self.mark_dirty(index, &mut st);
@@ -499,10 +733,12 @@ impl Shared {
 async fn run_agent(shared: Arc<Shared>, index: u32) {
     let agent = &shared.agents[index as usize];
     let id = agent.info.id;
-    let mut epoch = shared.register(index).await;
+    let mut epoch = shared.register(index, 0).await;
     let mut version = 0u64;
     let mut delay = RETRY_MIN;
+    let mut shed = Duration::ZERO;
     loop {
+        let seen = agent.state.lock().registrations_done;
         let url = format!(
             "{}/v1/agent/{id}/orders?epoch={epoch}&version={version}&wait_ms={}",
             shared.base,
@@ -512,17 +748,28 @@ async fn run_agent(shared: Arc<Shared>, index: u32) {
         match shared.call::<OrdersLite>(req).await {
             Ok(orders) => {
                 delay = RETRY_MIN;
+                shed = Duration::ZERO;
                 shared.stats.orders_received.fetch_add(1, Ordering::Relaxed);
                 if orders.master_epoch != epoch {
-                    // A new master run: register again so it learns what runs here.
-                    epoch = shared.register(index).await;
+                    // A new master run: register again so it learns what runs here (unless the
+                    // heartbeat loop did already).
+                    epoch = shared.register(index, seen).await;
+                    if orders.master_epoch != epoch {
+                        version = 0;
+                        continue;
+                    }
                 }
                 version = orders.version;
-                shared.reconcile(index, orders.tasks);
+                shared.reconcile(index, orders.tasks, orders.stop);
             }
             Err(CallError::UnknownAgent) => {
-                epoch = shared.register(index).await;
+                epoch = shared.register(index, seen).await;
                 version = 0;
+            }
+            Err(CallError::Shed(asked)) => {
+                shared.stats.poll_errors.fetch_add(1, Ordering::Relaxed);
+                shed = shed_delay(shed, asked, rand::random());
+                tokio::time::sleep(shed).await;
             }
             Err(CallError::Other(e)) => {
                 shared.stats.poll_errors.fetch_add(1, Ordering::Relaxed);
@@ -532,6 +779,98 @@ async fn run_agent(shared: Arc<Shared>, index: u32) {
                 delay = backoff(delay);
             }
         }
+    }
+}
+
+/// Sends every agent's heartbeat when it is due, at most `HEARTBEATS_IN_FLIGHT_MAX` out.
+async fn heartbeater(shared: Arc<Shared>) {
+    loop {
+        let notified = shared.heartbeats_notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let now = Instant::now();
+        let mut due = Vec::new();
+        let next = {
+            let mut heap = shared.heartbeats.lock();
+            while heap.peek().is_some_and(|Reverse((at, _))| *at <= now) {
+                due.push(heap.pop().expect("checked").0 .1);
+            }
+            heap.peek().map(|Reverse((at, _))| *at)
+        };
+        if !due.is_empty() {
+            for index in due {
+                let permit = shared.heartbeat_posts.clone().acquire_owned().await.expect("never closed");
+                let shared = shared.clone();
+                tokio::spawn(async move { heartbeat(&shared, index, permit).await });
+            }
+            // Waiting for permits took time: look again before sleeping.
+            continue;
+        }
+        match next {
+            Some(at) => {
+                let _ = tokio::time::timeout_at(at.into(), notified).await;
+            }
+            None => notified.await,
+        }
+    }
+}
+
+/// One heartbeat of one agent, then the next one scheduled: an interval later when answered,
+/// after a growing wait when not, after registering again when the master does not know it.
+async fn heartbeat(shared: &Shared, index: u32, permit: OwnedSemaphorePermit) {
+    let agent = &shared.agents[index as usize];
+    let (body, seen) = {
+        let st = agent.state.lock();
+        let (known_tasks, running_tasks, as_of_seq) = st.heartbeat_lists();
+        let req = HeartbeatRequest { agent: agent.info.id, known_tasks, running_tasks, as_of_seq };
+        (serde_json::to_vec(&req).expect("serializable"), st.registrations_done)
+    };
+    shared.stats.heartbeats_sent.fetch_add(1, Ordering::Relaxed);
+    let req = shared
+        .http
+        .post(format!("{}/v1/agent/{}/heartbeat", shared.base, agent.info.id))
+        .header("content-type", "application/json")
+        .timeout(HEARTBEAT_TIMEOUT)
+        .body(body);
+    let result = shared.call::<HeartbeatResponse>(req).await;
+    drop(permit);
+    let mut register_again = false;
+    let wait = {
+        let mut st = agent.state.lock();
+        if result.is_err() {
+            shared.stats.heartbeat_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        match result {
+            Ok(resp) => {
+                st.heartbeat_interval_ms = u32::try_from(resp.heartbeat_interval_ms).unwrap_or(u32::MAX);
+                st.heartbeat_retry = Duration::ZERO;
+                st.heartbeat_ok_ms = (shared.started.elapsed().as_millis() as u64).max(1);
+                // A master of another run than the one registered with: register again.
+                register_again = resp.master_epoch != st.epoch;
+                heartbeat_next(st.heartbeat_interval(), rand::random())
+            }
+            Err(CallError::UnknownAgent) => {
+                register_again = true;
+                st.heartbeat_retry = Duration::ZERO;
+                st.heartbeat_interval().mul_f64(rand::random::<f64>())
+            }
+            Err(CallError::Shed(asked)) => {
+                st.heartbeat_retry = shed_delay(st.heartbeat_retry, asked, rand::random());
+                st.heartbeat_retry
+            }
+            Err(CallError::Other(e)) => {
+                tracing::debug!(agent = index, "heartbeat failed: {e}");
+                *shared.last_error.lock() = Some(format!("heartbeat of sim-{index}: {e}"));
+                st.heartbeat_retry = heartbeat_retry_delay(st.heartbeat_retry, st.heartbeat_interval(), rand::random());
+                st.heartbeat_retry
+            }
+        }
+    };
+    if register_again {
+        shared.register(index, seen).await;
+    }
+    if !shared.closed.load(Ordering::Relaxed) {
+        shared.schedule_heartbeat(index, Instant::now() + wait);
     }
 }
 
@@ -614,7 +953,10 @@ async fn post_updates(shared: &Shared, index: u32, batch: Vec<StatusUpdate>) {
                 *shared.last_error.lock() = Some(format!("updates of sim-{index}: {e}"));
             }
             // Unknown agent: its orders loop gets the same answer and registers again.
-            st.retry_delay = backoff(st.retry_delay);
+            st.retry_delay = match e {
+                CallError::Shed(asked) => shed_delay(st.retry_delay, asked, rand::random()),
+                CallError::UnknownAgent | CallError::Other(_) => backoff(st.retry_delay),
+            };
             st.retry_at = Some(Instant::now() + st.retry_delay);
         }
     }
@@ -673,7 +1015,7 @@ mod tests {
         let orders = capstan_api::Orders {
             master_epoch: 7,
             version: 3,
-            stop: vec![],
+            stop: vec![capstan_api::StopOrder { task: TaskId(43), reason: "surplus copy".into() }],
             frozen: false,
             tasks: vec![capstan_api::Order {
                 task: TaskId(42),
@@ -687,6 +1029,7 @@ mod tests {
         };
         let lite: OrdersLite = serde_json::from_slice(&serde_json::to_vec(&orders).unwrap()).unwrap();
         assert_eq!((lite.master_epoch, lite.version), (7, 3));
+        assert_eq!((lite.stop[0].task, lite.stop[0].reason.as_str()), (TaskId(43), "surplus copy"));
         assert_eq!(lite.tasks[0].task, TaskId(42));
         assert_eq!(lite.tasks[0].desired, Desired::Stop);
         assert_eq!(lite.tasks[0].spec.command, "sim:finish:5");
@@ -713,5 +1056,85 @@ mod tests {
         assert_eq!(seqs, vec![11, 12]);
         st.push(TaskId(2), Report::Running { pid: 3 });
         assert_eq!(st.queue.back().unwrap().seq, 13);
+    }
+
+    #[test]
+    fn orders_of_an_older_master_have_no_stop_orders() {
+        let lite: OrdersLite = serde_json::from_str(r#"{"master_epoch": 1, "version": 2, "tasks": []}"#).unwrap();
+        assert!(lite.stop.is_empty());
+    }
+
+    #[test]
+    fn only_unknown_agent_means_register_again() {
+        use reqwest::StatusCode;
+        let body = |code: &str| format!(r#"{{"error": {{"code": "{code}", "message": "m", "details": []}}}}"#);
+        let c =
+            |status: u16, body: &str| classify_failure(StatusCode::from_u16(status).unwrap(), None, body.as_bytes());
+        assert!(c(200, "{}").is_none());
+        assert!(matches!(c(404, &body("unknown_agent")), Some(CallError::UnknownAgent)));
+        // A master without the heartbeat route: its fallback says `not_found`.
+        assert!(matches!(c(404, &body("not_found")), Some(CallError::Other(e)) if e.contains("not_found")));
+        assert!(matches!(c(404, "not json"), Some(CallError::Other(_))));
+        assert!(matches!(c(500, &body("internal")), Some(CallError::Other(_))));
+        let shed = classify_failure(StatusCode::SERVICE_UNAVAILABLE, Some(Duration::from_secs(3)), b"");
+        assert!(matches!(shed, Some(CallError::Shed(Some(d))) if d == Duration::from_secs(3)));
+        assert!(matches!(c(429, ""), Some(CallError::Shed(None))));
+        let mut headers = reqwest::header::HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert(reqwest::header::RETRY_AFTER, "7".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn shed_waits_at_least_a_second_and_what_was_asked_and_grow() {
+        let s = Duration::from_secs;
+        // At least 1 s, whatever was asked; jitter only adds.
+        assert_eq!(shed_delay(Duration::ZERO, None, 0.0), s(1));
+        assert_eq!(shed_delay(Duration::ZERO, Some(Duration::ZERO), 0.0), s(1));
+        assert_eq!(shed_delay(Duration::ZERO, Some(s(4)), 0.0), s(4));
+        assert_eq!(shed_delay(Duration::ZERO, Some(s(4)), 1.0), s(6));
+        // Growing with consecutive sheds, up to the ceiling, or to what the master asks if more.
+        let mut d = Duration::ZERO;
+        let mut seen = vec![];
+        for _ in 0..6 {
+            d = shed_delay(d, Some(s(1)), 0.0);
+            seen.push(d.as_secs());
+        }
+        assert_eq!(seen, vec![1, 2, 4, 8, 10, 10]);
+        assert_eq!(shed_delay(s(10), Some(s(30)), 0.0), s(30));
+    }
+
+    #[test]
+    fn heartbeat_waits() {
+        let s = Duration::from_secs;
+        // Answered: the interval less up to 20%, never late.
+        assert_eq!(heartbeat_next(s(5), 0.0), s(5));
+        assert_eq!(heartbeat_next(s(5), 1.0), s(4));
+        // Failed: 1 s, doubling, up to twice the interval (at least 2 s), ±25%, never under 1 s.
+        let mut d = Duration::ZERO;
+        let mut seen = vec![];
+        for _ in 0..6 {
+            d = heartbeat_retry_delay(d, s(5), 0.5);
+            seen.push(d.as_secs());
+        }
+        assert_eq!(seen, vec![1, 2, 4, 8, 10, 10]);
+        assert_eq!(heartbeat_retry_delay(s(2), s(1), 0.5), s(2));
+        assert_eq!(heartbeat_retry_delay(Duration::ZERO, s(1), 0.0), s(1));
+        assert!(heartbeat_retry_delay(s(2), s(1), 1.0) <= Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn heartbeat_lists_follow_what_runs() {
+        let mut st = AgentState::default();
+        assert_eq!(st.heartbeat_interval(), Duration::from_secs(5));
+        st.heartbeat_interval_ms = 1;
+        assert_eq!(st.heartbeat_interval(), Duration::from_millis(100));
+        st.tasks.insert(TaskId(1), SimTask { ended: false, stray: false });
+        st.tasks.insert(TaskId(2), SimTask { ended: true, stray: false });
+        st.push(TaskId(1), Report::Running { pid: 2 });
+        st.push(TaskId(2), Report::Exited { exit: TaskExit::Exited { code: 0 } });
+        let (mut known, running, as_of) = st.heartbeat_lists();
+        known.sort();
+        assert_eq!((known, running, as_of), (vec![TaskId(1), TaskId(2)], vec![TaskId(1)], 2));
     }
 }

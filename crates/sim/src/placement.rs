@@ -11,6 +11,7 @@
 use crate::baseline::{self, RawWrite};
 use crate::fleet::{Fleet, FleetConfig, StatsSnapshot};
 use crate::jobs::{self, JobMix};
+use crate::master_process::MasterProcess;
 use crate::os;
 use crate::prom::Scrape;
 use anyhow::Context as _;
@@ -19,7 +20,6 @@ use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncBufReadExt;
 
 /// How often `/metrics` is scraped while waiting.
 const SCRAPE_EVERY: Duration = Duration::from_millis(200);
@@ -181,71 +181,11 @@ fn snapshots_in_log(log: &std::path::Path) -> SnapshotsSeen {
     seen
 }
 
-/// The master as a child process; killed when dropped (error, Ctrl-C) or by [`MasterProcess::stop`].
-struct MasterProcess {
-    child: tokio::process::Child,
-    pid: u32,
-    url: String,
-    log: PathBuf,
-}
-
-impl MasterProcess {
-    async fn start(data_dir: PathBuf, log: PathBuf) -> anyhow::Result<MasterProcess> {
-        let exe = std::env::current_exe().context("cannot find the capstan binary to start a master")?;
-        let log_file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-        // The open-file limit was raised in this process already; the child inherits it.
-        let mut command = tokio::process::Command::new(exe);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            command.pre_exec(|| {
-                // Even if this process is SIGKILLed, the master goes with it. (The signal follows
-                // the spawning thread, a runtime worker that lives as long as the process.)
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = command
-            .arg("master")
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .args(["--bind", "127.0.0.1:0"])
-            .env("NO_COLOR", "1")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(log_file)
-            .kill_on_drop(true)
-            .spawn()
-            .context("cannot start `capstan master`")?;
-        let pid = child.id().context("the master exited at once")?;
-        let stdout = child.stdout.take().expect("piped");
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let url = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(url) = line.strip_prefix("capstan master serving at ") {
-                    return Ok(url.trim().to_string());
-                }
-            }
-            anyhow::bail!("the master exited before it served")
-        })
-        .await
-        .map_err(|_| anyhow::anyhow!("the master did not serve within 60 s"))?
-        .with_context(|| format!("see {}", log.display()))?;
-        // Keep reading its stdout so that a later line never meets a closed pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(MasterProcess { child, pid, url, log })
-    }
-
-    async fn stop(mut self) {
-        let _ = self.child.start_kill();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
-    }
-}
-
-fn mib(bytes: u64) -> String {
+pub(crate) fn mib(bytes: u64) -> String {
     format!("{:.0} MiB", bytes as f64 / (1 << 20) as f64)
 }
 
-fn thousands(n: f64) -> String {
+pub(crate) fn thousands(n: f64) -> String {
     let s = format!("{:.0}", n);
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
@@ -299,7 +239,8 @@ async fn measure(args: PlacementArgs) -> anyhow::Result<()> {
     let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
     let tmp = tempfile::Builder::new().prefix("capstan-bench-placement-").tempdir_in(&base)?;
-    let master = MasterProcess::start(tmp.path().join("master"), tmp.path().join("master.log")).await?;
+    let exe = std::env::current_exe().context("cannot find the capstan binary to start a master")?;
+    let master = MasterProcess::start(&exe, &tmp.path().join("master"), &tmp.path().join("master.log"), &[]).await?;
     eprintln!("master pid {} at {} (log {}); open-file limit {nofile}", master.pid, master.url, master.log.display());
     let result = drive(&args, &mix, &master, capacity, racks, pods).await;
     let master_log = master.log.clone();

@@ -78,3 +78,41 @@ async fn hundred_tasks_run_then_die_on_twenty_sim_agents() {
     // Running reports plus kill reports, nothing else (no STARTING).
     assert_eq!(s.updates_acked, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_go_out_at_the_masters_pace_and_never_cause_a_registration_storm() {
+    // Whether or not this master serves the heartbeat route (a master without it answers 404
+    // `not_found`, which is not "unknown agent"), every agent beats within its first interval
+    // and registers exactly once; failed heartbeats back off (at least 1 s).
+    let dir = tempfile::tempdir().unwrap();
+    let master = capstan_master::start(capstan_master::MasterConfig {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("master"),
+        store_url: None,
+        allow_root_tasks: false,
+        liveness: Default::default(),
+    })
+    .await
+    .unwrap();
+    let client = Client::new(&master.url());
+    let count = 20;
+    let fleet = Fleet::start(FleetConfig {
+        master: master.url(),
+        count,
+        capacity: FleetConfig::capacity_from(None).unwrap(),
+        racks: 5,
+        pods: 2,
+    });
+    let started = Instant::now();
+    wait_for("20 agents", started + Duration::from_secs(20), async || client.agents().await.unwrap().len() == count)
+        .await;
+    // The master says 5 s (the default); the first heartbeat of each agent falls in it.
+    tokio::time::sleep(Duration::from_millis(6_500)).await;
+    let elapsed_s = started.elapsed().as_secs_f64();
+    let s = fleet.stats();
+    assert_eq!((s.registered, s.registrations), (count as u64, count as u64), "{s:?}");
+    assert!(s.heartbeats_sent >= count as u64, "every agent beats in its first interval: {s:?}");
+    // Answered: one per 4–5 s; failed: 1 s, 2 s, 4 s… So at most one a second, plus the first.
+    assert!(s.heartbeats_sent as f64 <= count as f64 * (elapsed_s + 1.0), "{s:?} in {elapsed_s:.1} s");
+    assert_eq!(s.shed, 0);
+}
