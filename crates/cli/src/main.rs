@@ -494,6 +494,9 @@ async fn cmd_job(cmd: JobCmd, c: &ClientArgs) -> anyhow::Result<()> {
         JobCmd::Validate { file } => {
             let spec = read_job_file(&file)?;
             c.output.print(&spec, || {
+                if spec.job_type == capstan_model::JobType::System {
+                    return format!("{}: valid job {} (system: one per matching agent)", file.display(), spec.job);
+                }
                 format!("{}: valid job {} ({} × {})", file.display(), spec.job, spec.instances, spec.job_type.as_str())
             });
         }

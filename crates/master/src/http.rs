@@ -694,7 +694,8 @@ fn job_view(state: &ClusterState, j: &Job, unplaced: &crate::scheduler::Unplaced
     let mut tasks: BTreeMap<String, u64> = BTreeMap::new();
     let mut why_pending: BTreeMap<String, u32> = BTreeMap::new();
     let mut all_running = true;
-    for id in j.current.values() {
+    // A system job's dropped instances (agents removed or no longer matching) do not count.
+    for id in j.current.iter().filter(|(i, _)| !j.is_system() || j.pinned.contains_key(*i)).map(|(_, id)| id) {
         let Some(t) = state.tasks.get(id) else { continue };
         *tasks.entry(t.state.as_str().to_string()).or_default() += 1;
         all_running &= t.state == TaskState::Running && t.desired == Desired::Run;
@@ -708,10 +709,14 @@ fn job_view(state: &ClusterState, j: &Job, unplaced: &crate::scheduler::Unplaced
             *why_pending.entry(why).or_default() += 1;
         }
     }
-    let reasons: Vec<String> = why_pending
+    let mut reasons: Vec<String> = why_pending
         .into_iter()
-        .map(|(why, n)| format!("{n} of {} instances pending: {why}", j.spec.instances))
+        .map(|(why, n)| format!("{n} of {} instances pending: {why}", j.instance_count()))
         .collect();
+    let system_idle = j.is_system() && j.pinned.is_empty() && j.killed.is_none();
+    if system_idle {
+        reasons.push("no active agent matches the job's constraints: an instance starts on each one that joins".into());
+    }
     let batch = matches!(j.spec.job_type, JobType::Batch | JobType::Cron);
     let status = if j.killed.is_some() {
         "killing"
@@ -721,7 +726,7 @@ fn job_view(state: &ClusterState, j: &Job, unplaced: &crate::scheduler::Unplaced
         } else {
             "failed"
         }
-    } else if all_running && !j.current.is_empty() {
+    } else if all_running && (!j.current.is_empty() || system_idle) {
         "running"
     } else {
         "starting"
@@ -730,7 +735,7 @@ fn job_view(state: &ClusterState, j: &Job, unplaced: &crate::scheduler::Unplaced
         job: j.spec.job.clone(),
         job_type: j.spec.job_type.as_str().into(),
         status: status.into(),
-        instances: j.spec.instances,
+        instances: j.instance_count(),
         version: j.version,
         created_at: rfc3339(j.created_at),
         finished_at: j.finished_at.map(rfc3339),

@@ -375,14 +375,17 @@ impl Cx {
                 ],
             ),
         };
-        if let Some(t @ (JobType::Cron | JobType::System)) = job_type {
+        if let Some(t @ JobType::Cron) = job_type {
             self.err(
                 "type",
                 format!("type \"{}\" is not yet supported by this version of Capstan", t.as_str()),
                 Some("use \"service\" or \"batch\"".into()),
             );
         }
+        let is_system = job_type == Some(JobType::System);
         let instances = match self.get(&o, "instances") {
+            None if is_system => Some(0),
+            Some(v) if is_system => self.system_instances(v),
             None => Some(1),
             Some(v) => self.integer("instances", v, 1, i64::from(INSTANCES_MAX)).map(|i| i as u32),
         };
@@ -472,6 +475,9 @@ impl Cx {
             }
         };
 
+        if let (true, Some(constraint)) = (is_system, &constraint) {
+            self.system_constraints(constraint);
+        }
         Some(JobSpec {
             job: key?,
             job_type: job_type?,
@@ -835,5 +841,39 @@ impl Cx {
             );
         }
         Some(ConstraintSpec { attribute, value, not, in_set, limit, distinct_hosts, spread })
+    }
+}
+
+/// System jobs (`type = "system"`): one instance on every agent that matches the constraints.
+impl Cx {
+    /// A system job's instance count follows its matching agents: `instances` is not given. The
+    /// spec's own JSON form writes `0` (not fixed), which is accepted so that it decodes again.
+    fn system_instances(&mut self, v: &Value) -> Option<u32> {
+        if v.as_u64() == Some(0) {
+            return Some(0);
+        }
+        self.err(
+            "instances",
+            "a system job runs one instance on every agent that matches its constraints; its instance count is not given",
+            Some("remove `instances`; choose agents with [[constraint]] value, not or in".into()),
+        );
+        None
+    }
+
+    /// Only the constraints that choose agents make sense: `distinct_hosts`, `limit` and `spread`
+    /// are about spreading a fixed number of instances, and are refused rather than ignored.
+    fn system_constraints(&mut self, constraints: &[ConstraintSpec]) {
+        for (i, c) in constraints.iter().enumerate() {
+            let path = format!("constraint[{i}]");
+            let why = match c.kind() {
+                Some(Constraint::DistinctHosts) => "a system job runs at most one instance per agent already",
+                Some(Constraint::Limit { .. }) => {
+                    "a system job runs on every matching agent; a limit per value would leave matching agents without their instance"
+                }
+                Some(Constraint::Spread { .. }) => "a system job runs on every matching agent; there is nothing to spread",
+                _ => continue,
+            };
+            self.err(path, why, Some("choose agents with attribute and value, not or in".into()));
+        }
     }
 }

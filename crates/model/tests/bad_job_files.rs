@@ -173,7 +173,15 @@ fn bad_job_files() {
         ),
         // --- job types
         ("cron type", edit("type", "type = \"cron\""), &[("type", "not yet supported")]),
-        ("system type", edit("type", "type = \"system\""), &[("type", "not yet supported")]),
+        ("system job with instances", edit("type", "type = \"system\""), &[("instances", "remove `instances`")]),
+        (
+            "system job with limit",
+            format!(
+                "{}\n[[constraint]]\nattribute = \"rack\"\nlimit = 1\n",
+                edit("instances", "").replace("type = \"service\"", "type = \"system\"")
+            ),
+            &[("constraint[0]", "every matching agent")],
+        ),
         ("unknown type", edit("type", "type = \"daemon\""), &[("type", "not one of")]),
         ("cron key on a service", format!("cron = \"* * * * *\"\n{GOOD}"), &[("cron", "only applies")]),
         // --- syntax
@@ -266,7 +274,12 @@ fn bad_json_bodies() {
         ("not an object", "[1, 2, 3]".into(), &[("", "expected a table")]),
         ("negative instances", format!(r#"{{"job": "www/prod/hello", "instances": -1, "task": {{{task}}}}}"#), &[("instances", "out of range")]),
         ("huge instances", format!(r#"{{"job": "www/prod/hello", "instances": 18446744073709551615, "task": {{{task}}}}}"#), &[("instances", "whole number")]),
-        ("system type", format!(r#"{{"job": "www/prod/hello", "type": "system", "task": {{{task}}}}}"#), &[("type", "not yet supported")]),
+        (
+            "system job with distinct_hosts and spread",
+            format!(r#"{{"job": "www/prod/hello", "type": "system", "constraint": [{{"distinct_hosts": true}}, {{"spread": "rack"}}], "task": {{{task}}}}}"#),
+            &[("constraint[0]", "one instance per agent"), ("constraint[1]", "nothing to spread")],
+        ),
+        ("system job with instances", format!(r#"{{"job": "www/prod/hello", "type": "system", "instances": 2, "task": {{{task}}}}}"#), &[("instances", "not given")]),
         ("syntax error", "{\n  \"job\": \"www/prod/hello\",\n  \"task\": {,}\n}".into(), &[("line 3, column 12", "not valid JSON")]),
         ("empty body", String::new(), &[("line 1, column 0", "not valid JSON")]),
     ];
@@ -325,7 +338,24 @@ kill_grace = "59m 30s 250ms"
 N = 3
 FLAG = true
 "#;
-    for text in [GOOD, batch] {
+    let system = r#"
+job = "infra/prod/node-exporter"
+type = "system"
+
+[task]
+command = "./node_exporter"
+user = "nobody"
+cpus = 0.1
+mem = "32MiB"
+disk = "0B"
+
+[[constraint]]
+attribute = "role"
+in = ["worker", "edge"]
+"#;
+    let spec = parse_toml(system, &policy).unwrap();
+    assert_eq!((spec.job_type, spec.instances), (capstan_model::JobType::System, 0), "instances follow the agents");
+    for text in [GOOD, batch, system] {
         let spec = parse_toml(text, &policy).unwrap();
         let json = serde_json::to_string_pretty(&spec).unwrap();
         let back = parse_json(&json, &policy).unwrap_or_else(|e| panic!("{json}\nwas refused:\n{e}"));

@@ -10,6 +10,7 @@
 
 mod constraints;
 mod preempt;
+mod system;
 
 use capstan_model::spec::{Constraint, PlacementPolicy};
 use capstan_model::{derive_id, AgentId, Demand, JobKey, TaskId, Timestamp};
@@ -114,6 +115,9 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
     let agents: Vec<&Agent> = state.agents.values().filter(|a| a.schedulable()).collect();
     // One random order per pass; each task starts at a different place in it.
     let mut order: Vec<usize> = (0..agents.len()).collect();
+    // Where each active agent is in `agents`, for system tasks (pinned to their agent); built on
+    // first use.
+    let mut agent_index: Option<HashMap<AgentId, usize>> = None;
     let mut rng = seed;
     for i in (1..order.len()).rev() {
         rng = derive_id(rng);
@@ -159,11 +163,20 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
         };
         rng = derive_id(rng ^ task_id.0);
         let start = if agents.is_empty() { 0 } else { (rng % agents.len() as u64) as usize };
+        // A system task looks at its own agent only (none if that agent is not active).
+        let pinned = system::pinned_slot(&agents, &mut agent_index, job, task);
+        let span = match pinned {
+            Some(slot) => usize::from(slot.is_some()),
+            None => agents.len(),
+        };
         let mut refusals = Refusals::default();
         let mut best: Option<((u64, u64), usize)> = None;
         let mut found = 0;
-        for k in 0..agents.len() {
-            let idx = order[(start + k) % agents.len()];
+        for k in 0..span {
+            let idx = match pinned {
+                Some(Some(idx)) => idx,
+                _ => order[(start + k) % agents.len()],
+            };
             let agent = agents[idx];
             let mut free = free_after(agent, tentative.get(&agent.info.id));
             // Room promised to a production task (victims still stopping) is not for others.
@@ -220,7 +233,13 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
                 out.placements.push(Placement { task: task_id, agent: agent.info.id, ports });
             }
             None => {
-                let why = refusals.explain(agents.len(), state.agents.len());
+                let why = match pinned {
+                    Some(slot) => system::explain(state, job, task, slot.map(|i| agents[i]), &refusals),
+                    None => refusals.explain(agents.len(), state.agents.len()),
+                };
+                // Only its own agent may be freed for a system task.
+                let pinned_agent: Vec<&Agent> = pinned.flatten().map(|i| agents[i]).into_iter().collect();
+                let candidates: &[&Agent] = if pinned.is_some() { &pinned_agent } else { &agents };
                 if spec.production && state.frozen.is_none() && preemption_searches < PREEMPTION_SEARCHES_PER_PASS {
                     preemption_searches += 1;
                     let already: BTreeSet<TaskId> = out.preemptions.iter().map(|p| p.victim).collect();
@@ -230,7 +249,7 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
                         Some(s) => s,
                         None => spreads.entry((*task.job).clone()).or_insert_with(|| JobSpread::of(state, job)),
                     };
-                    let found = preempt::find(state, &agents, &tentative, &promised, task, &cons, spread, &already);
+                    let found = preempt::find(state, candidates, &tentative, &promised, task, &cons, spread, &already);
                     if let Some(found) = found {
                         if let Some(agent) = state.agents.get(&found.agent) {
                             spread.add(agent);
@@ -251,8 +270,11 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
                         continue;
                     }
                 }
-                // Tasks of one job are alike: if this one fits nowhere, neither do its siblings.
-                hopeless.insert((*task.job).clone(), why.clone());
+                // Tasks of one job are alike: if this one fits nowhere, neither do its siblings
+                // (not so for a system job: each of its tasks has an agent of its own).
+                if pinned.is_none() {
+                    hopeless.insert((*task.job).clone(), why.clone());
+                }
                 out.unplaced.push(Unplaced { task: task_id, why });
             }
         }

@@ -37,6 +37,8 @@ enum ConsDesc {
 #[derive(Clone, Debug)]
 struct JobDesc {
     batch: bool,
+    /// One instance per matching agent (wins over `batch`; keeps only value, not, in constraints).
+    system: bool,
     instances: u32,
     cpus_milli: u32,
     mem_mib: u64,
@@ -92,7 +94,7 @@ fn cons_desc() -> impl Strategy<Value = ConsDesc> {
 
 fn job_desc() -> impl Strategy<Value = JobDesc> {
     (
-        (any::<bool>(), 1u32..30),
+        (any::<bool>(), 1u32..30, prop::bool::weighted(0.2)),
         // Some demands fit nowhere (agents have at most 8 cpus, 16 GiB).
         prop_oneof![9 => 50u32..3000, 1 => Just(50_000u32)],
         prop_oneof![9 => 16u64..4096, 1 => Just(1u64 << 20)],
@@ -103,7 +105,7 @@ fn job_desc() -> impl Strategy<Value = JobDesc> {
     )
         .prop_map(
             |(
-                (batch, instances),
+                (batch, instances, system),
                 cpus_milli,
                 mem_mib,
                 disk_mib,
@@ -113,6 +115,7 @@ fn job_desc() -> impl Strategy<Value = JobDesc> {
             )| {
                 JobDesc {
                     batch,
+                    system,
                     instances,
                     cpus_milli,
                     mem_mib,
@@ -146,6 +149,7 @@ fn build_job(d: &JobDesc) -> JobShape {
     let constraints: Vec<ConstraintSpec> = d
         .constraints
         .iter()
+        .filter(|c| !d.system || matches!(c, ConsDesc::Equals(..) | ConsDesc::NotEquals(..) | ConsDesc::In(..)))
         .map(|c| match c {
             ConsDesc::Equals(a, v) => equals(attribute(*a), &value(*a, *v)),
             ConsDesc::NotEquals(a, v) => not_equals(attribute(*a), &value(*a, *v)),
@@ -160,8 +164,12 @@ fn build_job(d: &JobDesc) -> JobShape {
         })
         .collect();
     JobShape {
-        job_type: if d.batch { JobType::Batch } else { JobType::Service },
-        instances: d.instances,
+        job_type: match (d.system, d.batch) {
+            (true, _) => JobType::System,
+            (false, true) => JobType::Batch,
+            (false, false) => JobType::Service,
+        },
+        instances: if d.system { 0 } else { d.instances },
         cpus_milli: d.cpus_milli,
         mem_bytes: d.mem_mib * MIB,
         disk_bytes: d.disk_mib * MIB,

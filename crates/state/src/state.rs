@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+mod system;
+pub use system::{agent_matches, DROPPED_INSTANCES_KEPT_MAX};
+
 /// How many state changes a task remembers (the first one and the most recent ones).
 pub const TASK_EVENTS_MAX: usize = 12;
 /// Ended tasks kept per instance, for `task list` and debugging; older ones are forgotten.
@@ -31,10 +34,18 @@ pub struct Job {
     /// The task of each instance: the live (or latest) one; kept, not derived, because a copy
     /// taken back when its agent returns is older than the replacement it displaced.
     pub current: BTreeMap<u32, TaskId>,
+    /// System jobs: the instance on each matching agent (instance → agent). An instance whose
+    /// agent was removed or stopped matching leaves this map (its task ended) and is not replaced.
+    pub pinned: BTreeMap<u32, AgentId>,
+    /// System jobs: the number of the next instance (numbers are never reused).
+    pub next_instance: u32,
     // --- derived from tasks
     /// All tasks of the job still remembered, per instance, oldest first.
     #[serde(skip)]
     pub history: BTreeMap<u32, Vec<TaskId>>,
+    /// System jobs: `pinned` the other way round (agent → instance).
+    #[serde(skip)]
+    pub pinned_by_agent: BTreeMap<AgentId, u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,6 +223,7 @@ impl ClusterState {
                 }
                 out.agents_touched.insert(info.id);
                 out.new_pending = true;
+                self.system_agent_changed(info.id, at, &mut out);
             }
             Command::AgentReconcile { agent, known, running, as_of_seq } => {
                 self.reconcile_agent(*agent, known, running, *as_of_seq, at, &mut out)?;
@@ -237,6 +249,9 @@ impl ClusterState {
             }
             Command::SetFreeze { freeze } => {
                 self.frozen = freeze.as_ref().map(|f| Freeze { at, ..f.clone() });
+                if self.frozen.is_none() {
+                    self.system_unfrozen(at, &mut out);
+                }
                 // Agents learn it with their orders (no health-check kills while frozen).
                 for a in self.agents.values_mut() {
                     a.orders_version += 1;
@@ -248,7 +263,11 @@ impl ClusterState {
                     return Err(Rejection::JobExists(spec.job.clone()));
                 }
                 if spec.production {
-                    self.check_quota(&spec.job.role, &spec.task.demand(), spec.instances)?;
+                    let instances = match spec.job_type {
+                        JobType::System => self.matching_agents(spec).count() as u32,
+                        _ => spec.instances,
+                    };
+                    self.check_quota(&spec.job.role, &spec.task.demand(), instances)?;
                 }
                 let spec = Arc::new(spec.clone());
                 self.job_seq += 1;
@@ -264,7 +283,10 @@ impl ClusterState {
                         done: BTreeMap::new(),
                         finished_at: None,
                         current: BTreeMap::new(),
+                        pinned: BTreeMap::new(),
+                        next_instance: 0,
                         history: BTreeMap::new(),
+                        pinned_by_agent: BTreeMap::new(),
                     },
                 );
                 let mut next = *seed;
@@ -273,6 +295,9 @@ impl ClusterState {
                     let id = self.fresh_id(next);
                     self.create_task(id, &spec.job, instance, 0, at, at);
                     out.created.push(id);
+                }
+                if spec.job_type == JobType::System {
+                    self.system_job_created(&spec.job, *seed, at, &mut out);
                 }
                 out.new_pending = true;
             }
@@ -388,7 +413,9 @@ impl ClusterState {
             out.agents_touched.insert(agent);
             out.agent_back = true;
             out.new_pending = true;
+            self.system_agent_changed(agent, at, out);
         }
+        let a = self.agents.get_mut(&agent).expect("checked above");
         let stale = as_of_seq.is_some_and(|seq| a.last_update_seq > seq);
         let known: BTreeSet<TaskId> = known.iter().copied().collect();
         let running: BTreeSet<TaskId> = running.iter().copied().collect();
@@ -499,7 +526,8 @@ impl ClusterState {
         };
         let due: Vec<TaskId> = self.due_for_replacement(agent, at).collect();
         for id in &due {
-            let replaced = self.tasks.get(id).is_some_and(|t| t.desired == Desired::Run);
+            let dropped = self.system_task_lost_with_agent(*id);
+            let replaced = !dropped && self.tasks.get(id).is_some_and(|t| t.desired == Desired::Run);
             self.step(*id, &Event::AgentLost, at, out);
             if replaced {
                 self.counters.tasks_replaced_unreachable += 1;
@@ -517,6 +545,7 @@ impl ClusterState {
         if !later {
             let a = self.agents.get_mut(&agent).expect("checked above");
             a.liveness = Liveness::Removed { since, at };
+            self.system_agent_removed(agent, at, out);
         }
         Ok(())
     }
@@ -572,7 +601,7 @@ impl ClusterState {
         let mut q = Quota::default();
         for j in self.jobs.values().filter(|j| j.spec.production && j.spec.job.role == role && j.killed.is_none()) {
             let d = j.spec.task.demand();
-            let n = u64::from(j.spec.instances);
+            let n = u64::from(j.instance_count());
             q.cpus_milli += u64::from(d.cpus_milli) * n;
             q.mem_bytes += d.mem_bytes * n;
             q.disk_bytes += d.disk_bytes * n;
@@ -699,6 +728,10 @@ impl ClusterState {
         let Some(job) = self.jobs.get(&task.job) else {
             return false;
         };
+        // A system job's instance runs on its own agent and nowhere else.
+        if job.is_system() && job.pinned_agent(task.instance) != Some(p.agent) {
+            return false;
+        }
         let Some(agent) = self.agents.get_mut(&p.agent) else {
             return false;
         };
@@ -892,7 +925,7 @@ impl ClusterState {
         let Some(job) = self.jobs.get(&job_key) else {
             return;
         };
-        if job.killed.is_some() || job.current.get(&instance) != Some(&old) || instance >= job.spec.instances {
+        if job.killed.is_some() || job.current.get(&instance) != Some(&old) || !job.wants_instance(instance) {
             return;
         }
         let id = self.fresh_id(derive_id(old.0));
@@ -934,6 +967,7 @@ impl ClusterState {
         }
         for job in self.jobs.values_mut() {
             job.history.clear();
+            job.rebuild_pinned_by_agent();
         }
         // One key in memory per job: tasks read from a snapshot each had their own copy.
         for t in self.tasks.values_mut() {

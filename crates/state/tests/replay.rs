@@ -39,6 +39,8 @@ enum Op {
     CreateJob {
         name: u8,
         batch: bool,
+        /// A system job (one instance per matching agent); wins over `batch`.
+        system: bool,
         instances: u32,
         max_failures: u32,
         cpus_milli: u32,
@@ -135,11 +137,32 @@ fn op() -> impl Strategy<Value = Op> {
             port_count,
             split,
         });
-    let create =
-        (0..JOBS_MAX, any::<bool>(), 1u32..5, 0u32..3, 100u32..1500, 4u64..600, 0u64..600, 0u32..3, any::<u64>())
-            .prop_map(|(name, batch, instances, max_failures, cpus_milli, mem_mib, disk_mib, ports, seed)| {
-                Op::CreateJob { name, batch, instances, max_failures, cpus_milli, mem_mib, disk_mib, ports, seed }
-            });
+    let create = (
+        (0..JOBS_MAX, any::<bool>(), prop::bool::weighted(0.25)),
+        1u32..5,
+        0u32..3,
+        100u32..1500,
+        4u64..600,
+        0u64..600,
+        0u32..3,
+        any::<u64>(),
+    )
+        .prop_map(
+            |((name, batch, system), instances, max_failures, cpus_milli, mem_mib, disk_mib, ports, seed)| {
+                Op::CreateJob {
+                    name,
+                    batch,
+                    system,
+                    instances,
+                    max_failures,
+                    cpus_milli,
+                    mem_mib,
+                    disk_mib,
+                    ports,
+                    seed,
+                }
+            },
+        );
     let bad = prop_oneof![
         Just(BadPlacement::OverCommit),
         Just(BadPlacement::TakenPort),
@@ -225,8 +248,13 @@ fn first_fit(state: &ClusterState, now: u64, count_plan: bool) -> Vec<Placement>
         if task.not_before.0 > now {
             continue;
         }
-        let spec = &state.jobs[&task.job].spec.task;
-        for (agent_id, agent) in state.agents.iter().filter(|(_, a)| a.schedulable()) {
+        let job = &state.jobs[&task.job];
+        let spec = &job.spec.task;
+        // A system task goes on its own agent only.
+        let pinned = job.pinned_agent(task.instance);
+        for (agent_id, agent) in
+            state.agents.iter().filter(|(id, a)| a.schedulable() && (!job.is_system() || pinned == Some(**id)))
+        {
             let (cpus, mem, disk, plan_ports) = used.get(agent_id).cloned().unwrap();
             let cap = &agent.info.capacity;
             let free = free_ports(state, *agent_id, &plan_ports);
@@ -349,7 +377,8 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
                     ports.push(PortRange { first: *port_first, last });
                 }
             }
-            let info = agent_info(*id, *cpus_milli, mem_mib * MIB, disk_mib * MIB, ports);
+            let mut info = agent_info(*id, *cpus_milli, mem_mib * MIB, disk_mib * MIB, ports);
+            info.attributes.insert("role".into(), if id % 2 == 1 { "a" } else { "b" }.into());
             Command::RegisterAgent { info }
         }
         Op::ReRegister { pick: i } => {
@@ -361,12 +390,22 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
                 info.hostname.clear();
                 expect.rejected = true;
             }
+            if now % 5 == 1 {
+                // It comes back with another role: system jobs on `role = a` gain or lose it.
+                let role = if info.attributes.get("role").is_some_and(|r| r == "a") { "b" } else { "a" };
+                info.attributes.insert("role".into(), role.into());
+            }
             Command::RegisterAgent { info }
         }
-        Op::CreateJob { name, batch, instances, max_failures, cpus_milli, mem_mib, disk_mib, ports, seed } => {
+        Op::CreateJob { name, batch, system, instances, max_failures, cpus_milli, mem_mib, disk_mib, ports, seed } => {
+            let job_type = match (*system, *batch) {
+                (true, _) => capstan_model::JobType::System,
+                (false, true) => capstan_model::JobType::Batch,
+                (false, false) => capstan_model::JobType::Service,
+            };
             let shape = JobShape {
-                job_type: if *batch { capstan_model::JobType::Batch } else { capstan_model::JobType::Service },
-                instances: *instances,
+                job_type,
+                instances: if *system { 0 } else { *instances },
                 max_failures: *max_failures,
                 cpus_milli: *cpus_milli,
                 mem_bytes: mem_mib * MIB,
@@ -380,6 +419,13 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
                 1 => Some(capstan_model::spec::ReplaceAfter::After(capstan_model::spec::DurationMs(5_000))),
                 _ => Some(capstan_model::spec::ReplaceAfter::Never),
             };
+            if *system && seed % 2 == 1 {
+                spec.constraint = vec![capstan_model::spec::ConstraintSpec {
+                    attribute: Some("role".into()),
+                    value: Some("a".into()),
+                    ..Default::default()
+                }];
+            }
             Command::CreateJob { spec, seed: *seed }
         }
         Op::PlaceFirstFit => {
@@ -542,7 +588,18 @@ fn check_invariants(state: &ClusterState) -> Result<(), TestCaseError> {
     for t in state.tasks.values() {
         let job = state.jobs.get(&t.job);
         prop_assert!(job.is_some(), "task {} of a job that is gone", t.id);
-        prop_assert!(t.instance < job.unwrap().spec.instances, "task {} instance out of range", t.id);
+        let job = job.unwrap();
+        if job.is_system() {
+            prop_assert!(t.instance < job.next_instance, "task {} instance out of range", t.id);
+            // A system instance's wanted task holds resources on its own agent only.
+            if let (Some(agent), true) = (job.pinned_agent(t.instance), t.state.holds_resources()) {
+                if t.desired == capstan_model::Desired::Run && job.current.get(&t.instance) == Some(&t.id) {
+                    prop_assert_eq!(t.agent, Some(agent), "system task {} off its agent", t.id);
+                }
+            }
+        } else {
+            prop_assert!(t.instance < job.spec.instances, "task {} instance out of range", t.id);
+        }
         // A replacement stopping because the copy it replaced came back is live for a while beside
         // it; it is not wanted (desired STOP).
         if !t.state.is_terminal() && t.desired == capstan_model::Desired::Run {
@@ -557,6 +614,9 @@ fn check_invariants(state: &ClusterState) -> Result<(), TestCaseError> {
         prop_assert!(t.events.len() <= capstan_state::state::TASK_EVENTS_MAX);
     }
     for j in state.jobs.values() {
+        // A system job has one instance per agent at most, each on a known agent.
+        prop_assert_eq!(j.pinned.len(), j.pinned_by_agent.len(), "job {}: two instances on one agent", j.spec.job);
+        prop_assert!(j.pinned.values().all(|a| state.agents.contains_key(a)));
         if j.finished_at.is_some() {
             prop_assert_eq!(j.done.len() as u32, j.spec.instances, "job {} finished early", j.spec.job);
         }

@@ -260,6 +260,9 @@ impl Held {
         let t = &state.tasks[&task];
         let job = &state.jobs[&t.job];
         let a = &state.agents[&agent];
+        if job.spec.job_type == JobType::System && job.pinned.get(&t.instance) != Some(&agent) {
+            return Err("not its agent (system job)".into());
+        }
         let d = job.spec.task.demand();
         let cap = &a.info.capacity;
         let used = self.used.get(&agent).copied().unwrap_or_default();
@@ -363,11 +366,11 @@ pub fn check_constraints(state: &ClusterState) -> Result<(), String> {
 /// Every job has exactly `instances` current tasks, and at most one live (not ended) task per instance.
 pub fn check_counts(state: &ClusterState) -> Result<(), String> {
     for (key, job) in &state.jobs {
-        if job.current.len() as u32 != job.spec.instances {
+        if job.current.len() as u32 != job.instance_count() {
             return Err(format!(
                 "job {key} has {} current tasks for {} instances",
                 job.current.len(),
-                job.spec.instances
+                job.instance_count()
             ));
         }
         let mut live: BTreeMap<u32, u32> = BTreeMap::new();
