@@ -9,9 +9,9 @@ use crate::state::ClusterState;
 use serde::{Deserialize, Serialize};
 
 /// Version of the encoding of logged commands.
-pub const COMMAND_FORMAT_VERSION: u16 = 2;
+pub const COMMAND_FORMAT_VERSION: u16 = 3;
 /// Version of the encoding of snapshots.
-pub const SNAPSHOT_FORMAT_VERSION: u16 = 2;
+pub const SNAPSHOT_FORMAT_VERSION: u16 = 3;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {
