@@ -31,6 +31,8 @@ pub struct Job {
     /// The task of each instance: the live (or latest) one; kept, not derived, because a copy
     /// taken back when its agent returns is older than the replacement it displaced.
     pub current: BTreeMap<u32, TaskId>,
+    /// Cron jobs: their runs and the latest fire time handled; `None` for other types.
+    pub cron: Option<crate::cron::CronRuns>,
     // --- derived from tasks
     /// All tasks of the job still remembered, per instance, oldest first.
     #[serde(skip)]
@@ -185,6 +187,8 @@ pub struct Applied {
     pub replaced: Vec<TaskId>,
     /// LOST copies taken back (AgentReconcile).
     pub taken_back: Vec<TaskId>,
+    /// What a StartCronRun did.
+    pub cron: Option<crate::cron::CronStarted>,
 }
 
 impl ClusterState {
@@ -264,11 +268,14 @@ impl ClusterState {
                         done: BTreeMap::new(),
                         finished_at: None,
                         current: BTreeMap::new(),
+                        cron: (spec.job_type == JobType::Cron).then(|| crate::cron::CronRuns::new(at)),
                         history: BTreeMap::new(),
                     },
                 );
+                // A cron job's tasks are created by its runs (StartCronRun), not now.
+                let instances = if spec.job_type == JobType::Cron { 0 } else { spec.instances };
                 let mut next = *seed;
-                for instance in 0..spec.instances {
+                for instance in 0..instances {
                     next = derive_id(next);
                     let id = self.fresh_id(next);
                     self.create_task(id, &spec.job, instance, 0, at, at);
@@ -346,6 +353,9 @@ impl ClusterState {
                 for u in updates {
                     self.agent_update(*agent, u, at, &mut out);
                 }
+            }
+            Command::StartCronRun { job, scheduled_at, missed, seed, by } => {
+                self.start_cron_run(job, *scheduled_at, *missed, *seed, by, at, &mut out)?;
             }
         }
         Ok(out)
@@ -623,14 +633,14 @@ impl ClusterState {
         }
     }
 
-    fn fresh_id(&self, mut candidate: u64) -> TaskId {
+    pub(crate) fn fresh_id(&self, mut candidate: u64) -> TaskId {
         while self.tasks.contains_key(&TaskId(candidate)) {
             candidate = derive_id(candidate);
         }
         TaskId(candidate)
     }
 
-    fn create_task(
+    pub(crate) fn create_task(
         &mut self,
         id: TaskId,
         job: &JobKey,
@@ -767,7 +777,7 @@ impl ClusterState {
     }
 
     /// Runs one lifecycle transition on a task and carries out its effects, in order.
-    fn step(&mut self, id: TaskId, event: &Event, at: Timestamp, out: &mut Applied) {
+    pub(crate) fn step(&mut self, id: TaskId, event: &Event, at: Timestamp, out: &mut Applied) {
         let Some(task) = self.tasks.get(&id) else {
             return;
         };
@@ -880,6 +890,7 @@ impl ClusterState {
             }
         }
         if t.state.is_terminal() {
+            self.cron_task_ended(&job_key, at, out);
             self.forget_job_if_over(&job_key);
         }
     }
