@@ -138,7 +138,7 @@ fn every_minute_kill_existing() {
         let ok = runs.len() >= 2 && runs[1]["result"] == "RUNNING" && runs[0]["result"] == "KILLED";
         let tasks = c.tasks_of(key)?;
         let running = tasks.iter().filter(|t| t["state"] == "RUNNING").count();
-        ensure(ok && running == 2, format!("{} {}", run_summary(&runs), summary(&tasks)))
+        ensure(ok && running == 2, format!("{} {}", run_summary(&runs), summary(&tasks))).map(|()| runs)
     });
     let samples = sampler.finish();
     assert!(samples > 100, "sampled continuously: {samples} samples");
@@ -170,7 +170,7 @@ fn every_minute_cancel_new() {
     let sampler = OverlapSampler::start(c.url.clone(), key);
     let runs = wait_until(TWO_FIRE_TIMES, "run 2 is skipped while run 1 runs", || {
         let runs = runs(&c, key)?;
-        ensure(runs.len() >= 2 && runs[1]["result"] == "SKIPPED", run_summary(&runs))
+        ensure(runs.len() >= 2 && runs[1]["result"] == "SKIPPED", run_summary(&runs)).map(|()| runs)
     });
     sampler.finish();
     let (first, second) = (&runs[0], &runs[1]);
@@ -226,7 +226,7 @@ fn job_start_runs_one_now_under_the_collision_policy() {
     assert!(text(&again.stderr).contains("run 2 of ops/test/by-hand was skipped: run 1 is still running"), "{}", text(&again.stderr));
     let runs = wait_until(SOON, "run 1 succeeded", || {
         let runs = runs(&c, key)?;
-        ensure(runs.first().is_some_and(|r| r["result"] == "SUCCEEDED"), run_summary(&runs))
+        ensure(runs.first().is_some_and(|r| r["result"] == "SUCCEEDED"), run_summary(&runs)).map(|()| runs)
     });
     assert_eq!(runs[0]["by"], "started by hand (capstan job start)");
     assert!(runs[0]["scheduled_at"].is_null());
@@ -256,7 +256,7 @@ fn a_master_restart_across_fire_times_runs_the_missed_run_once() {
     c.create_job(&cron_job(key, "*/3 * * * * *", "KILL_EXISTING", 1, "true"));
     let before = wait_until(SOON, "a scheduled run", || {
         let runs = runs(&c, key)?;
-        ensure(runs.iter().any(|r| r["result"] == "SUCCEEDED"), run_summary(&runs))
+        ensure(runs.iter().any(|r| r["result"] == "SUCCEEDED"), run_summary(&runs)).map(|()| runs)
     });
     c.kill9_master();
     let down = Instant::now();
@@ -266,6 +266,7 @@ fn a_master_restart_across_fire_times_runs_the_missed_run_once() {
     let after = wait_until(SOON, "the missed run", || {
         let runs = runs(&c, key)?;
         ensure(runs.len() > before.len() && runs.iter().any(|r| r["missed"].as_u64() > Some(0)), run_summary(&runs))
+            .map(|()| runs)
     });
     // The last run before the master went away (it may have ended its run after `before` was read).
     let recovered: Vec<&Value> = after.iter().filter(|r| r["missed"].as_u64() > Some(0)).collect();
@@ -286,7 +287,7 @@ fn a_master_restart_across_fire_times_runs_the_missed_run_once() {
     // Afterwards the schedule goes on as usual, with nothing missed.
     let later = wait_until(SOON, "a run on time after the recovery", || {
         let runs = runs(&c, key)?;
-        ensure(runs.len() > i + 1, run_summary(&runs))
+        ensure(runs.len() > i + 1, run_summary(&runs)).map(|()| runs)
     });
     assert_eq!(later[i + 1]["missed"], 0, "{}", run_summary(&later));
     assert_eq!(ms_of(&later[i + 1]["scheduled_at"]) - ms_of(&run["scheduled_at"]), EVERY_MS);
@@ -307,7 +308,8 @@ fn while_frozen_kill_existing_skips_the_new_run() {
     c.capstan_ok(&["admin", "freeze", "--reason", "cron test", "--by", "tester"]);
     let runs = wait_until(SOON, "a run skipped because frozen", || {
         let runs = runs(&c, key)?;
-        ensure(runs.iter().any(|r| r["result"] == "SKIPPED" && r["reason"].as_str().unwrap_or("").contains("frozen")), run_summary(&runs))
+        let frozen = runs.iter().any(|r| r["result"] == "SKIPPED" && r["reason"].as_str().unwrap_or("").contains("frozen"));
+        ensure(frozen, run_summary(&runs)).map(|()| runs)
     });
     let t = c.task(&task_id(&task)).unwrap().unwrap();
     assert_eq!(t["state"], "RUNNING", "nothing killed while frozen: {}", run_summary(&runs));
