@@ -503,7 +503,10 @@ async fn cmd_job(cmd: JobCmd, c: &ClientArgs) -> anyhow::Result<()> {
             let spec = read_job_file(&file)?;
             let created = mutate(&client, client.create_job(&serde_json::to_value(&spec)?)).await?;
             c.output.print(&created, || match &spec.cron {
-                Some(cron) => format!("cron job {} created; it runs on \"{cron}\" (capstan job status shows the next run)", created.job),
+                Some(cron) => format!(
+                    "cron job {} created; it runs on \"{cron}\" (capstan job status shows the next run)",
+                    created.job
+                ),
                 None => format!("job {} created with {} tasks", created.job, created.tasks.len()),
             });
         }

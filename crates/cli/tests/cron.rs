@@ -84,7 +84,8 @@ impl OverlapSampler {
             let (mut samples, mut overlaps) = (0, Vec::new());
             while !flag.load(Ordering::Relaxed) {
                 // Tasks first, then the job: the job is newer, so it knows the run of every task seen.
-                let (Some(Value::Array(tasks)), Some(job)) = (get(&format!("/v1/tasks?job={key}")), get(&format!("/v1/jobs/{key}")))
+                let (Some(Value::Array(tasks)), Some(job)) =
+                    (get(&format!("/v1/tasks?job={key}")), get(&format!("/v1/jobs/{key}")))
                 else {
                     std::thread::sleep(POLL);
                     continue;
@@ -95,7 +96,11 @@ impl OverlapSampler {
                     .flatten()
                     .flat_map(|r| {
                         let n = r["number"].as_u64().unwrap_or(0);
-                        r["tasks"].as_array().into_iter().flatten().map(move |t| (t.as_str().unwrap_or("").to_string(), n))
+                        r["tasks"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(move |t| (t.as_str().unwrap_or("").to_string(), n))
                     })
                     .collect();
                 let live_runs: BTreeSet<u64> = tasks
@@ -223,7 +228,11 @@ fn job_start_runs_one_now_under_the_collision_policy() {
     // A second start while run 1 runs is skipped: said, and a non-zero exit.
     let again = c.capstan(&["job", "start", key]);
     assert!(!again.status.success(), "{}", text(&again.stdout));
-    assert!(text(&again.stderr).contains("run 2 of ops/test/by-hand was skipped: run 1 is still running"), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("run 2 of ops/test/by-hand was skipped: run 1 is still running"),
+        "{}",
+        text(&again.stderr)
+    );
     let runs = wait_until(SOON, "run 1 succeeded", || {
         let runs = runs(&c, key)?;
         ensure(runs.first().is_some_and(|r| r["result"] == "SUCCEEDED"), run_summary(&runs)).map(|()| runs)
@@ -308,7 +317,8 @@ fn while_frozen_kill_existing_skips_the_new_run() {
     c.capstan_ok(&["admin", "freeze", "--reason", "cron test", "--by", "tester"]);
     let runs = wait_until(SOON, "a run skipped because frozen", || {
         let runs = runs(&c, key)?;
-        let frozen = runs.iter().any(|r| r["result"] == "SKIPPED" && r["reason"].as_str().unwrap_or("").contains("frozen"));
+        let frozen =
+            runs.iter().any(|r| r["result"] == "SKIPPED" && r["reason"].as_str().unwrap_or("").contains("frozen"));
         ensure(frozen, run_summary(&runs)).map(|()| runs)
     });
     let t = c.task(&task_id(&task)).unwrap().unwrap();

@@ -81,14 +81,15 @@ impl Schedules {
 }
 
 fn parse(spec: &Arc<JobSpec>) -> Cached {
-    let schedule = spec.cron.as_deref().and_then(|expr| match CronSchedule::parse(expr, spec.cron_timezone.as_deref()) {
-        Ok(s) => Some(s),
-        Err(problems) => {
-            // Validated when the job was created; a newer version of Capstan may read it otherwise.
-            tracing::error!(job = %spec.job, "cron schedule no longer valid: {problems:?}");
-            None
-        }
-    });
+    let schedule =
+        spec.cron.as_deref().and_then(|expr| match CronSchedule::parse(expr, spec.cron_timezone.as_deref()) {
+            Ok(s) => Some(s),
+            Err(problems) => {
+                // Validated when the job was created; a newer version of Capstan may read it otherwise.
+                tracing::error!(job = %spec.job, "cron schedule no longer valid: {problems:?}");
+                None
+            }
+        });
     Cached { spec: spec.clone(), schedule, next: None }
 }
 
@@ -142,7 +143,8 @@ pub fn record_event(
         );
     }
     if let Some(w) = started.superseded {
-        events.add("cron_run_skipped", format!("cron job {job}: run {w} skipped: superseded by run {}", started.number));
+        events
+            .add("cron_run_skipped", format!("cron job {job}: run {w} skipped: superseded by run {}", started.number));
     }
     match started.result {
         CronRunResult::Skipped => {
@@ -150,7 +152,10 @@ pub fn record_event(
         }
         CronRunResult::Waiting => events.add(
             "cron_run_killing_previous",
-            format!("cron job {job}: {what} waits while run {} is killed (KILL_EXISTING)", started.killing.unwrap_or(0)),
+            format!(
+                "cron job {job}: {what} waits while run {} is killed (KILL_EXISTING)",
+                started.killing.unwrap_or(0)
+            ),
         ),
         _ => events.add("cron_run_started", format!("cron job {job}: {what} started: {}", started.reason)),
     }
@@ -258,7 +263,10 @@ mod tests {
         let started = Timestamp(T0);
         assert!(s.due(&state, started, Timestamp(T0 + MINUTE - 1)).is_empty());
         let due = s.due(&state, started, Timestamp(T0 + MINUTE + 150));
-        assert_eq!(due, vec![DueRun { job: "ops/prod/tick".parse().unwrap(), scheduled_at: Timestamp(T0 + MINUTE), missed: 0 }]);
+        assert_eq!(
+            due,
+            vec![DueRun { job: "ops/prod/tick".parse().unwrap(), scheduled_at: Timestamp(T0 + MINUTE), missed: 0 }]
+        );
     }
 
     #[test]

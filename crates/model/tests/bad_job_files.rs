@@ -241,7 +241,11 @@ fn bad_job_files() {
             edit("type", "type = \"cron\"\ncron = \"* * * * *\"\ncron_collision_policy = \"KILL\""),
             &[("cron_collision_policy", "KILL_EXISTING, CANCEL_NEW")],
         ),
-        ("cron_timezone on a service", format!("cron_timezone = \"UTC\"\n{GOOD}"), &[("cron_timezone", "only applies")]),
+        (
+            "cron_timezone on a service",
+            format!("cron_timezone = \"UTC\"\n{GOOD}"),
+            &[("cron_timezone", "only applies")],
+        ),
         ("system type", edit("type", "type = \"system\""), &[("type", "not yet supported")]),
         ("unknown type", edit("type", "type = \"daemon\""), &[("type", "not one of")]),
         ("cron key on a service", format!("cron = \"* * * * *\"\n{GOOD}"), &[("cron", "only applies")]),

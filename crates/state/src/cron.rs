@@ -133,18 +133,24 @@ impl CronRuns {
     }
 }
 
+/// The fields of a `Command::StartCronRun`.
+pub(crate) struct RunRequest<'a> {
+    pub job: &'a JobKey,
+    pub scheduled_at: Option<Timestamp>,
+    pub missed: u32,
+    pub seed: u64,
+    pub by: &'a str,
+}
+
 impl ClusterState {
     /// `Command::StartCronRun`: a fire time (or `job start`) of a cron job.
     pub(crate) fn start_cron_run(
         &mut self,
-        job: &JobKey,
-        scheduled_at: Option<Timestamp>,
-        missed: u32,
-        seed: u64,
-        by: &str,
+        req: RunRequest<'_>,
         at: Timestamp,
         out: &mut Applied,
     ) -> Result<(), Rejection> {
+        let RunRequest { job, scheduled_at, missed, seed, by } = req;
         let frozen = self.frozen.as_ref().map(|f| f.reason.clone());
         let j = self.jobs.get_mut(job).ok_or_else(|| Rejection::NoSuchJob(job.clone()))?;
         if j.killed.is_some() {
@@ -168,8 +174,12 @@ impl ClusterState {
             cron.last_fire = s;
         }
         // Is the active run still live?
-        let live: Vec<TaskId> =
-            j.current.values().copied().filter(|id| self.tasks.get(id).is_some_and(|t| !t.state.is_terminal())).collect();
+        let live: Vec<TaskId> = j
+            .current
+            .values()
+            .copied()
+            .filter(|id| self.tasks.get(id).is_some_and(|t| !t.state.is_terminal()))
+            .collect();
         let active = cron.active.filter(|_| !live.is_empty());
         cron.last_number += 1;
         let number = cron.last_number;
@@ -217,7 +227,11 @@ impl ClusterState {
                 started.reason = reason.unwrap_or_default();
             }
             (Some(prev), CronCollisionPolicy::CancelNew) => {
-                skip(&mut run, &mut started, format!("run {prev} is still running (cron_collision_policy = CANCEL_NEW)"));
+                skip(
+                    &mut run,
+                    &mut started,
+                    format!("run {prev} is still running (cron_collision_policy = CANCEL_NEW)"),
+                );
                 cron.push(run);
             }
             (Some(prev), CronCollisionPolicy::KillExisting) => {

@@ -355,7 +355,9 @@ impl ClusterState {
                 }
             }
             Command::StartCronRun { job, scheduled_at, missed, seed, by } => {
-                self.start_cron_run(job, *scheduled_at, *missed, *seed, by, at, &mut out)?;
+                let req =
+                    crate::cron::RunRequest { job, scheduled_at: *scheduled_at, missed: *missed, seed: *seed, by };
+                self.start_cron_run(req, at, &mut out)?;
             }
         }
         Ok(out)

@@ -508,8 +508,7 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
         },
         Op::CronRun { name, scheduled, seed } => {
             let job = state.jobs.get(&job_key(*name));
-            expect.rejected =
-                job.is_none_or(|j| j.killed.is_some() || j.spec.job_type != capstan_model::JobType::Cron);
+            expect.rejected = job.is_none_or(|j| j.killed.is_some() || j.spec.job_type != capstan_model::JobType::Cron);
             let last_fire = job.and_then(|j| j.cron.as_ref()).map_or(now, |c| c.last_fire.0);
             Command::StartCronRun {
                 job: job_key(*name),
