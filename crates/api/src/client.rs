@@ -154,6 +154,11 @@ impl Client {
         self.get(&format!("/v1/jobs/{key}")).await
     }
 
+    /// Starts a run of a cron job now (`POST /v1/jobs/{key}/start`).
+    pub async fn start_job(&self, key: &str) -> Result<CronStartedView, ApiError> {
+        self.post(&format!("/v1/jobs/{key}/start"), serde_json::json!({})).await
+    }
+
     pub async fn kill_job(&self, key: &str) -> Result<serde_json::Value, ApiError> {
         Self::decode(
             self.send(reqwest::Method::DELETE, &format!("/v1/jobs/{key}"), None, Duration::from_secs(30)).await?,

@@ -50,6 +50,9 @@ pub struct JobView {
     /// Why instances wait, when they do ("no agent has room: …").
     pub pending_reasons: Vec<String>,
     pub spec: capstan_model::JobSpec,
+    /// Cron jobs: the schedule, the next fire time and the latest runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<CronView>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -356,3 +359,58 @@ pub struct EventsPage {
 
 /// The header every mutating API response carries while the cluster is frozen.
 pub const FROZEN_HEADER: &str = "capstan-frozen";
+
+/// A cron job's schedule and runs (`JobView::cron`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CronView {
+    /// The expression as written.
+    pub schedule: String,
+    /// The schedule in words.
+    pub description: String,
+    pub timezone: String,
+    /// `KILL_EXISTING` or `CANCEL_NEW`.
+    pub collision_policy: String,
+    /// RFC 3339; absent when the schedule never fires again.
+    pub next_run_at: Option<String>,
+    /// The latest fire time handled (run, skipped or missed); RFC 3339.
+    pub last_fire_at: String,
+    /// The latest runs, newest first (a bounded history).
+    pub runs: Vec<CronRunView>,
+}
+
+/// One run of a cron job, or one fire time that did not get to run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CronRunView {
+    pub number: u32,
+    /// `WAITING` (for the previous run to stop), `RUNNING`, `SUCCEEDED`, `FAILED`, `KILLED`,
+    /// `SKIPPED`.
+    pub result: String,
+    /// Why, in words.
+    pub reason: String,
+    /// The fire time it is for (RFC 3339); absent when started by hand.
+    pub scheduled_at: Option<String>,
+    /// `schedule`, or who started it by hand.
+    pub by: String,
+    /// Earlier fire times that passed without a run (the master was down) and were collapsed into
+    /// this one.
+    pub missed: u32,
+    pub requested_at: String,
+    pub started_at: Option<String>,
+    pub ended_at: Option<String>,
+    /// From its start (or, skipped, from its request) to its end.
+    pub duration_ms: Option<u64>,
+    pub tasks: Vec<TaskId>,
+}
+
+/// The answer to `POST /v1/jobs/{role}/{env}/{name}/start`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CronStartedView {
+    pub job: JobKey,
+    /// The run's number.
+    pub run: u32,
+    /// `RUNNING` (its tasks are created), `WAITING` (the previous run is being killed first,
+    /// `KILL_EXISTING`) or `SKIPPED` (`CANCEL_NEW`, or the cluster is frozen).
+    pub result: String,
+    pub reason: String,
+    pub tasks: Vec<TaskId>,
+}

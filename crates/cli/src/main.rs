@@ -274,6 +274,8 @@ enum JobCmd {
     List,
     /// Check a job file without submitting it.
     Validate { file: PathBuf },
+    /// Start a run of a cron job now (its collision policy applies).
+    Start { key: String },
 }
 
 #[derive(Subcommand)]
@@ -503,7 +505,13 @@ async fn cmd_job(cmd: JobCmd, c: &ClientArgs) -> anyhow::Result<()> {
         JobCmd::Create { file } => {
             let spec = read_job_file(&file)?;
             let created = mutate(&client, client.create_job(&serde_json::to_value(&spec)?)).await?;
-            c.output.print(&created, || format!("job {} created with {} tasks", created.job, created.tasks.len()));
+            c.output.print(&created, || match &spec.cron {
+                Some(cron) => format!(
+                    "cron job {} created; it runs on \"{cron}\" (capstan job status shows the next run)",
+                    created.job
+                ),
+                None => format!("job {} created with {} tasks", created.job, created.tasks.len()),
+            });
         }
         JobCmd::Update { file } => {
             read_job_file(&file)?;
@@ -525,6 +533,17 @@ async fn cmd_job(cmd: JobCmd, c: &ClientArgs) -> anyhow::Result<()> {
         JobCmd::List => {
             let jobs = client.jobs().await?;
             c.output.print(&jobs, || output::job_table(&jobs));
+        }
+        JobCmd::Start { key } => {
+            let key = job_key(&key)?;
+            let run = mutate(&client, client.start_job(&key)).await?;
+            c.output.print(&run, || match run.result.as_str() {
+                "RUNNING" => format!("job {key}: run {} started with {} task(s)", run.run, run.tasks.len()),
+                _ => format!("job {key}: run {} {}: {}", run.run, run.result, run.reason),
+            });
+            if run.result == "SKIPPED" {
+                bail!("run {} of {key} was skipped: {}", run.run, run.reason);
+            }
         }
     }
     Ok(())

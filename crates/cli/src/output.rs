@@ -123,13 +123,53 @@ pub fn job_status(j: &JobView, tasks: &[TaskView]) -> String {
         j.created_at
     );
     if let Some(f) = &j.finished_at {
-        out.push_str(&format!("finished  {f} (after {} ms)\n", j.duration_ms.unwrap_or(0)));
+        let took = humantime::format_duration(Duration::from_millis(j.duration_ms.unwrap_or(0)));
+        let how = if j.status == "finished" {
+            format!("complete: all {} instance(s) exited 0", j.instances)
+        } else {
+            "an instance failed for good".to_string()
+        };
+        out.push_str(&format!("finished  {f}, took {took} ({how})\n"));
     }
     for r in &j.pending_reasons {
         out.push_str(&format!("pending   {r}\n"));
     }
+    if let Some(c) = &j.cron {
+        out.push_str(&cron_section(c, SystemTime::now()));
+    }
     out.push('\n');
     out.push_str(&task_table(tasks));
+    out
+}
+
+/// A cron job's schedule, next run and run history (newest first).
+pub fn cron_section(c: &capstan_api::wire::CronView, now: SystemTime) -> String {
+    let mut out = format!(
+        "schedule  {} ({}) — {}\npolicy    {}\nnext run  {}\n",
+        c.schedule,
+        c.timezone,
+        c.description,
+        c.collision_policy,
+        c.next_run_at.as_deref().map_or_else(|| "never".to_string(), |t| time_and_relative(t, now)),
+    );
+    if c.runs.is_empty() {
+        out.push_str("runs      none yet\n");
+        return out;
+    }
+    let mut t = table(&["RUN", "RESULT", "SCHEDULED", "STARTED", "TOOK", "MISSED", "BY", "REASON"]);
+    for r in &c.runs {
+        t.add_row(vec![
+            r.number.to_string(),
+            r.result.clone(),
+            r.scheduled_at.as_deref().map_or_else(|| "-".to_string(), |at| relative(at, now)),
+            r.started_at.as_deref().map_or_else(|| "-".to_string(), |at| relative(at, now)),
+            r.duration_ms.map_or_else(|| "-".to_string(), |ms| compact(Duration::from_millis(ms))),
+            r.missed.to_string(),
+            r.by.clone(),
+            r.reason.clone(),
+        ]);
+    }
+    out.push_str(&format!("runs (newest first):\n{t}\n"));
     out
 }
 

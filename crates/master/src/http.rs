@@ -99,6 +99,7 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/agent/updates", post(agent_updates))
         .route("/v1/agent/usage", post(agent_usage))
         .route("/metrics", get(metrics))
+        .route("/v1/jobs/{role}/{env}/{name}/start", post(start_job))
         .fallback(|| async { ApiFailure::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::middleware::from_fn_with_state(app.clone(), frozen_notice))
         .with_state(app)
@@ -731,19 +732,52 @@ fn job_view(state: &ClusterState, j: &Job, unplaced: &crate::scheduler::Unplaced
     } else {
         "starting"
     };
+    // A cron job is never finished: its runs each have their own end, in `cron.runs`.
+    let cron = crate::cron::view(j, now());
+    let finished_at = j.finished_at.filter(|_| cron.is_none());
     JobView {
         job: j.spec.job.clone(),
         job_type: j.spec.job_type.as_str().into(),
-        status: status.into(),
+        status: crate::cron::status(state, j).unwrap_or(status).into(),
         instances: j.instance_count(),
         version: j.version,
         created_at: rfc3339(j.created_at),
-        finished_at: j.finished_at.map(rfc3339),
-        duration_ms: j.finished_at.map(|f| f.since(j.created_at)),
+        finished_at: finished_at.map(rfc3339),
+        duration_ms: finished_at.map(|f| f.since(j.created_at)),
         tasks,
         pending_reasons: reasons,
         spec: (*j.spec).clone(),
+        cron,
     }
+}
+
+// ---- cron jobs
+
+#[derive(Deserialize, Default)]
+struct StartRequest {
+    /// Who asks, for the run's record.
+    by: Option<String>,
+}
+
+/// `POST /v1/jobs/{role}/{env}/{name}/start`: a run of a cron job now, under its collision policy.
+async fn start_job(
+    State(app): State<AppState>,
+    Path((role, env, name)): Path<(String, String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<capstan_api::wire::CronStartedView>> {
+    let key = parse_job_key(&role, &env, &name)?;
+    let req: StartRequest = if body.is_empty() { StartRequest::default() } else { parse_body(&body)? };
+    let by = match req.by.as_deref().map(str::trim) {
+        Some(who) if !who.is_empty() => format!("started by hand by {who}"),
+        _ => "started by hand (capstan job start)".to_string(),
+    };
+    let command = Command::StartCronRun { job: key.clone(), scheduled_at: None, missed: 0, seed: rand::random(), by };
+    let applied = app.core.submit(command).await?;
+    let started = applied.cron.ok_or_else(|| {
+        ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the run request changed nothing")
+    })?;
+    crate::cron::record_event(&app.events, &key, &started, None, 0);
+    Ok(Json(crate::cron::started_view(&key, &started, applied.created)))
 }
 
 // ---- operator controls

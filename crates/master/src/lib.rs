@@ -2,6 +2,7 @@
 //! HTTP API. `start` returns once it serves.
 
 pub mod core;
+pub mod cron;
 pub mod events;
 pub mod http;
 pub mod liveness;
@@ -32,6 +33,8 @@ pub struct MasterHandle {
     pub server: tokio::task::JoinHandle<()>,
     pub scheduler: tokio::task::JoinHandle<()>,
     pub liveness: tokio::task::JoinHandle<()>,
+    /// The cron loop (`cron.rs`).
+    pub cron: tokio::task::JoinHandle<()>,
     pub events: Arc<events::Events>,
 }
 
@@ -87,6 +90,7 @@ pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
     });
     let scheduler = tokio::spawn(scheduler::run(core.clone(), unplaced));
     let liveness_loop = tokio::spawn(liveness::run(core.clone(), liveness.clone(), events.clone()));
+    let cron_loop = tokio::spawn(cron::run(core.clone(), events.clone()));
     tracing::info!("master serving on http://{addr}");
-    Ok(MasterHandle { addr, core, server, scheduler, liveness: liveness_loop, events })
+    Ok(MasterHandle { addr, core, server, scheduler, liveness: liveness_loop, cron: cron_loop, events })
 }

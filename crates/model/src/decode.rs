@@ -375,13 +375,6 @@ impl Cx {
                 ],
             ),
         };
-        if let Some(t @ JobType::Cron) = job_type {
-            self.err(
-                "type",
-                format!("type \"{}\" is not yet supported by this version of Capstan", t.as_str()),
-                Some("use \"service\" or \"batch\"".into()),
-            );
-        }
         let is_system = job_type == Some(JobType::System);
         let instances = match self.get(&o, "instances") {
             None if is_system => Some(0),
@@ -427,6 +420,9 @@ impl Cx {
             if present && !is_cron {
                 self.err(field, "only applies to type = \"cron\"", None);
             }
+        }
+        if is_cron {
+            self.cron_schedule(cron.as_deref(), cron_timezone.as_deref());
         }
         let replace_after = self.get(&o, "replace_after").and_then(|v| match v {
             Value::String(s) if s == "never" => Some(ReplaceAfter::Never),
@@ -496,6 +492,30 @@ impl Cx {
             update,
             constraint: constraint?,
         })
+    }
+
+    /// A cron job's schedule: the expression is required and must parse, the time zone must exist.
+    fn cron_schedule(&mut self, cron: Option<&str>, timezone: Option<&str>) {
+        let Some(expr) = cron else {
+            self.err(
+                "cron",
+                "is required for type = \"cron\"",
+                Some("add e.g. cron = \"*/5 * * * *\" (minute hour day-of-month month day-of-week)".into()),
+            );
+            if let Some(tz) = timezone {
+                if let Err(problems) = crate::cron::CronSchedule::parse("* * * * *", Some(tz)) {
+                    for p in problems {
+                        self.err(p.field, p.message, Some(p.hint));
+                    }
+                }
+            }
+            return;
+        };
+        if let Err(problems) = crate::cron::CronSchedule::parse(expr, timezone) {
+            for p in problems {
+                self.err(p.field, p.message, Some(p.hint));
+            }
+        }
     }
 
     fn not_yet(&mut self, path: &str, what: &str) {

@@ -84,6 +84,38 @@ fn the_good_file_is_good() {
 }
 
 #[test]
+fn cron_jobs_take_five_fields_six_with_seconds_a_time_zone_and_a_policy() {
+    use capstan_model::spec::{CronCollisionPolicy, JobType};
+    for (cron, tz, policy) in [
+        ("*/5 * * * *", None, None),
+        ("*/10 * * * * *", Some("Europe/Paris"), Some("CANCEL_NEW")),
+        ("@hourly", Some("UTC"), Some("KILL_EXISTING")),
+        ("0 9 * * MON-FRI", Some("America/New_York"), None),
+    ] {
+        let mut text = edit("type", &format!("type = \"cron\"\ncron = \"{cron}\""));
+        if let Some(tz) = tz {
+            text = format!("cron_timezone = \"{tz}\"\n{text}");
+        }
+        if let Some(p) = policy {
+            text = format!("cron_collision_policy = \"{p}\"\n{text}");
+        }
+        let spec = parse_toml(&text, &ValidationPolicy::default()).unwrap_or_else(|p| panic!("{cron}: {p}"));
+        assert_eq!(spec.job_type, JobType::Cron);
+        assert_eq!(spec.cron.as_deref(), Some(cron));
+        assert_eq!(spec.cron_timezone.as_deref(), tz);
+        let expected = match policy {
+            Some("CANCEL_NEW") => Some(CronCollisionPolicy::CancelNew),
+            Some(_) => Some(CronCollisionPolicy::KillExisting),
+            None => None,
+        };
+        assert_eq!(spec.cron_collision_policy, expected);
+        // A spec as JSON is a valid API body again.
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(parse_json(&json, &ValidationPolicy::default()).unwrap(), spec);
+    }
+}
+
+#[test]
 fn bad_job_files() {
     let rows: Vec<(&str, String, Expected)> = vec![
         // --- unknown keys, with and without a did-you-mean hint
@@ -172,7 +204,6 @@ fn bad_job_files() {
             &[("task.kill_grace", "longer than an hour")],
         ),
         // --- job types
-        ("cron type", edit("type", "type = \"cron\""), &[("type", "not yet supported")]),
         ("system job with instances", edit("type", "type = \"system\""), &[("instances", "remove `instances`")]),
         (
             "system job with limit",
@@ -181,6 +212,48 @@ fn bad_job_files() {
                 edit("instances", "").replace("type = \"service\"", "type = \"system\"")
             ),
             &[("constraint[0]", "every matching agent")],
+        ),
+        ("cron type without a schedule", edit("type", "type = \"cron\""), &[("cron", "is required")]),
+        (
+            "cron expression with 4 fields",
+            edit("type", "type = \"cron\"\ncron = \"* * * *\""),
+            &[("cron", "4 fields"), ("cron", "minute hour")],
+        ),
+        (
+            "cron expression out of range",
+            edit("type", "type = \"cron\"\ncron = \"61 * * * *\""),
+            &[("cron", "not a cron expression")],
+        ),
+        (
+            "cron expression with a year",
+            edit("type", "type = \"cron\"\ncron = \"0 0 0 1 1 * 2030\""),
+            &[("cron", "7 fields")],
+        ),
+        ("cron that never fires", edit("type", "type = \"cron\"\ncron = \"0 0 30 2 *\""), &[("cron", "never fires")]),
+        (
+            "unknown cron time zone",
+            edit("type", "type = \"cron\"\ncron = \"* * * * *\"\ncron_timezone = \"Europe/Pariss\""),
+            &[("cron_timezone", "not a time zone"), ("cron_timezone", "IANA")],
+        ),
+        (
+            "bad time zone and bad expression at once",
+            edit("type", "type = \"cron\"\ncron = \"x y\"\ncron_timezone = \"Nowhere\""),
+            &[("cron_timezone", "not a time zone"), ("cron", "2 fields")],
+        ),
+        (
+            "time zone without a schedule",
+            edit("type", "type = \"cron\"\ncron_timezone = \"Nowhere\""),
+            &[("cron", "is required"), ("cron_timezone", "not a time zone")],
+        ),
+        (
+            "unknown collision policy",
+            edit("type", "type = \"cron\"\ncron = \"* * * * *\"\ncron_collision_policy = \"KILL\""),
+            &[("cron_collision_policy", "KILL_EXISTING, CANCEL_NEW")],
+        ),
+        (
+            "cron_timezone on a service",
+            format!("cron_timezone = \"UTC\"\n{GOOD}"),
+            &[("cron_timezone", "only applies")],
         ),
         ("unknown type", edit("type", "type = \"daemon\""), &[("type", "not one of")]),
         ("cron key on a service", format!("cron = \"* * * * *\"\n{GOOD}"), &[("cron", "only applies")]),
@@ -222,7 +295,7 @@ CAPSTAN_JOB = "x"
         input,
         &[
             ("job", "role/environment/name"),
-            ("type", "not yet supported"),
+            ("cron", "is required"),
             ("instances", "out of range"),
             ("colour", "unknown key"),
             ("task.comand", "did you mean `command`"),

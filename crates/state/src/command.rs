@@ -46,6 +46,10 @@ pub enum Command {
     SetSchedulerSettings { settings: SchedulerSettings },
     /// Status updates from one agent, in the order the agent produced them.
     AgentUpdates { agent: AgentId, updates: Vec<StatusUpdate> },
+    /// A run of a cron job: for the fire time `scheduled_at` (from the master's cron loop, which
+    /// collapsed `missed` earlier fire times into it), or `None`: by hand (`capstan job start`).
+    /// Applies the job's collision policy; the run's task ids derive from `seed`.
+    StartCronRun { job: JobKey, scheduled_at: Option<Timestamp>, missed: u32, seed: u64, by: String },
 }
 
 impl Command {
@@ -64,6 +68,7 @@ impl Command {
             Command::SetQuota { .. } => "set_quota",
             Command::SetSchedulerSettings { .. } => "set_scheduler_settings",
             Command::AgentUpdates { .. } => "agent_updates",
+            Command::StartCronRun { .. } => "start_cron_run",
         }
     }
 }

@@ -39,6 +39,8 @@ pub struct Job {
     pub pinned: BTreeMap<u32, AgentId>,
     /// System jobs: the number of the next instance (numbers are never reused).
     pub next_instance: u32,
+    /// Cron jobs: their runs and the latest fire time handled; `None` for other types.
+    pub cron: Option<crate::cron::CronRuns>,
     // --- derived from tasks
     /// All tasks of the job still remembered, per instance, oldest first.
     #[serde(skip)]
@@ -196,6 +198,8 @@ pub struct Applied {
     pub replaced: Vec<TaskId>,
     /// LOST copies taken back (AgentReconcile).
     pub taken_back: Vec<TaskId>,
+    /// What a StartCronRun did.
+    pub cron: Option<crate::cron::CronStarted>,
 }
 
 impl ClusterState {
@@ -285,12 +289,15 @@ impl ClusterState {
                         current: BTreeMap::new(),
                         pinned: BTreeMap::new(),
                         next_instance: 0,
+                        cron: (spec.job_type == JobType::Cron).then(|| crate::cron::CronRuns::new(at)),
                         history: BTreeMap::new(),
                         pinned_by_agent: BTreeMap::new(),
                     },
                 );
+                // A cron job's tasks are created by its runs (StartCronRun), not now.
+                let instances = if spec.job_type == JobType::Cron { 0 } else { spec.instances };
                 let mut next = *seed;
-                for instance in 0..spec.instances {
+                for instance in 0..instances {
                     next = derive_id(next);
                     let id = self.fresh_id(next);
                     self.create_task(id, &spec.job, instance, 0, at, at);
@@ -371,6 +378,11 @@ impl ClusterState {
                 for u in updates {
                     self.agent_update(*agent, u, at, &mut out);
                 }
+            }
+            Command::StartCronRun { job, scheduled_at, missed, seed, by } => {
+                let req =
+                    crate::cron::RunRequest { job, scheduled_at: *scheduled_at, missed: *missed, seed: *seed, by };
+                self.start_cron_run(req, at, &mut out)?;
             }
         }
         Ok(out)
@@ -652,14 +664,14 @@ impl ClusterState {
         }
     }
 
-    fn fresh_id(&self, mut candidate: u64) -> TaskId {
+    pub(crate) fn fresh_id(&self, mut candidate: u64) -> TaskId {
         while self.tasks.contains_key(&TaskId(candidate)) {
             candidate = derive_id(candidate);
         }
         TaskId(candidate)
     }
 
-    fn create_task(
+    pub(crate) fn create_task(
         &mut self,
         id: TaskId,
         job: &JobKey,
@@ -800,7 +812,7 @@ impl ClusterState {
     }
 
     /// Runs one lifecycle transition on a task and carries out its effects, in order.
-    fn step(&mut self, id: TaskId, event: &Event, at: Timestamp, out: &mut Applied) {
+    pub(crate) fn step(&mut self, id: TaskId, event: &Event, at: Timestamp, out: &mut Applied) {
         let Some(task) = self.tasks.get(&id) else {
             return;
         };
@@ -913,6 +925,7 @@ impl ClusterState {
             }
         }
         if t.state.is_terminal() {
+            self.cron_task_ended(&job_key, at, out);
             self.forget_job_if_over(&job_key);
         }
     }

@@ -97,6 +97,12 @@ enum Op {
     Freeze {
         on: bool,
     },
+    /// A run of a cron job: for the next fire time after the latest handled one, or by hand.
+    CronRun {
+        name: u8,
+        scheduled: bool,
+        seed: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -198,6 +204,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<usize>(), any::<u64>(), prop::option::weighted(0.2, any::<u64>()), prop::bool::weighted(0.2))
             .prop_map(|(agent_pick, keep, unknown, stale)| Op::Reconcile { agent_pick, keep, unknown, stale }),
         1 => any::<bool>().prop_map(|on| Op::Freeze { on }),
+        3 => (0..JOBS_MAX, any::<bool>(), any::<u64>())
+            .prop_map(|(name, scheduled, seed)| Op::CronRun { name, scheduled, seed }),
     ]
 }
 
@@ -426,6 +434,14 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
                     ..Default::default()
                 }];
             }
+            // Some batch jobs are cron jobs instead: their tasks come from Op::CronRun.
+            if *batch && !*system && seed % 4 == 3 {
+                spec.job_type = capstan_model::JobType::Cron;
+                spec.cron = Some("* * * * *".into());
+                if seed % 8 == 7 {
+                    spec.cron_collision_policy = Some(capstan_model::spec::CronCollisionPolicy::CancelNew);
+                }
+            }
             Command::CreateJob { spec, seed: *seed }
         }
         Op::PlaceFirstFit => {
@@ -536,6 +552,18 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
                 at: capstan_model::Timestamp(now),
             }),
         },
+        Op::CronRun { name, scheduled, seed } => {
+            let job = state.jobs.get(&job_key(*name));
+            expect.rejected = job.is_none_or(|j| j.killed.is_some() || j.spec.job_type != capstan_model::JobType::Cron);
+            let last_fire = job.and_then(|j| j.cron.as_ref()).map_or(now, |c| c.last_fire.0);
+            Command::StartCronRun {
+                job: job_key(*name),
+                scheduled_at: scheduled.then_some(capstan_model::Timestamp(last_fire + 60_000)),
+                missed: (*seed % 3) as u32,
+                seed: *seed,
+                by: "test".into(),
+            }
+        }
     };
     Some((command, expect))
 }
