@@ -2,6 +2,8 @@
 //! HTTP API. `start` returns once it serves.
 
 pub mod core;
+pub mod drain;
+pub mod drain_http;
 pub mod events;
 pub mod http;
 pub mod liveness;
@@ -32,6 +34,7 @@ pub struct MasterHandle {
     pub server: tokio::task::JoinHandle<()>,
     pub scheduler: tokio::task::JoinHandle<()>,
     pub liveness: tokio::task::JoinHandle<()>,
+    pub drain: tokio::task::JoinHandle<()>,
     pub events: Arc<events::Events>,
 }
 
@@ -87,6 +90,7 @@ pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
     });
     let scheduler = tokio::spawn(scheduler::run(core.clone(), unplaced));
     let liveness_loop = tokio::spawn(liveness::run(core.clone(), liveness.clone(), events.clone()));
+    let drain_loop = tokio::spawn(drain::run(core.clone(), events.clone()));
     tracing::info!("master serving on http://{addr}");
-    Ok(MasterHandle { addr, core, server, scheduler, liveness: liveness_loop, events })
+    Ok(MasterHandle { addr, core, server, scheduler, liveness: liveness_loop, drain: drain_loop, events })
 }

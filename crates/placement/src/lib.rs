@@ -76,6 +76,8 @@ pub(crate) fn free_after(agent: &Agent, t: Option<&Tentative>) -> Demand {
 #[derive(Default)]
 struct Refusals {
     resources: [u32; 4],
+    /// Agents in (or soon in) a maintenance window.
+    maintenance: u32,
     constraints: HashMap<String, u32>,
 }
 
@@ -85,7 +87,9 @@ impl Refusals {
             return "no agents are registered".into();
         }
         if agents == 0 {
-            return format!("no agent is active: all {registered} registered agents are unreachable or removed");
+            return format!(
+                "no agent is active: all {registered} registered agents are unreachable, removed or drained"
+            );
         }
         let mut parts: Vec<String> = ["cpus", "mem", "disk", "ports"]
             .iter()
@@ -93,6 +97,9 @@ impl Refusals {
             .filter(|(_, c)| *c > 0)
             .map(|(what, c)| format!("{c} lack {what}"))
             .collect();
+        if self.maintenance > 0 {
+            parts.push(format!("{} in or near maintenance", self.maintenance));
+        }
         let mut cs: Vec<(&String, &u32)> = self.constraints.iter().collect();
         cs.sort();
         parts.extend(cs.into_iter().map(|(what, c)| format!("{c} fail {what}")));
@@ -112,6 +119,8 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
     let scan_max = limit.saturating_mul(SCAN_PER_SEARCH).max(limit);
 
     let agents: Vec<&Agent> = state.agents.values().filter(|a| a.schedulable()).collect();
+    // Agents in or near a maintenance window (usually none): what they may not take is per task.
+    let maintenance = state.maintenance_phases(now);
     // One random order per pass; each task starts at a different place in it.
     let mut order: Vec<usize> = (0..agents.len()).collect();
     let mut rng = seed;
@@ -165,6 +174,10 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
         for k in 0..agents.len() {
             let idx = order[(start + k) % agents.len()];
             let agent = agents[idx];
+            if maintenance.get(&agent.info.id).is_some_and(|phase| !phase.allows(spec.job_type)) {
+                refusals.maintenance += 1;
+                continue;
+            }
             let mut free = free_after(agent, tentative.get(&agent.info.id));
             // Room promised to a production task (victims still stopping) is not for others.
             if let Some(p) = promised.get(&agent.info.id) {
@@ -230,7 +243,19 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
                         Some(s) => s,
                         None => spreads.entry((*task.job).clone()).or_insert_with(|| JobSpread::of(state, job)),
                     };
-                    let found = preempt::find(state, &agents, &tentative, &promised, task, &cons, spread, &already);
+                    let eligible: Vec<&Agent>;
+                    let candidates: &[&Agent] = if maintenance.is_empty() {
+                        &agents
+                    } else {
+                        eligible = agents
+                            .iter()
+                            .copied()
+                            .filter(|a| maintenance.get(&a.info.id).is_none_or(|p| p.allows(spec.job_type)))
+                            .collect();
+                        &eligible
+                    };
+                    let found =
+                        preempt::find(state, candidates, &tentative, &promised, task, &cons, spread, &already);
                     if let Some(found) = found {
                         if let Some(agent) = state.agents.get(&found.agent) {
                             spread.add(agent);

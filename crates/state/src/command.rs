@@ -46,6 +46,22 @@ pub enum Command {
     SetSchedulerSettings { settings: SchedulerSettings },
     /// Status updates from one agent, in the order the agent produced them.
     AgentUpdates { agent: AgentId, updates: Vec<StatusUpdate> },
+    // ---- drain and maintenance (crate::drain)
+    /// Take an agent out of service: nothing new is placed there and the drain loop moves its
+    /// service tasks away within each job's `min_healthy`. Repeating it changes nothing.
+    DrainAgent { agent: AgentId, by: String },
+    /// The agent takes new tasks again.
+    UndrainAgent { agent: AgentId, by: String },
+    /// One step of the drain loop: stop these tasks of draining agents so that their instances
+    /// start elsewhere; each is checked again against its job's `min_healthy` (and dropped if it
+    /// no longer may move). Refused while frozen.
+    DrainMoves { moves: Vec<TaskId> },
+    /// Nothing that must leave the draining agent is left on it; refused otherwise.
+    MarkDrained { agent: AgentId },
+    /// Planned maintenance: the scheduler keeps new long-running tasks off these agents from
+    /// `crate::drain::MAINTENANCE_HORIZON_MS` before `start`, and every new task during it.
+    ScheduleMaintenance { agents: Vec<AgentId>, start: Timestamp, duration_ms: u64, by: String },
+    CancelMaintenance { id: u64, by: String },
 }
 
 impl Command {
@@ -64,6 +80,12 @@ impl Command {
             Command::SetQuota { .. } => "set_quota",
             Command::SetSchedulerSettings { .. } => "set_scheduler_settings",
             Command::AgentUpdates { .. } => "agent_updates",
+            Command::DrainAgent { .. } => "drain_agent",
+            Command::UndrainAgent { .. } => "undrain_agent",
+            Command::DrainMoves { .. } => "drain_moves",
+            Command::MarkDrained { .. } => "mark_drained",
+            Command::ScheduleMaintenance { .. } => "schedule_maintenance",
+            Command::CancelMaintenance { .. } => "cancel_maintenance",
         }
     }
 }
