@@ -374,8 +374,9 @@ impl ClusterState {
                 let left = healthy.saturating_sub(gone + k);
                 let need = needed(job);
                 if left < need {
+                    let with = if gone > 0 { " (with the agents drained or listed safe before it gone too)" } else { "" };
                     why = Some(format!(
-                        "job {job_key} would keep {left} of {} instances healthy; it needs {need}",
+                        "job {job_key} would keep {left} of {} instances healthy{with}; it needs {need}",
                         job.spec.instances
                     ));
                     break;
