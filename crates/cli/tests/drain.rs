@@ -49,6 +49,11 @@ fn running(tasks: &[Value]) -> usize {
     tasks.iter().filter(|t| t["state"] == "RUNNING").count()
 }
 
+/// When the task first entered `state` (RFC 3339, comparable as text).
+fn event_at(t: &Value, state: &str) -> Option<String> {
+    t["events"].as_array()?.iter().find(|e| e["state"] == state).and_then(|e| e["at"].as_str()).map(str::to_string)
+}
+
 fn events_of(c: &Cluster, kind: &str) -> Vec<String> {
     let page = c.get("/v1/events?after=0");
     page["events"]
@@ -102,6 +107,23 @@ fn draining_an_agent_moves_its_instances_one_at_a_time_within_min_healthy() {
     assert_eq!(live_on(&tasks, &full), 0, "nothing of the job is left on the drained agent");
     let moves = events_of(&c, "drain_move");
     assert_eq!(moves.len(), 2, "one move per instance: {moves:?}");
+    // From the tasks' own timestamped events, independent of sampling: the second move began
+    // only once the first moved instance's replacement was RUNNING.
+    let all = c.tasks_of(job).unwrap();
+    let mut moved: Vec<(String, u64)> = all
+        .iter()
+        .filter(|t| t["agent_id"] == full.as_str() && is_terminal(t))
+        .map(|t| (event_at(t, "KILLING").expect("a moved task was stopped"), t["instance"].as_u64().unwrap()))
+        .collect();
+    moved.sort();
+    assert_eq!(moved.len(), 2, "{}", summary(&all));
+    let first_back = all
+        .iter()
+        .filter(|t| t["instance"].as_u64() == Some(moved[0].1) && t["agent_id"] != full.as_str())
+        .filter_map(|t| event_at(t, "RUNNING"))
+        .min()
+        .expect("the first moved instance runs elsewhere");
+    assert!(first_back <= moved[1].0, "second move at {} before the first replacement ran at {first_back}", moved[1].0);
     assert!(!events_of(&c, "agent_drained").is_empty());
     let blocked = events_of(&c, "drain_blocked");
     assert!(blocked.iter().any(|m| m.contains("www/prod/api's SLA")), "the wait is visible: {blocked:?}");
