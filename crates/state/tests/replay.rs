@@ -95,6 +95,29 @@ enum Op {
     Freeze {
         on: bool,
     },
+    /// Drain (or undrain) an agent.
+    Drain {
+        agent_pick: usize,
+        on: bool,
+    },
+    /// One step of the drain loop, as the drain plan says.
+    DrainStep,
+    /// Drain moves of arbitrary tasks: apply must keep only those that may move.
+    DrainMovesAny {
+        picks: Vec<usize>,
+    },
+    MarkDrained {
+        agent_pick: usize,
+    },
+    Maintenance {
+        agent_pick: usize,
+        start_offset_s: i64,
+        duration_s: u64,
+    },
+    CancelMaintenance {
+        pick: usize,
+        unknown: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -175,6 +198,14 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<usize>(), any::<u64>(), prop::option::weighted(0.2, any::<u64>()), prop::bool::weighted(0.2))
             .prop_map(|(agent_pick, keep, unknown, stale)| Op::Reconcile { agent_pick, keep, unknown, stale }),
         1 => any::<bool>().prop_map(|on| Op::Freeze { on }),
+        1 => (any::<usize>(), prop::bool::weighted(0.7)).prop_map(|(agent_pick, on)| Op::Drain { agent_pick, on }),
+        2 => Just(Op::DrainStep),
+        1 => prop::collection::vec(any::<usize>(), 1..4).prop_map(|picks| Op::DrainMovesAny { picks }),
+        1 => any::<usize>().prop_map(|agent_pick| Op::MarkDrained { agent_pick }),
+        1 => (any::<usize>(), -7200i64..7200, 0u64..7200).prop_map(|(agent_pick, start_offset_s, duration_s)| {
+            Op::Maintenance { agent_pick, start_offset_s, duration_s }
+        }),
+        1 => (any::<usize>(), prop::bool::weighted(0.2)).prop_map(|(pick, unknown)| Op::CancelMaintenance { pick, unknown }),
     ]
 }
 
@@ -226,7 +257,9 @@ fn first_fit(state: &ClusterState, now: u64, count_plan: bool) -> Vec<Placement>
             continue;
         }
         let spec = &state.jobs[&task.job].spec.task;
-        for (agent_id, agent) in state.agents.iter().filter(|(_, a)| a.schedulable()) {
+        let job_type = state.jobs[&task.job].spec.job_type;
+        let allowed = |id: &AgentId| state.maintenance_allows(*id, job_type, capstan_model::Timestamp(now));
+        for (agent_id, agent) in state.agents.iter().filter(|(id, a)| a.schedulable() && allowed(id)) {
             let (cpus, mem, disk, plan_ports) = used.get(agent_id).cloned().unwrap();
             let cap = &agent.info.capacity;
             let free = free_ports(state, *agent_id, &plan_ports);
@@ -482,6 +515,50 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
                 None
             };
             Command::AgentReconcile { agent, known, running, as_of_seq }
+        }
+        Op::Drain { agent_pick, on } => {
+            let agent = pick(&agents, *agent_pick)?;
+            if *on {
+                Command::DrainAgent { agent, by: "test".into() }
+            } else {
+                Command::UndrainAgent { agent, by: "test".into() }
+            }
+        }
+        Op::DrainStep => {
+            let moves = state.drain_plan(256).moves;
+            if moves.is_empty() {
+                return None;
+            }
+            Command::DrainMoves { moves }
+        }
+        Op::DrainMovesAny { picks } => {
+            let ids: Vec<TaskId> = state.tasks.keys().copied().collect();
+            let moves: Vec<TaskId> = picks.iter().filter_map(|i| pick(&ids, *i)).collect();
+            expect.rejected = state.frozen.is_some();
+            Command::DrainMoves { moves }
+        }
+        Op::MarkDrained { agent_pick } => {
+            let agent = pick(&agents, *agent_pick)?;
+            expect.rejected = !state.drain_progress(agent).is_some_and(|p| p.done());
+            Command::MarkDrained { agent }
+        }
+        Op::Maintenance { agent_pick, start_offset_s, duration_s } => {
+            let agent = pick(&agents, *agent_pick)?;
+            let start = capstan_model::Timestamp((now as i64 + start_offset_s * 1000).max(0) as u64);
+            let duration_ms = duration_s * 1000;
+            expect.rejected = duration_ms == 0 || start.0 + duration_ms <= now;
+            Command::ScheduleMaintenance { agents: vec![agent], start, duration_ms, by: "test".into() }
+        }
+        Op::CancelMaintenance { pick: i, unknown } => {
+            let ids: Vec<u64> = state.maintenance.keys().copied().collect();
+            let id = match pick(&ids, *i) {
+                Some(id) if !unknown => id,
+                _ => {
+                    expect.rejected = true;
+                    9_999
+                }
+            };
+            Command::CancelMaintenance { id, by: "test".into() }
         }
         Op::Freeze { on } => Command::SetFreeze {
             freeze: on.then(|| capstan_state::Freeze {
