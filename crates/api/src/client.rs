@@ -318,8 +318,7 @@ impl Client {
     }
 
     pub async fn cancel_maintenance(&self, id: u64, req: &OperatorRequest) -> Result<MaintenanceView, ApiError> {
-        self.post(&format!("/v1/admin/maintenance/{id}/cancel"), serde_json::to_value(req).expect("serializable"))
-            .await
+        self.post(&format!("/v1/admin/maintenance/{id}/cancel"), serde_json::to_value(req).expect("serializable")).await
     }
 
     pub async fn safe_to_drain(&self, percent: f64) -> Result<SafeToDrainView, ApiError> {

@@ -161,7 +161,8 @@ fn maintenance_keeps_new_services_off_and_safe_to_drain_respects_min_healthy() {
     c.start_extra_agent("agent-b", &["--attributes", "zone=b"]);
     let a = agent_in_zone(&c, "a");
 
-    let out = c.capstan_ok(&["admin", "maintenance", "schedule", "--agents", &a, "--start", "+10m", "--duration", "1h"]);
+    let out =
+        c.capstan_ok(&["admin", "maintenance", "schedule", "--agents", &a, "--start", "+10m", "--duration", "1h"]);
     assert!(out.contains("maintenance window 1 (starting soon)"), "{out}");
     let list = c.capstan_ok(&["admin", "maintenance", "list"]);
     assert!(list.contains("starting soon") && list.contains(&a), "{list}");
@@ -190,8 +191,9 @@ fn maintenance_keeps_new_services_off_and_safe_to_drain_respects_min_healthy() {
     let tasks = c.wait_running(job, 3, SOON);
     let b = agent_in_zone(&c, "b");
     let (full, single) = if live_on(&tasks, &a) == 2 { (&a, &b) } else { (&b, &a) };
-    let v: Value = serde_json::from_str(&c.capstan_ok(&["admin", "sla", "safe-to-drain", "--percent", "50", "--output", "json"]))
-        .expect("JSON");
+    let v: Value =
+        serde_json::from_str(&c.capstan_ok(&["admin", "sla", "safe-to-drain", "--percent", "50", "--output", "json"]))
+            .expect("JSON");
     let safe: Vec<&str> = v["safe"].as_array().unwrap().iter().map(|s| s["agent"].as_str().unwrap()).collect();
     assert_eq!(safe, [single.as_str()], "{v}");
     let not: Vec<&Value> = v["not_safe"].as_array().unwrap().iter().collect();

@@ -93,7 +93,9 @@ async fn step(core: &Core, events: &Events, said: &mut Said) {
     }
     for agent in to_mark {
         match core.submit(Command::MarkDrained { agent }).await {
-            Ok(_) => events.add("agent_drained", format!("agent {agent} is drained: nothing that had to leave is left")),
+            Ok(_) => {
+                events.add("agent_drained", format!("agent {agent} is drained: nothing that had to leave is left"))
+            }
             Err(e) => tracing::debug!("agent {agent} not marked drained: {e}"),
         }
     }

@@ -161,14 +161,10 @@ async fn cancel_maintenance(
 ) -> ApiResult<Json<MaintenanceView>> {
     let id: u64 = id.parse().map_err(|_| bad_request(format!("`{id}` is not a maintenance window id")))?;
     let by = operator(&parse::<OperatorRequest>(&body)?.by)?;
-    let window = app
-        .core
-        .state
-        .read()
-        .maintenance
-        .get(&id)
-        .cloned()
-        .ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no maintenance window {id}")))?;
+    let window =
+        app.core.state.read().maintenance.get(&id).cloned().ok_or_else(|| {
+            ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no maintenance window {id}"))
+        })?;
     app.core.submit(Command::CancelMaintenance { id, by: by.clone() }).await?;
     app.events.add("maintenance_cancelled", format!("maintenance window {id} cancelled by {by}"));
     Ok(Json(maintenance_view(&window, now())))
@@ -180,7 +176,9 @@ struct SafeQuery {
 }
 
 async fn safe_to_drain(State(app): State<AppState>, Query(q): Query<SafeQuery>) -> ApiResult<Json<SafeToDrainView>> {
-    let percent = q.percent.ok_or_else(|| bad_request("percent is required: the share (0-100) of its instances a job without min_healthy keeps healthy"))?;
+    let percent = q.percent.ok_or_else(|| {
+        bad_request("percent is required: the share (0-100) of its instances a job without min_healthy keeps healthy")
+    })?;
     if !(0.0..=100.0).contains(&percent) {
         return Err(bad_request(format!("percent {percent}: use a number from 0 to 100")));
     }

@@ -254,8 +254,7 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
                             .collect();
                         &eligible
                     };
-                    let found =
-                        preempt::find(state, candidates, &tentative, &promised, task, &cons, spread, &already);
+                    let found = preempt::find(state, candidates, &tentative, &promised, task, &cons, spread, &already);
                     if let Some(found) = found {
                         if let Some(agent) = state.agents.get(&found.agent) {
                             spread.add(agent);

@@ -46,7 +46,6 @@ pub enum Command {
     SetSchedulerSettings { settings: SchedulerSettings },
     /// Status updates from one agent, in the order the agent produced them.
     AgentUpdates { agent: AgentId, updates: Vec<StatusUpdate> },
-    // ---- drain and maintenance (crate::drain)
     /// Take an agent out of service: nothing new is placed there and the drain loop moves its
     /// service tasks away within each job's `min_healthy`. Repeating it changes nothing.
     DrainAgent { agent: AgentId, by: String },
@@ -61,6 +60,7 @@ pub enum Command {
     /// Planned maintenance: the scheduler keeps new long-running tasks off these agents from
     /// `crate::drain::MAINTENANCE_HORIZON_MS` before `start`, and every new task during it.
     ScheduleMaintenance { agents: Vec<AgentId>, start: Timestamp, duration_ms: u64, by: String },
+    /// Drop a maintenance window.
     CancelMaintenance { id: u64, by: String },
 }
 

@@ -235,7 +235,8 @@ impl ClusterState {
             let mut p = DrainProgress::default();
             let movable = self.frozen.is_none() && agent.liveness == crate::Liveness::Active;
             if let Some(f) = &self.frozen {
-                p.waiting = Some(format!("the cluster is frozen ({}): nothing is moved until it is unfrozen", f.reason));
+                p.waiting =
+                    Some(format!("the cluster is frozen ({}): nothing is moved until it is unfrozen", f.reason));
             } else if agent.liveness != crate::Liveness::Active {
                 p.waiting = Some(format!(
                     "the agent is {}: its tasks are left to the liveness rules (replace_after)",
@@ -317,10 +318,7 @@ impl ClusterState {
 
     /// Whether maintenance lets a new task of this type go to `agent` at `now`.
     pub fn maintenance_allows(&self, agent: AgentId, job_type: JobType, now: Timestamp) -> bool {
-        self.maintenance
-            .values()
-            .filter(|w| w.agents.contains(&agent))
-            .all(|w| w.phase(now).allows(job_type))
+        self.maintenance.values().filter(|w| w.agents.contains(&agent)).all(|w| w.phase(now).allows(job_type))
     }
 
     /// Agents that can be drained now, all together, without any service job falling below its
@@ -374,7 +372,8 @@ impl ClusterState {
                 let left = healthy.saturating_sub(gone + k);
                 let need = needed(job);
                 if left < need {
-                    let with = if gone > 0 { " (with the agents drained or listed safe before it gone too)" } else { "" };
+                    let with =
+                        if gone > 0 { " (with the agents drained or listed safe before it gone too)" } else { "" };
                     why = Some(format!(
                         "job {job_key} would keep {left} of {} instances healthy{with}; it needs {need}",
                         job.spec.instances

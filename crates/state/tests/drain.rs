@@ -153,7 +153,11 @@ fn two_of_three_instances_move_one_at_a_time() {
     assert!(c.drain_step().is_empty(), "the second waits while the first is away");
     let p = c.state.drain_progress(A).unwrap();
     assert_eq!(p.blocked.len(), 1, "{p:?}");
-    assert!(p.describe().contains("blocked by job www/prod/api's SLA: 2 of 3 instances healthy, 2 must stay healthy"), "{}", p.describe());
+    assert!(
+        p.describe().contains("blocked by job www/prod/api's SLA: 2 of 3 instances healthy, 2 must stay healthy"),
+        "{}",
+        p.describe()
+    );
 
     // The stopped task ends; its instance gets a new task, placed elsewhere, and runs.
     c.ended(first[0]);
@@ -277,7 +281,12 @@ fn maintenance_keeps_long_running_tasks_off_before_and_every_task_during_the_win
     // Refusals: unknown agent, ended window, no agents.
     let now = c.now();
     assert!(c
-        .try_apply(Command::ScheduleMaintenance { agents: vec![AgentId(99)], start: now, duration_ms: 1, by: "o".into() })
+        .try_apply(Command::ScheduleMaintenance {
+            agents: vec![AgentId(99)],
+            start: now,
+            duration_ms: 1,
+            by: "o".into()
+        })
         .is_err());
     assert!(c
         .try_apply(Command::ScheduleMaintenance {
@@ -287,7 +296,9 @@ fn maintenance_keeps_long_running_tasks_off_before_and_every_task_during_the_win
             by: "o".into()
         })
         .is_err());
-    assert!(c.try_apply(Command::ScheduleMaintenance { agents: vec![], start: now, duration_ms: 1, by: "o".into() }).is_err());
+    assert!(c
+        .try_apply(Command::ScheduleMaintenance { agents: vec![], start: now, duration_ms: 1, by: "o".into() })
+        .is_err());
 }
 
 #[test]
