@@ -82,7 +82,7 @@ fn draining_an_agent_moves_its_instances_one_at_a_time_within_min_healthy() {
     c.create_job(&sla_service(job));
     let tasks = c.wait_running(job, 3, SOON);
     let (a, b) = (agent_in_zone(&c, "a"), agent_in_zone(&c, "b"));
-    let (full, other) = if live_on(&tasks, &a) == 2 { (a, b) } else { (b, a) };
+    let full = if live_on(&tasks, &a) == 2 { a } else { b };
     assert_eq!(live_on(&tasks, &full), 2, "2 + 1 layout: {}", summary(&tasks));
     // Somewhere for the second instance to go: the other zone takes only one more.
     c.start_extra_agent("agent-c", &["--attributes", "zone=c"]);
