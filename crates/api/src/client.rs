@@ -302,3 +302,31 @@ impl Client {
             .await
     }
 }
+
+/// Drain and maintenance.
+impl Client {
+    /// Stops placing on the agent and moves its service tasks away within each job's SLA.
+    pub async fn drain_agent(&self, agent: AgentId, req: &OperatorRequest) -> Result<AgentView, ApiError> {
+        self.post(&format!("/v1/agents/{agent}/drain"), serde_json::to_value(req).expect("serializable")).await
+    }
+
+    pub async fn undrain_agent(&self, agent: AgentId, req: &OperatorRequest) -> Result<AgentView, ApiError> {
+        self.post(&format!("/v1/agents/{agent}/undrain"), serde_json::to_value(req).expect("serializable")).await
+    }
+
+    pub async fn maintenance(&self) -> Result<Vec<MaintenanceView>, ApiError> {
+        self.get("/v1/admin/maintenance").await
+    }
+
+    pub async fn schedule_maintenance(&self, req: &MaintenanceRequest) -> Result<MaintenanceView, ApiError> {
+        self.post("/v1/admin/maintenance", serde_json::to_value(req).expect("serializable")).await
+    }
+
+    pub async fn cancel_maintenance(&self, id: u64, req: &OperatorRequest) -> Result<MaintenanceView, ApiError> {
+        self.post(&format!("/v1/admin/maintenance/{id}/cancel"), serde_json::to_value(req).expect("serializable")).await
+    }
+
+    pub async fn safe_to_drain(&self, percent: f64) -> Result<SafeToDrainView, ApiError> {
+        self.get(&format!("/v1/admin/sla/safe-to-drain?percent={percent}")).await
+    }
+}

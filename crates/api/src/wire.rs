@@ -116,6 +116,13 @@ pub struct AgentView {
     /// When it was marked unreachable (RFC 3339), while it is unreachable or removed.
     #[serde(default)]
     pub unreachable_since: Option<String>,
+    /// Set while it is draining or drained (`capstan agent drain`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainView>,
+    /// The maintenance window that keeps work off it now, in words (`active until …`,
+    /// `starts at …`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<String>,
 }
 
 // ---- agent protocol
@@ -413,4 +420,71 @@ pub struct CronStartedView {
     pub result: String,
     pub reason: String,
     pub tasks: Vec<TaskId>,
+}
+
+// ---- drain and maintenance
+
+/// Where an agent's drain stands.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DrainView {
+    /// `draining` or `drained`.
+    pub status: String,
+    pub by: String,
+    pub since: String,
+    pub drained_at: Option<String>,
+    /// Tasks that must still leave (service tasks to move, tasks stopping, batch tasks running).
+    pub tasks_left: u32,
+    /// Of those, tasks stopping now.
+    pub stopping: u32,
+    /// Of those, batch and cron tasks left to finish.
+    pub batch_running: u32,
+    /// Jobs whose SLA holds a move back now, each in words.
+    pub blocked_by: Vec<String>,
+    /// Why nothing moves at all (frozen cluster, unreachable agent).
+    pub waiting: Option<String>,
+    /// All of it in one line.
+    pub progress: String,
+}
+
+/// `POST /v1/admin/maintenance`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MaintenanceRequest {
+    pub agents: Vec<AgentId>,
+    /// RFC 3339.
+    pub start: String,
+    pub duration_ms: u64,
+    pub by: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MaintenanceView {
+    pub id: u64,
+    pub agents: Vec<AgentId>,
+    pub start: String,
+    pub end: String,
+    pub duration_ms: u64,
+    /// `scheduled`, `starting soon` (new long-running tasks already avoid it), `active`, `ended`.
+    pub phase: String,
+    pub by: String,
+    pub created_at: String,
+}
+
+/// `GET /v1/admin/sla/safe-to-drain?percent=P`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SafeToDrainView {
+    /// The share (in percent) of its instances a job without `min_healthy` keeps healthy.
+    pub percent: f64,
+    /// Agents that can be drained now, all together.
+    pub safe: Vec<AgentSafetyView>,
+    /// The others, each with why not.
+    pub not_safe: Vec<AgentSafetyView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentSafetyView {
+    pub agent: AgentId,
+    pub hostname: String,
+    /// Healthy service tasks on it (they would go down with it).
+    pub serving_tasks: u32,
+    pub reason: Option<String>,
 }

@@ -62,6 +62,16 @@ pub enum AdminCmd {
         #[command(subcommand)]
         cmd: SchedulerCmd,
     },
+    /// Maintenance windows: planned downtime of agents that new long-running tasks avoid.
+    Maintenance {
+        #[command(subcommand)]
+        cmd: crate::drain::MaintenanceCmd,
+    },
+    /// Job SLAs (`min_healthy`): which agents can go now.
+    Sla {
+        #[command(subcommand)]
+        cmd: crate::drain::SlaCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -132,7 +142,7 @@ fn non_blank(s: &str) -> Result<String, String> {
 }
 
 /// Who presses the button: `$USER@hostname` (`$LOGNAME` or the uid's name when `$USER` is not set).
-fn operator() -> String {
+pub(crate) fn operator() -> String {
     let from_env = |name| std::env::var(name).ok().filter(|v: &String| !v.trim().is_empty());
     let user = from_env("USER").or_else(|| from_env("LOGNAME")).unwrap_or_else(|| {
         let uid = nix::unistd::getuid();
@@ -312,6 +322,8 @@ async fn run_command(cmd: AdminCmd, c: &ClientArgs) -> anyhow::Result<()> {
     let client = Client::new(&c.addr);
     let output: Output = c.output;
     match cmd {
+        AdminCmd::Maintenance { cmd } => return crate::drain::maintenance(cmd, &client, output).await,
+        AdminCmd::Sla { cmd } => return crate::drain::sla(cmd, &client, output).await,
         AdminCmd::Freeze { reason, by } => {
             let req = FreezeRequest { reason, by: by.unwrap_or_else(operator) };
             let s = mutate(&client, client.freeze(&req)).await?;

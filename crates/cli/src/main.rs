@@ -3,6 +3,7 @@
 
 mod admin;
 mod bench;
+mod drain;
 mod output;
 
 use anyhow::{bail, Context as _};
@@ -258,6 +259,25 @@ enum AgentCmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Stop placing on an agent and move its service tasks elsewhere, never taking a job below
+    /// its `min_healthy` share; batch tasks are left to finish. Then the agent is drained.
+    Drain {
+        /// The agent's id, or its host name when one agent runs there.
+        id: String,
+        /// Who drains it (default: `$USER@hostname`).
+        #[arg(long)]
+        by: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Let a drained (or draining) agent take new tasks again.
+    Undrain {
+        id: String,
+        #[arg(long)]
+        by: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -386,6 +406,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Agent(a) => match a.cmd {
             Some(AgentCmd::List { client }) => cmd_agent_list(&client).await,
+            Some(AgentCmd::Drain { id, by, client }) => drain::drain(&id, by, false, &client).await,
+            Some(AgentCmd::Undrain { id, by, client }) => drain::drain(&id, by, true, &client).await,
             None => {
                 init_tracing();
                 let (Some(master), Some(data_dir)) = (a.master, a.data_dir) else {

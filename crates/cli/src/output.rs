@@ -189,6 +189,7 @@ pub fn agent_table(agents: &[AgentView]) -> String {
         "PORTS",
         "TASKS",
         "ATTRIBUTES",
+        "SCHEDULING",
     ]);
     let now = SystemTime::now();
     for a in agents {
@@ -204,9 +205,26 @@ pub fn agent_table(agents: &[AgentView]) -> String {
             format!("{}/{}", a.used.ports, a.capacity.ports),
             a.tasks.to_string(),
             a.attributes.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+            scheduling(a),
         ]);
     }
     t.to_string()
+}
+
+/// Whether new tasks may go to the agent: `ok`, or its drain's progress, or its maintenance.
+fn scheduling(a: &AgentView) -> String {
+    let mut parts = vec![];
+    if let Some(d) = &a.drain {
+        parts.push(if d.status == "drained" { d.progress.clone() } else { format!("draining: {}", d.progress) });
+    }
+    if let Some(m) = &a.maintenance {
+        parts.push(format!("maintenance {m}"));
+    }
+    if parts.is_empty() {
+        "ok".into()
+    } else {
+        parts.join("; ")
+    }
 }
 
 /// The line every mutating command prints on standard error while the cluster is frozen.

@@ -100,6 +100,7 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/agent/usage", post(agent_usage))
         .route("/metrics", get(metrics))
         .route("/v1/jobs/{role}/{env}/{name}/start", post(start_job))
+        .merge(crate::drain_http::routes())
         .fallback(|| async { ApiFailure::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::middleware::from_fn_with_state(app.clone(), frozen_notice))
         .with_state(app)
@@ -323,46 +324,66 @@ async fn task_logs(
 
 async fn list_agents(State(app): State<AppState>) -> Json<Vec<AgentView>> {
     let state = app.core.state.read();
-    Json(
-        state
-            .agents
-            .values()
-            .map(|a| {
-                let c = &a.info.capacity;
-                AgentView {
-                    id: a.info.id,
-                    hostname: a.info.hostname.clone(),
-                    address: a.info.address.clone(),
-                    version: a.info.version.clone(),
-                    registered_at: rfc3339(a.registered_at),
-                    attributes: a.info.attributes.clone(),
-                    capacity: ResourcesView {
-                        cpus: milli_to_cpus_text(c.cpus_milli),
-                        mem: ByteSize(c.mem_bytes),
-                        disk: ByteSize(c.disk_bytes),
-                        ports: c.port_count(),
-                    },
-                    used: ResourcesView {
-                        cpus: milli_to_cpus_text(a.used.cpus_milli),
-                        mem: ByteSize(a.used.mem_bytes),
-                        disk: ByteSize(a.used.disk_bytes),
-                        ports: a.used_ports.len() as u32,
-                    },
-                    tasks: a.tasks.len(),
-                    liveness: if a.liveness == capstan_state::Liveness::Active
-                        && app.liveness.reregistering()
-                        && app.liveness.last_seen(a.info.id).is_none()
-                    {
-                        "reregistering".into()
-                    } else {
-                        a.liveness.as_str().into()
-                    },
-                    last_seen: app.liveness.last_seen(a.info.id).map(rfc3339),
-                    unreachable_since: a.liveness.unreachable_since().map(rfc3339),
-                }
-            })
-            .collect(),
-    )
+    let mut drains = if state.agents.values().any(|a| a.drain.is_some()) {
+        state.drain_plan(capstan_state::drain::DRAIN_MOVES_PER_STEP_MAX).agents
+    } else {
+        Default::default()
+    };
+    Json(state.agents.values().map(|a| agent_view(&app, &state, a, drains.remove(&a.info.id).as_ref())).collect())
+}
+
+/// One agent as the API shows it; `drain`: where its drain stands, if it is draining.
+pub(crate) fn agent_view(
+    app: &AppState,
+    state: &ClusterState,
+    a: &capstan_state::Agent,
+    drain: Option<&capstan_state::DrainProgress>,
+) -> AgentView {
+    let c = &a.info.capacity;
+    AgentView {
+        id: a.info.id,
+        hostname: a.info.hostname.clone(),
+        address: a.info.address.clone(),
+        version: a.info.version.clone(),
+        registered_at: rfc3339(a.registered_at),
+        attributes: a.info.attributes.clone(),
+        capacity: ResourcesView {
+            cpus: milli_to_cpus_text(c.cpus_milli),
+            mem: ByteSize(c.mem_bytes),
+            disk: ByteSize(c.disk_bytes),
+            ports: c.port_count(),
+        },
+        used: ResourcesView {
+            cpus: milli_to_cpus_text(a.used.cpus_milli),
+            mem: ByteSize(a.used.mem_bytes),
+            disk: ByteSize(a.used.disk_bytes),
+            ports: a.used_ports.len() as u32,
+        },
+        tasks: a.tasks.len(),
+        liveness: if a.liveness == capstan_state::Liveness::Active
+            && app.liveness.reregistering()
+            && app.liveness.last_seen(a.info.id).is_none()
+        {
+            "reregistering".into()
+        } else {
+            a.liveness.as_str().into()
+        },
+        last_seen: app.liveness.last_seen(a.info.id).map(rfc3339),
+        unreachable_since: a.liveness.unreachable_since().map(rfc3339),
+        drain: a.drain.as_ref().zip(drain).map(|(d, p)| DrainView {
+            status: if d.drained_at.is_some() && p.done() { "drained" } else { "draining" }.into(),
+            by: d.by.clone(),
+            since: rfc3339(d.since),
+            drained_at: d.drained_at.map(rfc3339),
+            tasks_left: p.to_move + p.stopping + p.batch_running,
+            stopping: p.stopping,
+            batch_running: p.batch_running,
+            blocked_by: p.blocked.iter().map(|b| b.to_string()).collect(),
+            waiting: p.waiting.clone(),
+            progress: p.describe(),
+        }),
+        maintenance: crate::drain_http::maintenance_note(state, a.info.id, now()),
+    }
 }
 
 fn quota_view(state: &ClusterState, role: &str, q: &capstan_state::Quota) -> QuotaView {

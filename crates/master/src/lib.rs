@@ -3,6 +3,8 @@
 
 pub mod core;
 pub mod cron;
+pub mod drain;
+pub mod drain_http;
 pub mod events;
 pub mod http;
 pub mod liveness;
@@ -35,6 +37,7 @@ pub struct MasterHandle {
     pub liveness: tokio::task::JoinHandle<()>,
     /// The cron loop (`cron.rs`).
     pub cron: tokio::task::JoinHandle<()>,
+    pub drain: tokio::task::JoinHandle<()>,
     pub events: Arc<events::Events>,
 }
 
@@ -91,6 +94,16 @@ pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
     let scheduler = tokio::spawn(scheduler::run(core.clone(), unplaced));
     let liveness_loop = tokio::spawn(liveness::run(core.clone(), liveness.clone(), events.clone()));
     let cron_loop = tokio::spawn(cron::run(core.clone(), events.clone()));
+    let drain_loop = tokio::spawn(drain::run(core.clone(), events.clone()));
     tracing::info!("master serving on http://{addr}");
-    Ok(MasterHandle { addr, core, server, scheduler, liveness: liveness_loop, cron: cron_loop, events })
+    Ok(MasterHandle {
+        addr,
+        core,
+        server,
+        scheduler,
+        liveness: liveness_loop,
+        cron: cron_loop,
+        drain: drain_loop,
+        events,
+    })
 }

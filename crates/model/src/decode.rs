@@ -439,8 +439,12 @@ impl Cx {
                 None
             }
         });
-        if min_healthy.is_some() {
-            self.not_yet("min_healthy", "min_healthy");
+        if min_healthy.is_some() && matches!(job_type, Some(JobType::Batch | JobType::Cron)) {
+            self.err(
+                "min_healthy",
+                "only applies to long-running jobs (type = \"service\" or \"system\")",
+                Some("remove it: drains leave batch tasks to finish".into()),
+            );
         }
         let task = match self.get(&o, "task") {
             None => {

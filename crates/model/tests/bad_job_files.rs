@@ -74,6 +74,14 @@ fn append(text: &str) -> String {
 }
 
 #[test]
+fn min_healthy_is_a_share_of_a_service_job() {
+    let spec = parse_toml(&format!("min_healthy = 0.66\n{GOOD}"), &ValidationPolicy::default()).unwrap();
+    assert_eq!(spec.min_healthy, Some(0.66));
+    let spec = parse_toml(&format!("min_healthy = 1\n{GOOD}"), &ValidationPolicy::default()).unwrap();
+    assert_eq!(spec.min_healthy, Some(1.0), "an integer is a share too");
+}
+
+#[test]
 fn the_good_file_is_good() {
     let spec = parse_toml(GOOD, &ValidationPolicy::default()).unwrap();
     assert_eq!(spec.instances, 3);
@@ -257,6 +265,14 @@ fn bad_job_files() {
         ),
         ("unknown type", edit("type", "type = \"daemon\""), &[("type", "not one of")]),
         ("cron key on a service", format!("cron = \"* * * * *\"\n{GOOD}"), &[("cron", "only applies")]),
+        ("min_healthy over 1", format!("min_healthy = 1.5\n{GOOD}"), &[("min_healthy", "not a share")]),
+        ("min_healthy below 0", format!("min_healthy = -0.1\n{GOOD}"), &[("min_healthy", "not a share")]),
+        ("min_healthy as text", format!("min_healthy = \"66%\"\n{GOOD}"), &[("min_healthy", "expected a number")]),
+        (
+            "min_healthy on a batch job",
+            format!("min_healthy = 0.5\n{}", edit("type", "type = \"batch\"")),
+            &[("min_healthy", "only applies to long-running jobs")],
+        ),
         // --- syntax
         ("unclosed string", edit("user", "user = \"nobody"), &[("line 8, column 15", "not valid TOML")]),
         ("missing value", edit("cpus", "cpus = "), &[("line 9, column 8", "not valid TOML")]),

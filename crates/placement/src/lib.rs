@@ -77,6 +77,8 @@ pub(crate) fn free_after(agent: &Agent, t: Option<&Tentative>) -> Demand {
 #[derive(Default)]
 struct Refusals {
     resources: [u32; 4],
+    /// Agents in (or soon in) a maintenance window.
+    maintenance: u32,
     constraints: HashMap<String, u32>,
 }
 
@@ -86,7 +88,9 @@ impl Refusals {
             return "no agents are registered".into();
         }
         if agents == 0 {
-            return format!("no agent is active: all {registered} registered agents are unreachable or removed");
+            return format!(
+                "no agent is active: all {registered} registered agents are unreachable, removed or drained"
+            );
         }
         let mut parts: Vec<String> = ["cpus", "mem", "disk", "ports"]
             .iter()
@@ -94,6 +98,9 @@ impl Refusals {
             .filter(|(_, c)| *c > 0)
             .map(|(what, c)| format!("{c} lack {what}"))
             .collect();
+        if self.maintenance > 0 {
+            parts.push(format!("{} in or near maintenance", self.maintenance));
+        }
         let mut cs: Vec<(&String, &u32)> = self.constraints.iter().collect();
         cs.sort();
         parts.extend(cs.into_iter().map(|(what, c)| format!("{c} fail {what}")));
@@ -113,6 +120,8 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
     let scan_max = limit.saturating_mul(SCAN_PER_SEARCH).max(limit);
 
     let agents: Vec<&Agent> = state.agents.values().filter(|a| a.schedulable()).collect();
+    // Agents in or near a maintenance window (usually none): what they may not take is per task.
+    let maintenance = state.maintenance_phases(now);
     // One random order per pass; each task starts at a different place in it.
     let mut order: Vec<usize> = (0..agents.len()).collect();
     // Where each active agent is in `agents`, for system tasks (pinned to their agent); built on
@@ -178,6 +187,10 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
                 _ => order[(start + k) % agents.len()],
             };
             let agent = agents[idx];
+            if maintenance.get(&agent.info.id).is_some_and(|phase| !phase.allows(spec.job_type)) {
+                refusals.maintenance += 1;
+                continue;
+            }
             let mut free = free_after(agent, tentative.get(&agent.info.id));
             // Room promised to a production task (victims still stopping) is not for others.
             if let Some(p) = promised.get(&agent.info.id) {
@@ -249,6 +262,12 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
                         Some(s) => s,
                         None => spreads.entry((*task.job).clone()).or_insert_with(|| JobSpread::of(state, job)),
                     };
+                    let eligible: Vec<&Agent> = candidates
+                        .iter()
+                        .copied()
+                        .filter(|a| maintenance.get(&a.info.id).is_none_or(|p| p.allows(spec.job_type)))
+                        .collect();
+                    let candidates: &[&Agent] = &eligible;
                     let found = preempt::find(state, candidates, &tentative, &promised, task, &cons, spread, &already);
                     if let Some(found) = found {
                         if let Some(agent) = state.agents.get(&found.agent) {

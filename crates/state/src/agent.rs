@@ -26,7 +26,7 @@ pub enum Liveness {
     Unreachable { since: Timestamp },
     /// Unreachable, and every task that may be replaced was replaced (at `at`).
     Removed { since: Timestamp, at: Timestamp },
-    // A `Draining` state is reserved for maintenance.
+    // Draining is not a liveness: see `Agent::drain` (a draining agent can become unreachable).
 }
 
 impl Liveness {
@@ -68,6 +68,8 @@ pub struct Agent {
     pub liveness: Liveness,
     /// Tasks that run there without the master wanting them (found by reconciliation).
     pub strays: BTreeMap<TaskId, Stray>,
+    /// Set while the agent is drained or draining (`capstan agent drain`): nothing new goes there.
+    pub drain: Option<crate::drain::Drain>,
     // --- derived from tasks; rebuilt after a snapshot is loaded
     #[serde(skip)]
     pub used: Demand,
@@ -89,6 +91,7 @@ impl Agent {
             last_update_seq: 0,
             liveness: Liveness::Active,
             strays: BTreeMap::new(),
+            drain: None,
             used: Demand::default(),
             used_ports: BTreeSet::new(),
             tasks: BTreeSet::new(),
@@ -96,9 +99,9 @@ impl Agent {
         }
     }
 
-    /// New tasks may be placed here.
+    /// New tasks may be placed here: active, and not drained or draining.
     pub fn schedulable(&self) -> bool {
-        self.liveness == Liveness::Active
+        self.liveness == Liveness::Active && self.drain.is_none()
     }
 
     /// Whether `demand` fits in what is left (ports counted, not chosen).

@@ -50,6 +50,22 @@ pub enum Command {
     /// collapsed `missed` earlier fire times into it), or `None`: by hand (`capstan job start`).
     /// Applies the job's collision policy; the run's task ids derive from `seed`.
     StartCronRun { job: JobKey, scheduled_at: Option<Timestamp>, missed: u32, seed: u64, by: String },
+    /// Take an agent out of service: nothing new is placed there and the drain loop moves its
+    /// service tasks away within each job's `min_healthy`. Repeating it changes nothing.
+    DrainAgent { agent: AgentId, by: String },
+    /// The agent takes new tasks again.
+    UndrainAgent { agent: AgentId, by: String },
+    /// One step of the drain loop: stop these tasks of draining agents so that their instances
+    /// start elsewhere; each is checked again against its job's `min_healthy` (and dropped if it
+    /// no longer may move). Refused while frozen.
+    DrainMoves { moves: Vec<TaskId> },
+    /// Nothing that must leave the draining agent is left on it; refused otherwise.
+    MarkDrained { agent: AgentId },
+    /// Planned maintenance: the scheduler keeps new long-running tasks off these agents from
+    /// `crate::drain::MAINTENANCE_HORIZON_MS` before `start`, and every new task during it.
+    ScheduleMaintenance { agents: Vec<AgentId>, start: Timestamp, duration_ms: u64, by: String },
+    /// Drop a maintenance window.
+    CancelMaintenance { id: u64, by: String },
 }
 
 impl Command {
@@ -69,6 +85,12 @@ impl Command {
             Command::SetSchedulerSettings { .. } => "set_scheduler_settings",
             Command::AgentUpdates { .. } => "agent_updates",
             Command::StartCronRun { .. } => "start_cron_run",
+            Command::DrainAgent { .. } => "drain_agent",
+            Command::UndrainAgent { .. } => "undrain_agent",
+            Command::DrainMoves { .. } => "drain_moves",
+            Command::MarkDrained { .. } => "mark_drained",
+            Command::ScheduleMaintenance { .. } => "schedule_maintenance",
+            Command::CancelMaintenance { .. } => "cancel_maintenance",
         }
     }
 }
@@ -129,7 +151,7 @@ impl<'de> Deserialize<'de> for Report {
         if d.is_human_readable() {
             Report::deserialize(d)
         } else {
-            d.deserialize_struct("Report", &["kind", "field1"], CompactReport)
+            d.deserialize_struct("Report", &["kind", "field1", "field2"], CompactReport)
         }
     }
 }

@@ -5,10 +5,12 @@ pub mod agent;
 pub mod codec;
 pub mod command;
 pub mod cron;
+pub mod drain;
 pub mod state;
 
 pub use agent::{Agent, AgentInfo, Liveness, Stray};
 pub use codec::{decode_command, decode_snapshot, encode_command, encode_snapshot, CodecError};
 pub use command::{Command, Freeze, Placement, Preemption, Quota, Report, SchedulerSettings, Stamped, StatusUpdate};
 pub use cron::{CronRun, CronRunResult, CronRuns, CronStarted};
+pub use drain::{Drain, DrainPlan, DrainProgress, DrainSafety, MaintenancePhase, MaintenanceWindow};
 pub use state::{Applied, ClusterState, Job, QueueKey, Rejection, Task, TaskEventRecord};

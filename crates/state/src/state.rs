@@ -137,6 +137,10 @@ pub struct ClusterState {
     pub scheduler: SchedulerSettings,
     /// Set while the cluster is frozen: no kills, replacements, preemptions or removals.
     pub frozen: Option<Freeze>,
+    /// Planned maintenance windows, by id (`crate::drain`).
+    pub maintenance: BTreeMap<u64, crate::drain::MaintenanceWindow>,
+    /// The id of the newest maintenance window.
+    pub maintenance_seq: u64,
     // --- derived
     /// Tasks waiting for a place, by id.
     #[serde(skip)]
@@ -200,6 +204,10 @@ pub struct Applied {
     pub taken_back: Vec<TaskId>,
     /// What a StartCronRun did.
     pub cron: Option<crate::cron::CronStarted>,
+    /// Tasks stopped to move off draining agents (DrainMoves).
+    pub moved: Vec<TaskId>,
+    /// The id of the window scheduled (ScheduleMaintenance).
+    pub maintenance_id: Option<u64>,
 }
 
 impl ClusterState {
@@ -363,7 +371,7 @@ impl ClusterState {
             Command::SetSchedulerSettings { settings } => self.scheduler = *settings,
             Command::Place { placements } => {
                 for p in placements {
-                    if self.place(p) {
+                    if self.place(p, at) {
                         self.step(p.task, &Event::Assign { agent: p.agent }, at, &mut out);
                     } else {
                         out.placements_refused += 1;
@@ -384,12 +392,18 @@ impl ClusterState {
                     crate::cron::RunRequest { job, scheduled_at: *scheduled_at, missed: *missed, seed: *seed, by };
                 self.start_cron_run(req, at, &mut out)?;
             }
+            Command::DrainAgent { .. }
+            | Command::UndrainAgent { .. }
+            | Command::DrainMoves { .. }
+            | Command::MarkDrained { .. }
+            | Command::ScheduleMaintenance { .. }
+            | Command::CancelMaintenance { .. } => self.apply_drain(&stamped.command, at, &mut out)?,
         }
         Ok(out)
     }
 
     /// Stops one task; a live service instance gets a fresh task once this one ended.
-    fn kill_task(&mut self, task: TaskId, by: &str, at: Timestamp, out: &mut Applied) {
+    pub(crate) fn kill_task(&mut self, task: TaskId, by: &str, at: Timestamp, out: &mut Applied) {
         let Some(t) = self.tasks.get(&task) else { return };
         let restart = !t.state.is_terminal()
             && self
@@ -730,7 +744,7 @@ impl ClusterState {
     }
 
     /// Checks a placement against the current state and reserves it. False: nothing changed.
-    fn place(&mut self, p: &Placement) -> bool {
+    fn place(&mut self, p: &Placement, at: Timestamp) -> bool {
         let Some(task) = self.tasks.get(&p.task) else {
             return false;
         };
@@ -742,6 +756,9 @@ impl ClusterState {
         };
         // A system job's instance runs on its own agent and nowhere else.
         if job.is_system() && job.pinned_agent(task.instance) != Some(p.agent) {
+            return false;
+        }
+        if !self.maintenance_allows(p.agent, job.spec.job_type, at) {
             return false;
         }
         let Some(agent) = self.agents.get_mut(&p.agent) else {

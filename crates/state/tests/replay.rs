@@ -103,6 +103,29 @@ enum Op {
         scheduled: bool,
         seed: u64,
     },
+    /// Drain (or undrain) an agent.
+    Drain {
+        agent_pick: usize,
+        on: bool,
+    },
+    /// One step of the drain loop, as the drain plan says.
+    DrainStep,
+    /// Drain moves of arbitrary tasks: apply must keep only those that may move.
+    DrainMovesAny {
+        picks: Vec<usize>,
+    },
+    MarkDrained {
+        agent_pick: usize,
+    },
+    Maintenance {
+        agent_pick: usize,
+        start_offset_s: i64,
+        duration_s: u64,
+    },
+    CancelMaintenance {
+        pick: usize,
+        unknown: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -206,6 +229,14 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<bool>().prop_map(|on| Op::Freeze { on }),
         3 => (0..JOBS_MAX, any::<bool>(), any::<u64>())
             .prop_map(|(name, scheduled, seed)| Op::CronRun { name, scheduled, seed }),
+        1 => (any::<usize>(), prop::bool::weighted(0.7)).prop_map(|(agent_pick, on)| Op::Drain { agent_pick, on }),
+        2 => Just(Op::DrainStep),
+        1 => prop::collection::vec(any::<usize>(), 1..4).prop_map(|picks| Op::DrainMovesAny { picks }),
+        1 => any::<usize>().prop_map(|agent_pick| Op::MarkDrained { agent_pick }),
+        1 => (any::<usize>(), -7200i64..7200, 0u64..7200).prop_map(|(agent_pick, start_offset_s, duration_s)| {
+            Op::Maintenance { agent_pick, start_offset_s, duration_s }
+        }),
+        1 => (any::<usize>(), prop::bool::weighted(0.2)).prop_map(|(pick, unknown)| Op::CancelMaintenance { pick, unknown }),
     ]
 }
 
@@ -258,10 +289,14 @@ fn first_fit(state: &ClusterState, now: u64, count_plan: bool) -> Vec<Placement>
         }
         let job = &state.jobs[&task.job];
         let spec = &job.spec.task;
+        let job_type = job.spec.job_type;
         // A system task goes on its own agent only.
         let pinned = job.pinned_agent(task.instance);
-        for (agent_id, agent) in
-            state.agents.iter().filter(|(id, a)| a.schedulable() && (!job.is_system() || pinned == Some(**id)))
+        let allowed = |id: &AgentId| state.maintenance_allows(*id, job_type, capstan_model::Timestamp(now));
+        for (agent_id, agent) in state
+            .agents
+            .iter()
+            .filter(|(id, a)| a.schedulable() && allowed(id) && (!job.is_system() || pinned == Some(**id)))
         {
             let (cpus, mem, disk, plan_ports) = used.get(agent_id).cloned().unwrap();
             let cap = &agent.info.capacity;
@@ -544,6 +579,50 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
                 None
             };
             Command::AgentReconcile { agent, known, running, as_of_seq }
+        }
+        Op::Drain { agent_pick, on } => {
+            let agent = pick(&agents, *agent_pick)?;
+            if *on {
+                Command::DrainAgent { agent, by: "test".into() }
+            } else {
+                Command::UndrainAgent { agent, by: "test".into() }
+            }
+        }
+        Op::DrainStep => {
+            let moves = state.drain_plan(256).moves;
+            if moves.is_empty() {
+                return None;
+            }
+            Command::DrainMoves { moves }
+        }
+        Op::DrainMovesAny { picks } => {
+            let ids: Vec<TaskId> = state.tasks.keys().copied().collect();
+            let moves: Vec<TaskId> = picks.iter().filter_map(|i| pick(&ids, *i)).collect();
+            expect.rejected = state.frozen.is_some();
+            Command::DrainMoves { moves }
+        }
+        Op::MarkDrained { agent_pick } => {
+            let agent = pick(&agents, *agent_pick)?;
+            expect.rejected = !state.drain_progress(agent).is_some_and(|p| p.done());
+            Command::MarkDrained { agent }
+        }
+        Op::Maintenance { agent_pick, start_offset_s, duration_s } => {
+            let agent = pick(&agents, *agent_pick)?;
+            let start = capstan_model::Timestamp((now as i64 + start_offset_s * 1000).max(0) as u64);
+            let duration_ms = duration_s * 1000;
+            expect.rejected = duration_ms == 0 || start.0 + duration_ms <= now;
+            Command::ScheduleMaintenance { agents: vec![agent], start, duration_ms, by: "test".into() }
+        }
+        Op::CancelMaintenance { pick: i, unknown } => {
+            let ids: Vec<u64> = state.maintenance.keys().copied().collect();
+            let id = match pick(&ids, *i) {
+                Some(id) if !unknown => id,
+                _ => {
+                    expect.rejected = true;
+                    9_999
+                }
+            };
+            Command::CancelMaintenance { id, by: "test".into() }
         }
         Op::Freeze { on } => Command::SetFreeze {
             freeze: on.then(|| capstan_state::Freeze {
