@@ -46,6 +46,14 @@ pub enum Command {
     SetSchedulerSettings { settings: SchedulerSettings },
     /// Status updates from one agent, in the order the agent produced them.
     AgentUpdates { agent: AgentId, updates: Vec<StatusUpdate> },
+    /// A rolling update of a service job to `spec` (a new version), asked by `by`; new instances'
+    /// tasks get ids derived from `seed`.
+    StartUpdate { spec: JobSpec, by: String, seed: u64 },
+    /// One step of a job's update at the stamped time: watch the batch in flight, start the next
+    /// batch, roll back or end (sent by the master's updater loop when it would change something).
+    UpdateStep { job: JobKey },
+    /// An operator's promote, pause, resume, abort or rollback of a job's update.
+    UpdateControl { job: JobKey, action: crate::updates::UpdateAction, by: String },
 }
 
 impl Command {
@@ -64,6 +72,9 @@ impl Command {
             Command::SetQuota { .. } => "set_quota",
             Command::SetSchedulerSettings { .. } => "set_scheduler_settings",
             Command::AgentUpdates { .. } => "agent_updates",
+            Command::StartUpdate { .. } => "start_update",
+            Command::UpdateStep { .. } => "update_step",
+            Command::UpdateControl { .. } => "update_control",
         }
     }
 }

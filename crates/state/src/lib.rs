@@ -5,8 +5,10 @@ pub mod agent;
 pub mod codec;
 pub mod command;
 pub mod state;
+pub mod updates;
 
 pub use agent::{Agent, AgentInfo, Liveness, Stray};
 pub use codec::{decode_command, decode_snapshot, encode_command, encode_snapshot, CodecError};
 pub use command::{Command, Freeze, Placement, Preemption, Quota, Report, SchedulerSettings, Stamped, StatusUpdate};
 pub use state::{Applied, ClusterState, Job, QueueKey, Rejection, Task, TaskEventRecord};
+pub use updates::{JobUpdates, Update, UpdateAction, UpdateState};

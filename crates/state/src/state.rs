@@ -31,6 +31,8 @@ pub struct Job {
     /// The task of each instance: the live (or latest) one; kept, not derived, because a copy
     /// taken back when its agent returns is older than the replacement it displaced.
     pub current: BTreeMap<u32, TaskId>,
+    /// Rolling updates: older versions' specs, the update in progress and past ones.
+    pub updates: crate::updates::JobUpdates,
     // --- derived from tasks
     /// All tasks of the job still remembered, per instance, oldest first.
     #[serde(skip)]
@@ -164,6 +166,9 @@ pub enum Rejection {
     Frozen(String),
     #[error("invalid command: {0}")]
     Invalid(String),
+    /// The command does not fit what is going on (an update in progress, say).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// What applying a command changed, for the shell: whom to wake up.
@@ -264,6 +269,7 @@ impl ClusterState {
                         done: BTreeMap::new(),
                         finished_at: None,
                         current: BTreeMap::new(),
+                        updates: Default::default(),
                         history: BTreeMap::new(),
                     },
                 );
@@ -271,7 +277,7 @@ impl ClusterState {
                 for instance in 0..spec.instances {
                     next = derive_id(next);
                     let id = self.fresh_id(next);
-                    self.create_task(id, &spec.job, instance, 0, at, at);
+                    self.create_task(id, &spec.job, instance, 1, 0, at, at);
                     out.created.push(id);
                 }
                 out.new_pending = true;
@@ -347,6 +353,9 @@ impl ClusterState {
                     self.agent_update(*agent, u, at, &mut out);
                 }
             }
+            Command::StartUpdate { spec, by, seed } => self.start_update(spec, by, *seed, at, &mut out)?,
+            Command::UpdateStep { job } => self.update_step(job, at, &mut out)?,
+            Command::UpdateControl { job, action, by } => self.update_control(job, *action, by, at, &mut out)?,
         }
         Ok(out)
     }
@@ -466,8 +475,9 @@ impl ClusterState {
         let replacement_serves =
             matches!(r.state, TaskState::Running) && r.healthy != Some(false) || r.state.is_terminal();
         let agent = t.agent.and_then(|a| self.agents.get(&a));
-        let fits =
-            agent.is_some_and(|a| a.fits(&job.spec.task.demand()) && t.ports.iter().all(|p| !a.used_ports.contains(p)));
+        let fits = agent.is_some_and(|a| {
+            a.fits(&job.spec_for(t.job_version).task.demand()) && t.ports.iter().all(|p| !a.used_ports.contains(p))
+        });
         if replacement_serves || self.frozen.is_some() || !fits {
             return stop(format!(
                 "surplus copy of instance {}: task {current} replaced it while its agent was unreachable",
@@ -580,7 +590,12 @@ impl ClusterState {
         q
     }
 
-    fn check_quota(&self, role: &str, demand: &capstan_model::Demand, instances: u32) -> Result<(), Rejection> {
+    pub(crate) fn check_quota(
+        &self,
+        role: &str,
+        demand: &capstan_model::Demand,
+        instances: u32,
+    ) -> Result<(), Rejection> {
         let Some(quota) = self.quotas.get(role) else { return Ok(()) };
         let used = self.production_usage(role);
         let n = u64::from(instances);
@@ -623,18 +638,20 @@ impl ClusterState {
         }
     }
 
-    fn fresh_id(&self, mut candidate: u64) -> TaskId {
+    pub(crate) fn fresh_id(&self, mut candidate: u64) -> TaskId {
         while self.tasks.contains_key(&TaskId(candidate)) {
             candidate = derive_id(candidate);
         }
         TaskId(candidate)
     }
 
-    fn create_task(
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn create_task(
         &mut self,
         id: TaskId,
         job: &JobKey,
         instance: u32,
+        version: u32,
         failures: u32,
         at: Timestamp,
         not_before: Timestamp,
@@ -646,7 +663,7 @@ impl ClusterState {
             seq: self.task_seq,
             job: j.key.clone(),
             instance,
-            job_version: j.version,
+            job_version: version,
             state: TaskState::Pending,
             desired: Desired::Run,
             agent: None,
@@ -705,7 +722,7 @@ impl ClusterState {
         if !agent.schedulable() {
             return false;
         }
-        let spec = &job.spec.task;
+        let spec = &job.spec_for(task.job_version).task;
         let demand = spec.demand();
         if p.ports.len() != spec.ports.len() || !agent.fits(&demand) {
             return false;
@@ -767,7 +784,7 @@ impl ClusterState {
     }
 
     /// Runs one lifecycle transition on a task and carries out its effects, in order.
-    fn step(&mut self, id: TaskId, event: &Event, at: Timestamp, out: &mut Applied) {
+    pub(crate) fn step(&mut self, id: TaskId, event: &Event, at: Timestamp, out: &mut Applied) {
         let Some(task) = self.tasks.get(&id) else {
             return;
         };
@@ -790,7 +807,7 @@ impl ClusterState {
             Outcome::Ignored => return,
             Outcome::Applied => {}
         }
-        let demand = job.spec.task.demand();
+        let demand = job.spec_for(task.job_version).task.demand();
         let job_key = task.job.clone();
         let task = self.tasks.get_mut(&id).expect("exists");
         let desired_changed = task.desired != t.desired;
@@ -886,7 +903,14 @@ impl ClusterState {
 
     /// Starts a fresh task for the instance of `old`, unless the job is gone or being killed, or
     /// the instance already moved on.
-    fn restart_instance(&mut self, old: TaskId, delay_ms: u64, failures: u32, at: Timestamp, out: &mut Applied) {
+    pub(crate) fn restart_instance(
+        &mut self,
+        old: TaskId,
+        delay_ms: u64,
+        failures: u32,
+        at: Timestamp,
+        out: &mut Applied,
+    ) {
         let task = &self.tasks[&old];
         let (job_key, instance) = (task.job.clone(), task.instance);
         let Some(job) = self.jobs.get(&job_key) else {
@@ -895,8 +919,9 @@ impl ClusterState {
         if job.killed.is_some() || job.current.get(&instance) != Some(&old) || instance >= job.spec.instances {
             return;
         }
+        let version = self.version_for_restart(job, instance, task.job_version);
         let id = self.fresh_id(derive_id(old.0));
-        self.create_task(id, &job_key, instance, failures, at, at.plus_ms(delay_ms));
+        self.create_task(id, &job_key, instance, version, failures, at, at.plus_ms(delay_ms));
         out.new_pending = true;
     }
 
@@ -955,7 +980,7 @@ impl ClusterState {
                 }
                 if t.state.holds_resources() {
                     if let Some(a) = t.agent.and_then(|a| self.agents.get_mut(&a)) {
-                        a.reserve(t.id, &job.spec.task.demand(), &t.ports);
+                        a.reserve(t.id, &job.spec_for(t.job_version).task.demand(), &t.ports);
                     }
                 }
             }
