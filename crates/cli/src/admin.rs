@@ -132,7 +132,7 @@ fn non_blank(s: &str) -> Result<String, String> {
 }
 
 /// Who presses the button: `$USER@hostname` (`$LOGNAME` or the uid's name when `$USER` is not set).
-fn operator() -> String {
+pub(crate) fn operator() -> String {
     let from_env = |name| std::env::var(name).ok().filter(|v: &String| !v.trim().is_empty());
     let user = from_env("USER").or_else(|| from_env("LOGNAME")).unwrap_or_else(|| {
         let uid = nix::unistd::getuid();

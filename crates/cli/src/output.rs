@@ -128,6 +128,9 @@ pub fn job_status(j: &JobView, tasks: &[TaskView]) -> String {
     for r in &j.pending_reasons {
         out.push_str(&format!("pending   {r}\n"));
     }
+    if let Some(u) = &j.update {
+        out.push_str(&crate::update::job_status_lines(u));
+    }
     out.push('\n');
     out.push_str(&task_table(tasks));
     out

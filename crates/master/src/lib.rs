@@ -7,6 +7,7 @@ pub mod http;
 pub mod liveness;
 pub mod metrics;
 pub mod scheduler;
+pub mod updater;
 
 use anyhow::Context as _;
 use capstan_model::ValidationPolicy;
@@ -32,6 +33,8 @@ pub struct MasterHandle {
     pub server: tokio::task::JoinHandle<()>,
     pub scheduler: tokio::task::JoinHandle<()>,
     pub liveness: tokio::task::JoinHandle<()>,
+    /// The loop that drives rolling updates.
+    pub updater: tokio::task::JoinHandle<()>,
     pub events: Arc<events::Events>,
 }
 
@@ -87,6 +90,7 @@ pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
     });
     let scheduler = tokio::spawn(scheduler::run(core.clone(), unplaced));
     let liveness_loop = tokio::spawn(liveness::run(core.clone(), liveness.clone(), events.clone()));
+    let updater = tokio::spawn(updater::run(core.clone(), events.clone()));
     tracing::info!("master serving on http://{addr}");
-    Ok(MasterHandle { addr, core, server, scheduler, liveness: liveness_loop, events })
+    Ok(MasterHandle { addr, core, server, scheduler, liveness: liveness_loop, updater, events })
 }
