@@ -45,13 +45,9 @@ pub enum UpdateCmd {
     /// Put the old version back on every instance, batch by batch.
     Rollback(KeyArgs),
     /// The update in progress and the past ones.
-    Status {
-        key: String,
-    },
+    Status { key: String },
     /// Follow the update in progress until it ends.
-    Watch {
-        key: String,
-    },
+    Watch { key: String },
 }
 
 #[derive(Args)]
@@ -177,11 +173,7 @@ pub fn progress_line(u: &UpdateView) -> String {
     };
     let mut line = format!(
         "[{state} batch {}/{}] [{bar}] {done}/{} done v{}→v{}",
-        u.batches,
-        u.batches_total,
-        u.total,
-        u.from_version,
-        u.to_version
+        u.batches, u.batches_total, u.total, u.from_version, u.to_version
     );
     if !u.failed.is_empty() {
         line.push_str(&format!(" failed {:?}", u.failed));
@@ -223,7 +215,13 @@ pub fn final_line(u: &UpdateView) -> String {
 fn status_text(v: &JobUpdatesView) -> String {
     let mut out = format!("job {} at version {}\n", v.job, v.version);
     match &v.active {
-        Some(u) => out.push_str(&format!("in progress: update {} by {} since {}\n  {}\n", u.id, u.by, u.started_at, progress_line(u))),
+        Some(u) => out.push_str(&format!(
+            "in progress: update {} by {} since {}\n  {}\n",
+            u.id,
+            u.by,
+            u.started_at,
+            progress_line(u)
+        )),
         None => out.push_str("no update in progress\n"),
     }
     if !v.history.is_empty() {

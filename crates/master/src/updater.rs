@@ -6,7 +6,7 @@
 
 use crate::core::{now, Core, CoreError};
 use crate::events::Events;
-use crate::http::{AppState, ApiFailure};
+use crate::http::{ApiFailure, AppState};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -65,7 +65,8 @@ fn report(core: &Core, events: &Events, job: &JobKey, before: &Update) {
         Some(_) => {}
         None => {
             if let Some(u) = j.updates.history.last().filter(|u| u.id == before.id) {
-                events.add(&format!("update_{}", u.state.as_str()), format!("job {job}: update {}: {}", u.id, u.message));
+                events
+                    .add(&format!("update_{}", u.state.as_str()), format!("job {job}: update {}: {}", u.id, u.message));
             }
         }
     }
@@ -233,10 +234,7 @@ pub(crate) async fn update_action(
     let req: OperatorRequest = body(&raw)?;
     check_by(&req.by)?;
     let by = req.by.trim().to_string();
-    app.core
-        .submit(Command::UpdateControl { job: key.clone(), action, by: by.clone() })
-        .await
-        .map_err(failure)?;
+    app.core.submit(Command::UpdateControl { job: key.clone(), action, by: by.clone() }).await.map_err(failure)?;
     app.events.add(&format!("update_{}", action.as_str()), format!("job {key}: update {} by {by}", action.as_str()));
     Ok(Json(current(&app, &key)?))
 }

@@ -135,7 +135,7 @@ impl<'de> Deserialize<'de> for Report {
         if d.is_human_readable() {
             Report::deserialize(d)
         } else {
-            d.deserialize_struct("Report", &["kind", "field1"], CompactReport)
+            d.deserialize_struct("Report", &["kind", "field1", "field2"], CompactReport)
         }
     }
 }

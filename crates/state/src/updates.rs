@@ -686,23 +686,31 @@ impl ClusterState {
         u.paused = None;
         u.note(at, why.clone());
         u.message = why;
-        // The batch in flight goes back first (it is down anyway), then the rest in order.
+        // The batch in flight goes back first, as the rollback's first batch (it is down anyway,
+        // and an instance whose old task is still stopping must be counted in it); then the rest.
         let in_flight: Vec<u32> = u.batch.keys().copied().collect();
-        u.batch.clear();
+        u.batch = in_flight.iter().map(|i| (*i, InFlight::default())).collect();
+        u.batches = u32::from(!in_flight.is_empty());
         u.todo.clear();
+        u.done.clear();
         j.updates.active = Some(u);
         let (added, removed) = self.resize(key, new_spec.instances, old_spec.instances, from, at.0, at, out);
-        let (mut todo, _) = self.instances_to_move(key, from);
-        todo.sort_by_key(|i| (!in_flight.contains(i), *i));
+        let (todo, _) = self.instances_to_move(key, from);
         let j = self.jobs.get_mut(key).expect("exists");
         let u = j.updates.active.as_mut().expect("active");
-        u.todo = todo;
-        u.batches = 0;
+        u.todo = todo.into_iter().filter(|i| !in_flight.contains(i)).collect();
         if !added.is_empty() || !removed.is_empty() {
             u.note(at, format!("rollback: instance(s) {added:?} added back, {removed:?} removed"));
         }
-        // Starts the first rollback batch at once.
-        let _ = self.update_step(key, at, out);
+        if in_flight.is_empty() {
+            // Starts the first rollback batch at once.
+            let _ = self.update_step(key, at, out);
+        } else {
+            u.note(at, format!("batch 1: putting instance(s) {in_flight:?} back on version {from}"));
+            for i in in_flight {
+                self.move_instance(key, i, from, at, out);
+            }
+        }
     }
 
     fn end_update(&mut self, key: &JobKey, end: UpdateState, why: String, at: Timestamp) {
