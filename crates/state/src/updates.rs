@@ -688,7 +688,10 @@ impl ClusterState {
         u.message = why;
         // The batch in flight goes back first, as the rollback's first batch (it is down anyway,
         // and an instance whose old task is still stopping must be counted in it); then the rest.
-        let in_flight: Vec<u32> = u.batch.keys().copied().collect();
+        // Instances given up on are down too: they go back in that batch.
+        let mut in_flight: Vec<u32> = u.batch.keys().chain(u.failed.iter()).copied().collect();
+        in_flight.sort_unstable();
+        in_flight.dedup();
         u.batch = in_flight.iter().map(|i| (*i, InFlight::default())).collect();
         u.batches = u32::from(!in_flight.is_empty());
         u.todo.clear();
