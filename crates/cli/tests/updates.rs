@@ -51,7 +51,7 @@ port = "http"
 path = "{health_path}"
 interval = "300ms"
 timeout = "300ms"
-grace_period = "2s"
+grace_period = "4s"
 consecutive_failures = 2
 
 [update]

@@ -99,7 +99,10 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/agent/updates", post(agent_updates))
         .route("/v1/agent/usage", post(agent_usage))
         .route("/metrics", get(metrics))
-        .route("/v1/jobs/{role}/{env}/{name}/update", get(crate::updater::get_updates).post(crate::updater::start_update))
+        .route(
+            "/v1/jobs/{role}/{env}/{name}/update",
+            get(crate::updater::get_updates).post(crate::updater::start_update),
+        )
         .route("/v1/jobs/{role}/{env}/{name}/update/{action}", post(crate::updater::update_action))
         .fallback(|| async { ApiFailure::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::middleware::from_fn_with_state(app.clone(), frozen_notice))
