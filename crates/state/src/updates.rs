@@ -257,21 +257,32 @@ fn plan_step(state: &ClusterState, job: &Job, at: Timestamp) -> Option<Plan> {
             p.task = Some(cur.id);
             p.ok_since = None;
         }
+        // Failures of the instance on the target version: the lifecycle counts them on each
+        // replacement task (`failures`, 0 for the first task of the version), so one that ended
+        // and was replaced between two steps is counted too; plus the current task if it is bad.
         let bad = cur.state.is_terminal() || (cur.state == TaskState::Running && cur.healthy == Some(false));
+        let seen = cur.failures + u32::from(bad);
+        let counted = u.failures.get(&i).copied().unwrap_or(0);
+        if seen > counted {
+            u.failures.insert(i, seen);
+            let why = if bad && !cur.state.is_terminal() {
+                "unhealthy".to_string()
+            } else if bad {
+                cur.reason().to_string()
+            } else {
+                format!("task {} restarts it", cur.id)
+            };
+            u.note(at, format!("instance {i}: failed on version {target} ({why}); {seen} failure(s)"));
+            if !back && seen > u.settings.max_per_instance_failures {
+                u.batch.remove(&i);
+                u.failed.push(i);
+                continue;
+            }
+        }
+        let p = u.batch.get_mut(&i).expect("listed");
         if bad {
             p.ok_since = None;
-            if p.failed_task != Some(cur.id) {
-                p.failed_task = Some(cur.id);
-                let n = u.failures.entry(i).or_default();
-                *n += 1;
-                let n = *n;
-                let why = if cur.state.is_terminal() { cur.reason().to_string() } else { "unhealthy".into() };
-                u.note(at, format!("instance {i}: task {} failed on version {target} ({why}); failure {n}", cur.id));
-                if !back && n > u.settings.max_per_instance_failures {
-                    u.batch.remove(&i);
-                    u.failed.push(i);
-                }
-            }
+            p.failed_task = Some(cur.id);
             continue;
         }
         if up(cur, &target_spec) {

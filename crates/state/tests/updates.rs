@@ -27,12 +27,21 @@ struct Sim {
     healthy: BTreeMap<u32, bool>,
     /// The most instances seen down at once (not running, or not healthy).
     max_down: usize,
+    /// The agent reports a failed health check and the task's end in the same tick (the updater
+    /// never sees the unhealthy task, only its replacement).
+    fail_at_once: bool,
 }
 
 impl Sim {
     fn new() -> Sim {
-        let mut s =
-            Sim { state: ClusterState::default(), now_ms: 1_000_000, seq: 0, healthy: BTreeMap::new(), max_down: 0 };
+        let mut s = Sim {
+            state: ClusterState::default(),
+            now_ms: 1_000_000,
+            seq: 0,
+            healthy: BTreeMap::new(),
+            max_down: 0,
+            fail_at_once: false,
+        };
         let ports = vec![PortRange { first: 31000, last: 31009 }];
         s.apply(Command::RegisterAgent { info: agent_info(AGENT.0, 16_000, 16_384 * MIB, 16_384 * MIB, ports) });
         s
@@ -79,6 +88,10 @@ impl Sim {
                 TaskState::Running if t.healthy.is_none() => {
                     let healthy = *self.healthy.get(&t.job_version).unwrap_or(&true);
                     self.report(t.id, Report::Health { healthy, reason: String::new() });
+                    if !healthy && self.fail_at_once {
+                        let exit = TaskExit::HealthCheckFailed { reason: "check failed".into() };
+                        self.report(t.id, Report::Exited { exit });
+                    }
                 }
                 TaskState::Running if t.healthy == Some(false) => {
                     // The agent kills a task whose check failed.
@@ -217,6 +230,17 @@ fn a_version_that_fails_its_health_check_rolls_back_after_the_first_batch() {
     // No instance outside the first batch was touched.
     let touched: Vec<u32> = s.state.tasks.values().filter(|t| t.job_version == 2).map(|t| t.instance).collect();
     assert!(touched.iter().all(|i| *i < 2), "{touched:?}");
+}
+
+#[test]
+fn a_failure_between_two_steps_still_counts() {
+    let mut s = started();
+    s.healthy.insert(2, false);
+    s.fail_at_once = true;
+    start_update(&mut s, spec("v2"));
+    s.until(30_000, "rolled back", |s| s.update_state().is_none());
+    assert_eq!(s.last_ended().state, UpdateState::RolledBack, "{:#?}", s.last_ended());
+    s.until(5_000, "all up", |s| s.all_up(1));
 }
 
 #[test]
