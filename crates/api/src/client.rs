@@ -301,6 +301,24 @@ impl Client {
         Self::decode(self.send(reqwest::Method::POST, "/v1/agent/updates", Some(body), Duration::from_secs(30)).await?)
             .await
     }
+
+    // ---- rolling updates
+
+    /// Starts a rolling update of job `key` to `spec` (a job spec as JSON).
+    pub async fn start_update(&self, key: &str, req: &UpdateRequest) -> Result<JobUpdatesView, ApiError> {
+        self.post(&format!("/v1/jobs/{key}/update"), serde_json::to_value(req).expect("serializable")).await
+    }
+
+    /// The job's update in progress and its history.
+    pub async fn job_updates(&self, key: &str) -> Result<JobUpdatesView, ApiError> {
+        self.get(&format!("/v1/jobs/{key}/update")).await
+    }
+
+    /// `action`: promote, pause, resume, abort or rollback.
+    pub async fn update_action(&self, key: &str, action: &str, by: &str) -> Result<JobUpdatesView, ApiError> {
+        let body = serde_json::to_value(OperatorRequest { by: by.to_string() }).expect("serializable");
+        self.post(&format!("/v1/jobs/{key}/update/{action}"), body).await
+    }
 }
 
 /// Drain and maintenance.

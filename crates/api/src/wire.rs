@@ -53,6 +53,9 @@ pub struct JobView {
     /// Cron jobs: the schedule, the next fire time and the latest runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cron: Option<CronView>,
+    /// The rolling update in progress, if any (`GET /v1/jobs/{key}/update` has the history too).
+    #[serde(default)]
+    pub update: Option<UpdateView>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -85,6 +88,9 @@ pub struct TaskView {
     /// Set while the task waits out a restart backoff.
     pub not_before: Option<String>,
     pub events: Vec<TaskEventView>,
+    /// The job version whose spec this task runs.
+    #[serde(default)]
+    pub version: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -487,4 +493,82 @@ pub struct AgentSafetyView {
     /// Healthy service tasks on it (they would go down with it).
     pub serving_tasks: u32,
     pub reason: Option<String>,
+}
+
+// ---- rolling updates
+
+/// `POST /v1/jobs/{key}/update`: the job's new spec (as a job file reads, in JSON) and who asks.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UpdateRequest {
+    pub spec: serde_json::Value,
+    pub by: String,
+}
+
+/// A job's update in progress and its past ones (`GET /v1/jobs/{key}/update`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobUpdatesView {
+    pub job: JobKey,
+    /// The job's version now.
+    pub version: u32,
+    pub active: Option<UpdateView>,
+    /// Ended updates, newest first.
+    pub history: Vec<UpdateView>,
+}
+
+/// One update: who, when, from which version to which, where it stands or how it ended.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UpdateView {
+    pub id: u32,
+    pub job: JobKey,
+    pub from_version: u32,
+    pub to_version: u32,
+    pub by: String,
+    pub started_at: String,
+    pub ended_at: Option<String>,
+    pub duration_ms: Option<u64>,
+    /// `rolling`, `awaiting_promote`, `rolling_back`, `succeeded`, `failed`, `aborted`, `rolled_back`.
+    pub state: String,
+    pub paused_by: Option<String>,
+    /// Where it stands, in words.
+    pub message: String,
+    pub batch_size: u32,
+    pub canaries: u32,
+    pub watch_ms: u64,
+    pub max_per_instance_failures: u32,
+    pub max_total_failures: u32,
+    pub rollback_on_failure: bool,
+    pub auto_promote: bool,
+    /// Batches started, and how many there will be in all at this pace.
+    pub batches: u32,
+    pub batches_total: u32,
+    /// Instances the update replaces in all.
+    pub total: u32,
+    /// The batch in flight, instance by instance.
+    pub batch: Vec<UpdateInstanceView>,
+    pub todo: Vec<u32>,
+    pub done: Vec<u32>,
+    pub failed: Vec<u32>,
+    /// Failures per instance (instance as a string key in JSON).
+    pub failures: BTreeMap<u32, u32>,
+    pub added: Vec<u32>,
+    pub removed: Vec<u32>,
+    pub events: Vec<UpdateEventView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UpdateInstanceView {
+    pub instance: u32,
+    /// The instance's task now (the old one while it stops, then the new one).
+    pub task: Option<TaskId>,
+    pub state: Option<TaskState>,
+    pub health: Option<String>,
+    pub version: Option<u32>,
+    /// How long the new task has been up (running and healthy), of `watch_ms`.
+    pub up_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UpdateEventView {
+    pub at: String,
+    pub text: String,
 }

@@ -5,6 +5,7 @@ mod admin;
 mod bench;
 mod drain;
 mod output;
+mod update;
 
 use anyhow::{bail, Context as _};
 use capstan_api::{ApiError, Client};
@@ -284,8 +285,9 @@ enum AgentCmd {
 enum JobCmd {
     /// Create a job from a job file.
     Create { file: PathBuf },
-    /// Update a job (rolling update).
-    Update { file: PathBuf },
+    /// Roll a job to a new spec batch by batch (`update FILE`), or steer its update
+    /// (`update promote|pause|resume|abort|rollback|status|watch KEY`).
+    Update(update::UpdateArgs),
     /// Kill every task of a job and remove it.
     Kill { key: String },
     /// A job's status.
@@ -495,7 +497,7 @@ pub(crate) async fn mutate<T>(
     })
 }
 
-fn read_job_file(file: &std::path::Path) -> anyhow::Result<capstan_model::JobSpec> {
+pub(crate) fn read_job_file(file: &std::path::Path) -> anyhow::Result<capstan_model::JobSpec> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     // The master applies its own policy (root or not); here only the file itself is checked.
     let policy = capstan_model::ValidationPolicy { allow_root: true };
@@ -508,7 +510,7 @@ fn read_job_file(file: &std::path::Path) -> anyhow::Result<capstan_model::JobSpe
 }
 
 /// Checks a job key before it goes into a URL, so a typo gets a clear message.
-fn job_key(key: &str) -> anyhow::Result<String> {
+pub(crate) fn job_key(key: &str) -> anyhow::Result<String> {
     key.parse::<capstan_model::JobKey>().map(|k| k.to_string()).map_err(|e| anyhow::anyhow!(e.0))
 }
 
@@ -535,12 +537,7 @@ async fn cmd_job(cmd: JobCmd, c: &ClientArgs) -> anyhow::Result<()> {
                 None => format!("job {} created with {} tasks", created.job, created.tasks.len()),
             });
         }
-        JobCmd::Update { file } => {
-            read_job_file(&file)?;
-            bail!(
-                "capstan job update is not yet supported by this version of Capstan; kill the job and create it again"
-            )
-        }
+        JobCmd::Update(args) => update::cmd_update(args, c).await?,
         JobCmd::Kill { key } => {
             let key = job_key(&key)?;
             let v = mutate(&client, client.kill_job(&key)).await?;

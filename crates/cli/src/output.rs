@@ -137,6 +137,9 @@ pub fn job_status(j: &JobView, tasks: &[TaskView]) -> String {
     if let Some(c) = &j.cron {
         out.push_str(&cron_section(c, SystemTime::now()));
     }
+    if let Some(u) = &j.update {
+        out.push_str(&crate::update::job_status_lines(u));
+    }
     out.push('\n');
     out.push_str(&task_table(tasks));
     out

@@ -101,6 +101,11 @@ pub fn router(app: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/jobs/{role}/{env}/{name}/start", post(start_job))
         .merge(crate::drain_http::routes())
+        .route(
+            "/v1/jobs/{role}/{env}/{name}/update",
+            get(crate::updater::get_updates).post(crate::updater::start_update),
+        )
+        .route("/v1/jobs/{role}/{env}/{name}/update/{action}", post(crate::updater::update_action))
         .fallback(|| async { ApiFailure::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::middleware::from_fn_with_state(app.clone(), frozen_notice))
         .with_state(app)
@@ -148,6 +153,7 @@ impl From<CoreError> for ApiFailure {
             CoreError::Rejected(Rejection::Invalid(_)) => (StatusCode::BAD_REQUEST, "bad_request"),
             CoreError::Rejected(Rejection::OverQuota(_)) => (StatusCode::CONFLICT, "over_quota"),
             CoreError::Rejected(Rejection::Frozen(_)) => (StatusCode::CONFLICT, "frozen"),
+            CoreError::Rejected(Rejection::Conflict(_)) => (StatusCode::CONFLICT, "conflict"),
             CoreError::Store(_) | CoreError::Closed => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         ApiFailure::new(status, code, e.to_string())
@@ -604,7 +610,8 @@ async fn agent_orders(
         .tasks_on(agent)
         .filter_map(|t| {
             let job = state.job_of(t)?;
-            Some(order_for(t, &job.spec.task, job.spec.health_check.as_ref()))
+            let spec = job.spec_for(t.job_version);
+            Some(order_for(t, &spec.task, spec.health_check.as_ref()))
         })
         .collect();
     // Strays are stopped only when the master's view is complete (not while agents may still be
@@ -682,7 +689,7 @@ async fn agent_updates(State(app): State<AppState>, body: Bytes) -> ApiResult<Js
 // ---- views
 
 fn task_view(state: &ClusterState, t: &Task, usage: &std::collections::HashMap<TaskId, TaskUsage>) -> TaskView {
-    let spec_ports = state.job_of(t).map(|j| j.spec.task.ports.clone()).unwrap_or_default();
+    let spec_ports = state.job_of(t).map(|j| j.spec_for(t.job_version).task.ports.clone()).unwrap_or_default();
     let agent = t.agent.and_then(|a| state.agents.get(&a));
     TaskView {
         id: t.id,
@@ -709,6 +716,7 @@ fn task_view(state: &ClusterState, t: &Task, usage: &std::collections::HashMap<T
             .iter()
             .map(|e| TaskEventView { at: rfc3339(e.at), state: e.state, reason: e.reason.to_string() })
             .collect(),
+        version: t.job_version,
     }
 }
 
@@ -769,6 +777,7 @@ fn job_view(state: &ClusterState, j: &Job, unplaced: &crate::scheduler::Unplaced
         pending_reasons: reasons,
         spec: (*j.spec).clone(),
         cron,
+        update: j.updates.active.as_ref().map(|u| crate::updater::update_view(state, j, u)),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod http;
 pub mod liveness;
 pub mod metrics;
 pub mod scheduler;
+pub mod updater;
 
 use anyhow::Context as _;
 use capstan_model::ValidationPolicy;
@@ -38,6 +39,8 @@ pub struct MasterHandle {
     /// The cron loop (`cron.rs`).
     pub cron: tokio::task::JoinHandle<()>,
     pub drain: tokio::task::JoinHandle<()>,
+    /// The loop that drives rolling updates.
+    pub updater: tokio::task::JoinHandle<()>,
     pub events: Arc<events::Events>,
 }
 
@@ -95,6 +98,7 @@ pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
     let liveness_loop = tokio::spawn(liveness::run(core.clone(), liveness.clone(), events.clone()));
     let cron_loop = tokio::spawn(cron::run(core.clone(), events.clone()));
     let drain_loop = tokio::spawn(drain::run(core.clone(), events.clone()));
+    let updater = tokio::spawn(updater::run(core.clone(), events.clone()));
     tracing::info!("master serving on http://{addr}");
     Ok(MasterHandle {
         addr,
@@ -104,6 +108,7 @@ pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
         liveness: liveness_loop,
         cron: cron_loop,
         drain: drain_loop,
+        updater,
         events,
     })
 }

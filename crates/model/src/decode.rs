@@ -455,8 +455,26 @@ impl Cx {
         };
         let health_check = self.get(&o, "health_check").and_then(|v| self.health_check(v, task.as_ref()));
         let update = self.get(&o, "update").and_then(|v| self.update(v));
-        if update.is_some() {
-            self.not_yet("update", "[update]");
+        // Checked on the raw table too, so that it is reported beside the table's own problems.
+        let canaries = update
+            .as_ref()
+            .map(|u| i64::from(u.canaries))
+            .or_else(|| self.get(&o, "update").and_then(|u| u.get("canaries")).and_then(|c| c.as_i64()));
+        if let (Some(c), Some(n)) = (canaries, instances) {
+            if c > i64::from(n) {
+                self.err(
+                    "update.canaries",
+                    format!("{c} canaries but the job has {n} instances"),
+                    Some(format!("use at most {n}")),
+                );
+            }
+        }
+        if update.is_some() && job_type.is_some_and(|t| t != JobType::Service) {
+            self.err(
+                "update",
+                "only applies to type = \"service\"",
+                Some("remove [update]; other job types are not updated in place".into()),
+            );
         }
         let constraint = match self.get(&o, "constraint") {
             None => Some(Vec::new()),
@@ -520,10 +538,6 @@ impl Cx {
                 self.err(p.field, p.message, Some(p.hint));
             }
         }
-    }
-
-    fn not_yet(&mut self, path: &str, what: &str) {
-        self.err(path, format!("{what} is not yet supported by this version of Capstan"), Some("remove it".into()));
     }
 
     fn task(&mut self, v: &Value, policy: &ValidationPolicy) -> Option<TaskSpec> {

@@ -451,3 +451,52 @@ in = ["worker", "edge"]
         assert_eq!(back, spec, "{json}");
     }
 }
+
+/// `[update]`: every problem with its path, and the table's own defaults.
+#[test]
+fn bad_update_tables() {
+    let with = |table: &str| format!("{GOOD}\n[update]\n{table}\n");
+    let rows: Vec<(&str, String, Expected)> = vec![
+        ("batch_size zero", with("batch_size = 0"), &[("update.batch_size", "out of range")]),
+        ("batch_size as text", with("batch_size = \"2\""), &[("update.batch_size", "expected")]),
+        ("bad watch", with("watch = \"soon\""), &[("update.watch", "not a duration")]),
+        ("negative failures", with("max_total_failures = -1"), &[("update.max_total_failures", "out of range")]),
+        (
+            "negative per-instance failures",
+            with("max_per_instance_failures = -2"),
+            &[("update.max_per_instance_failures", "out of range")],
+        ),
+        ("rollback flag as text", with("rollback_on_failure = \"yes\""), &[("update.rollback_on_failure", "expected")]),
+        ("auto_promote as number", with("auto_promote = 1"), &[("update.auto_promote", "expected")]),
+        ("more canaries than instances", with("canaries = 4"), &[("update.canaries", "at most 3")]),
+        ("typo", with("batchsize = 2"), &[("update.batchsize", "did you mean `batch_size`")]),
+        ("not a table", format!("update = 3\n{GOOD}"), &[("update", "expected a table")]),
+        (
+            "on a batch job",
+            with("batch_size = 1").replace("type = \"service\"", "type = \"batch\""),
+            &[("update", "only applies to type = \"service\"")],
+        ),
+    ];
+    for (name, input, expected) in rows {
+        eprintln!("--- {name}");
+        check(&input, expected);
+    }
+    // Several at once.
+    check(
+        &with("batch_size = 0\nwatch = 5\ncanaries = 9"),
+        &[("update.batch_size", "out of range"), ("update.watch", "duration"), ("update.canaries", "9 canaries")],
+    );
+}
+
+#[test]
+fn an_update_table_is_accepted_with_its_defaults() {
+    let policy = ValidationPolicy::default();
+    let spec =
+        parse_toml(&format!("{GOOD}\n[update]\nbatch_size = 2\nwatch = \"2s\"\ncanaries = 1\n"), &policy).unwrap();
+    let u = spec.update.clone().expect("an update table");
+    assert_eq!((u.batch_size, u.watch.0, u.canaries), (2, 2000, 1));
+    assert_eq!((u.max_per_instance_failures, u.max_total_failures), (0, 0));
+    assert!(u.rollback_on_failure && !u.auto_promote);
+    let json = serde_json::to_string(&spec).unwrap();
+    assert_eq!(parse_json(&json, &policy).unwrap(), spec, "{json}");
+}

@@ -162,7 +162,8 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
         }
         let Some(job) = state.jobs.get(&task.job) else { continue };
         searched += 1;
-        let spec = &job.spec;
+        // The task's own version: during a rolling update, a job runs two.
+        let spec = job.spec_for(task.job_version);
         let demand = spec.task.demand();
         let cons: Vec<Constraint> = spec.constraint.iter().filter_map(|c| c.kind()).collect();
         let spread = if cons.is_empty() {

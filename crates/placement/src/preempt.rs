@@ -36,7 +36,7 @@ pub(crate) fn find(
 ) -> Option<Found> {
     let job = state.jobs.get(&task.job)?;
     let priority = job.spec.priority;
-    let demand = job.spec.task.demand();
+    let demand = job.spec_for(task.job_version).task.demand();
     let mut best: Option<((usize, i64), AgentId, Vec<TaskId>)> = None;
     for agent in agents {
         if let Verdict::Refused(_) = spread.check(constraints, agent) {
@@ -55,7 +55,7 @@ pub(crate) fn find(
             }
             if t.desired == Desired::Stop || already.contains(&t.id) {
                 // Being released already.
-                add(&mut free, &j.spec.task.demand());
+                add(&mut free, &j.spec_for(t.job_version).task.demand());
             } else if !j.spec.production && j.spec.priority < priority {
                 candidates.push((j.spec.priority, t));
             }
@@ -70,7 +70,7 @@ pub(crate) fn find(
             if fits(&free, &need) {
                 break;
             }
-            add(&mut free, &state.jobs[&t.job].spec.task.demand());
+            add(&mut free, &state.jobs[&t.job].spec_for(t.job_version).task.demand());
             victims.push(t.id);
             cost += i64::from(p);
         }

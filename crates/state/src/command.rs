@@ -66,6 +66,14 @@ pub enum Command {
     ScheduleMaintenance { agents: Vec<AgentId>, start: Timestamp, duration_ms: u64, by: String },
     /// Drop a maintenance window.
     CancelMaintenance { id: u64, by: String },
+    /// A rolling update of a service job to `spec` (a new version), asked by `by`; new instances'
+    /// tasks get ids derived from `seed`.
+    StartUpdate { spec: JobSpec, by: String, seed: u64 },
+    /// One step of a job's update at the stamped time: watch the batch in flight, start the next
+    /// batch, roll back or end (sent by the master's updater loop when it would change something).
+    UpdateStep { job: JobKey },
+    /// An operator's promote, pause, resume, abort or rollback of a job's update.
+    UpdateControl { job: JobKey, action: crate::updates::UpdateAction, by: String },
 }
 
 impl Command {
@@ -91,6 +99,9 @@ impl Command {
             Command::MarkDrained { .. } => "mark_drained",
             Command::ScheduleMaintenance { .. } => "schedule_maintenance",
             Command::CancelMaintenance { .. } => "cancel_maintenance",
+            Command::StartUpdate { .. } => "start_update",
+            Command::UpdateStep { .. } => "update_step",
+            Command::UpdateControl { .. } => "update_control",
         }
     }
 }

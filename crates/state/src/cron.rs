@@ -280,12 +280,13 @@ impl ClusterState {
         j.done.clear();
         j.finished_at = None;
         let instances = j.spec.instances;
+        let version = j.version;
         let mut next = seed;
         let mut ids = Vec::with_capacity(instances as usize);
         for instance in 0..instances {
             next = derive_id(next);
             let id = self.fresh_id(next);
-            self.create_task(id, job, instance, 0, at, at);
+            self.create_task(id, job, instance, version, 0, at, at);
             ids.push(id);
         }
         let cron = self.jobs.get_mut(job).and_then(|j| j.cron.as_mut()).expect("a cron job has its runs");

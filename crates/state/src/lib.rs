@@ -7,6 +7,7 @@ pub mod command;
 pub mod cron;
 pub mod drain;
 pub mod state;
+pub mod updates;
 
 pub use agent::{Agent, AgentInfo, Liveness, Stray};
 pub use codec::{decode_command, decode_snapshot, encode_command, encode_snapshot, CodecError};
@@ -14,3 +15,4 @@ pub use command::{Command, Freeze, Placement, Preemption, Quota, Report, Schedul
 pub use cron::{CronRun, CronRunResult, CronRuns, CronStarted};
 pub use drain::{Drain, DrainPlan, DrainProgress, DrainSafety, MaintenancePhase, MaintenanceWindow};
 pub use state::{Applied, ClusterState, Job, QueueKey, Rejection, Task, TaskEventRecord};
+pub use updates::{JobUpdates, Update, UpdateAction, UpdateState};

@@ -41,6 +41,8 @@ pub struct Job {
     pub next_instance: u32,
     /// Cron jobs: their runs and the latest fire time handled; `None` for other types.
     pub cron: Option<crate::cron::CronRuns>,
+    /// Rolling updates: older versions' specs, the update in progress and past ones.
+    pub updates: crate::updates::JobUpdates,
     // --- derived from tasks
     /// All tasks of the job still remembered, per instance, oldest first.
     #[serde(skip)]
@@ -181,6 +183,9 @@ pub enum Rejection {
     Frozen(String),
     #[error("invalid command: {0}")]
     Invalid(String),
+    /// The command does not fit what is going on (an update in progress, say).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// What applying a command changed, for the shell: whom to wake up.
@@ -298,6 +303,7 @@ impl ClusterState {
                         pinned: BTreeMap::new(),
                         next_instance: 0,
                         cron: (spec.job_type == JobType::Cron).then(|| crate::cron::CronRuns::new(at)),
+                        updates: Default::default(),
                         history: BTreeMap::new(),
                         pinned_by_agent: BTreeMap::new(),
                     },
@@ -308,7 +314,7 @@ impl ClusterState {
                 for instance in 0..instances {
                     next = derive_id(next);
                     let id = self.fresh_id(next);
-                    self.create_task(id, &spec.job, instance, 0, at, at);
+                    self.create_task(id, &spec.job, instance, 1, 0, at, at);
                     out.created.push(id);
                 }
                 if spec.job_type == JobType::System {
@@ -398,6 +404,9 @@ impl ClusterState {
             | Command::MarkDrained { .. }
             | Command::ScheduleMaintenance { .. }
             | Command::CancelMaintenance { .. } => self.apply_drain(&stamped.command, at, &mut out)?,
+            Command::StartUpdate { spec, by, seed } => self.start_update(spec, by, *seed, at, &mut out)?,
+            Command::UpdateStep { job } => self.update_step(job, at, &mut out)?,
+            Command::UpdateControl { job, action, by } => self.update_control(job, *action, by, at, &mut out)?,
         }
         Ok(out)
     }
@@ -519,8 +528,9 @@ impl ClusterState {
         let replacement_serves =
             matches!(r.state, TaskState::Running) && r.healthy != Some(false) || r.state.is_terminal();
         let agent = t.agent.and_then(|a| self.agents.get(&a));
-        let fits =
-            agent.is_some_and(|a| a.fits(&job.spec.task.demand()) && t.ports.iter().all(|p| !a.used_ports.contains(p)));
+        let fits = agent.is_some_and(|a| {
+            a.fits(&job.spec_for(t.job_version).task.demand()) && t.ports.iter().all(|p| !a.used_ports.contains(p))
+        });
         if replacement_serves || self.frozen.is_some() || !fits {
             return stop(format!(
                 "surplus copy of instance {}: task {current} replaced it while its agent was unreachable",
@@ -635,7 +645,12 @@ impl ClusterState {
         q
     }
 
-    fn check_quota(&self, role: &str, demand: &capstan_model::Demand, instances: u32) -> Result<(), Rejection> {
+    pub(crate) fn check_quota(
+        &self,
+        role: &str,
+        demand: &capstan_model::Demand,
+        instances: u32,
+    ) -> Result<(), Rejection> {
         let Some(quota) = self.quotas.get(role) else { return Ok(()) };
         let used = self.production_usage(role);
         let n = u64::from(instances);
@@ -685,11 +700,13 @@ impl ClusterState {
         TaskId(candidate)
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn create_task(
         &mut self,
         id: TaskId,
         job: &JobKey,
         instance: u32,
+        version: u32,
         failures: u32,
         at: Timestamp,
         not_before: Timestamp,
@@ -701,7 +718,7 @@ impl ClusterState {
             seq: self.task_seq,
             job: j.key.clone(),
             instance,
-            job_version: j.version,
+            job_version: version,
             state: TaskState::Pending,
             desired: Desired::Run,
             agent: None,
@@ -767,7 +784,7 @@ impl ClusterState {
         if !agent.schedulable() {
             return false;
         }
-        let spec = &job.spec.task;
+        let spec = &job.spec_for(task.job_version).task;
         let demand = spec.demand();
         if p.ports.len() != spec.ports.len() || !agent.fits(&demand) {
             return false;
@@ -852,7 +869,7 @@ impl ClusterState {
             Outcome::Ignored => return,
             Outcome::Applied => {}
         }
-        let demand = job.spec.task.demand();
+        let demand = job.spec_for(task.job_version).task.demand();
         let job_key = task.job.clone();
         let task = self.tasks.get_mut(&id).expect("exists");
         let desired_changed = task.desired != t.desired;
@@ -949,7 +966,14 @@ impl ClusterState {
 
     /// Starts a fresh task for the instance of `old`, unless the job is gone or being killed, or
     /// the instance already moved on.
-    fn restart_instance(&mut self, old: TaskId, delay_ms: u64, failures: u32, at: Timestamp, out: &mut Applied) {
+    pub(crate) fn restart_instance(
+        &mut self,
+        old: TaskId,
+        delay_ms: u64,
+        failures: u32,
+        at: Timestamp,
+        out: &mut Applied,
+    ) {
         let task = &self.tasks[&old];
         let (job_key, instance) = (task.job.clone(), task.instance);
         let Some(job) = self.jobs.get(&job_key) else {
@@ -958,8 +982,9 @@ impl ClusterState {
         if job.killed.is_some() || job.current.get(&instance) != Some(&old) || !job.wants_instance(instance) {
             return;
         }
+        let version = self.version_for_restart(job, instance, task.job_version);
         let id = self.fresh_id(derive_id(old.0));
-        self.create_task(id, &job_key, instance, failures, at, at.plus_ms(delay_ms));
+        self.create_task(id, &job_key, instance, version, failures, at, at.plus_ms(delay_ms));
         out.new_pending = true;
     }
 
@@ -1019,7 +1044,7 @@ impl ClusterState {
                 }
                 if t.state.holds_resources() {
                     if let Some(a) = t.agent.and_then(|a| self.agents.get_mut(&a)) {
-                        a.reserve(t.id, &job.spec.task.demand(), &t.ports);
+                        a.reserve(t.id, &job.spec_for(t.job_version).task.demand(), &t.ports);
                     }
                 }
             }

@@ -126,6 +126,23 @@ enum Op {
         pick: usize,
         unknown: bool,
     },
+    /// A rolling update of a job: maybe a new task spec, maybe another instance count.
+    StartUpdate {
+        name: u8,
+        instances: u32,
+        change: bool,
+        batch_size: u32,
+        canaries: u32,
+    },
+    /// The updater's step, sent only when it would change something (as the master does).
+    UpdateStep {
+        name: u8,
+    },
+    /// promote, pause, resume, abort, rollback.
+    UpdateControl {
+        name: u8,
+        action: u8,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -237,6 +254,11 @@ fn op() -> impl Strategy<Value = Op> {
             Op::Maintenance { agent_pick, start_offset_s, duration_s }
         }),
         1 => (any::<usize>(), prop::bool::weighted(0.2)).prop_map(|(pick, unknown)| Op::CancelMaintenance { pick, unknown }),
+        2 => (0..JOBS_MAX, 1u32..5, any::<bool>(), 1u32..3, 0u32..2).prop_map(|(name, instances, change, batch_size, canaries)| {
+            Op::StartUpdate { name, instances, change, batch_size, canaries }
+        }),
+        4 => (0..JOBS_MAX).prop_map(|name| Op::UpdateStep { name }),
+        1 => (0..JOBS_MAX, 0u8..5).prop_map(|(name, action)| Op::UpdateControl { name, action }),
     ]
 }
 
@@ -643,6 +665,57 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
                 by: "test".into(),
             }
         }
+        Op::StartUpdate { name, instances, change, batch_size, canaries } => {
+            let job = state.jobs.get(&job_key(*name))?;
+            let mut spec = (*job.spec).clone();
+            if *change {
+                spec.task.command.push_str(" v");
+            }
+            spec.instances = *instances;
+            spec.update = Some(capstan_model::spec::UpdateSpec {
+                batch_size: *batch_size,
+                watch: capstan_model::spec::DurationMs(1_000),
+                max_per_instance_failures: 0,
+                max_total_failures: 0,
+                rollback_on_failure: true,
+                canaries: (*canaries).min(*instances),
+                auto_promote: false,
+            });
+            expect.rejected = job.killed.is_some()
+                || job.spec.job_type != capstan_model::JobType::Service
+                || job.updates.active.is_some()
+                || (*instances < job.spec.instances && state.frozen.is_some());
+            Command::StartUpdate { spec, by: "tester".into(), seed: now }
+        }
+        Op::UpdateStep { name } => {
+            let job = state.jobs.get(&job_key(*name))?;
+            if !capstan_state::updates::step_needed(state, job, capstan_model::Timestamp(now)) {
+                return None;
+            }
+            Command::UpdateStep { job: job_key(*name) }
+        }
+        Op::UpdateControl { name, action } => {
+            use capstan_state::updates::{UpdateAction, UpdateState};
+            let job = state.jobs.get(&job_key(*name))?;
+            let action = [
+                UpdateAction::Promote,
+                UpdateAction::Pause,
+                UpdateAction::Resume,
+                UpdateAction::Abort,
+                UpdateAction::Rollback,
+            ][usize::from(*action) % 5];
+            expect.rejected = match &job.updates.active {
+                None => true,
+                Some(u) => match action {
+                    UpdateAction::Promote => u.state != UpdateState::AwaitingPromote,
+                    UpdateAction::Pause => u.paused.is_some(),
+                    UpdateAction::Resume => u.paused.is_none(),
+                    UpdateAction::Abort => false,
+                    UpdateAction::Rollback => u.state == UpdateState::RollingBack || state.frozen.is_some(),
+                },
+            };
+            Command::UpdateControl { job: job_key(*name), action, by: "tester".into() }
+        }
     };
     Some((command, expect))
 }
@@ -682,7 +755,12 @@ fn check_invariants(state: &ClusterState) -> Result<(), TestCaseError> {
         // Ports held by the tasks on the agent: in its ranges, none twice.
         let mut seen = BTreeSet::new();
         for t in state.tasks.values().filter(|t| t.agent == Some(*id) && t.state.holds_resources()) {
-            prop_assert_eq!(t.ports.len(), state.jobs[&t.job].spec.task.ports.len(), "task {} ports", t.id);
+            prop_assert_eq!(
+                t.ports.len(),
+                state.jobs[&t.job].spec_for(t.job_version).task.ports.len(),
+                "task {} ports",
+                t.id
+            );
             for p in &t.ports {
                 prop_assert!(cap.ports.iter().any(|r| r.contains(*p)), "port {} outside agent {}'s ranges", p, id);
                 prop_assert!(seen.insert(*p), "port {} used twice on agent {}", p, id);
@@ -705,7 +783,12 @@ fn check_invariants(state: &ClusterState) -> Result<(), TestCaseError> {
                 }
             }
         } else {
-            prop_assert!(t.instance < job.spec.instances, "task {} instance out of range", t.id);
+            // An update that lowered `instances` stops the surplus instances' tasks (and keeps their history).
+            prop_assert!(
+                t.instance < job.spec.instances || t.desired == capstan_model::Desired::Stop || t.state.is_terminal(),
+                "task {} instance out of range",
+                t.id
+            );
         }
         // A replacement stopping because the copy it replaced came back is live for a while beside
         // it; it is not wanted (desired STOP).

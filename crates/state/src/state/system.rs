@@ -140,8 +140,9 @@ impl ClusterState {
         job.next_instance += 1;
         job.pinned.insert(instance, agent);
         job.pinned_by_agent.insert(agent, instance);
+        let version = job.version;
         let id = self.fresh_id(seed);
-        self.create_task(id, key, instance, 0, at, at);
+        self.create_task(id, key, instance, version, 0, at, at);
         out.new_pending = true;
         id
     }
