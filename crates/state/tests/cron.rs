@@ -7,10 +7,9 @@ use capstan_model::spec::CronCollisionPolicy;
 use capstan_model::{AgentId, JobKey, JobSpec, JobType, PortRange, TaskExit, TaskId, TaskState, Timestamp};
 use capstan_state::cron::CRON_RUNS_KEPT;
 use capstan_state::{
-    decode_command, decode_snapshot, encode_command, encode_snapshot, Applied, ClusterState, Command, CronRun,
-    CronRunResult, Freeze, Placement, Rejection, Report, StatusUpdate,
+    Applied, ClusterState, Command, CronRun, CronRunResult, Freeze, Placement, Rejection, Report, StatusUpdate,
 };
-use common::{agent_info, stamped, JobShape, MIB};
+use common::{agent_info, JobShape, MIB};
 
 const AGENT: AgentId = AgentId(1);
 const JOB: &str = "ops/prod/report";
@@ -36,12 +35,7 @@ impl Cluster {
 
     fn try_apply(&mut self, command: Command) -> Result<Applied, Rejection> {
         self.now_ms += 1;
-        let c = stamped(self.now_ms, command);
-        assert_eq!(decode_command(&encode_command(&c)).unwrap(), c);
-        let result = self.state.apply(&c);
-        let back = decode_snapshot(&encode_snapshot(&self.state)).unwrap();
-        assert_eq!(encode_snapshot(&back), encode_snapshot(&self.state));
-        result
+        common::apply_round_trip(&mut self.state, self.now_ms, command)
     }
 
     fn create(&mut self, instances: u32, policy: Option<CronCollisionPolicy>, max_failures: u32) {

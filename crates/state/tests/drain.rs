@@ -6,11 +6,8 @@ mod common;
 
 use capstan_model::{AgentId, JobKey, JobType, PortRange, TaskExit, TaskId, TaskState, Timestamp};
 use capstan_state::drain::{required_healthy, share_of, MAINTENANCE_HORIZON_MS};
-use capstan_state::{
-    decode_command, decode_snapshot, encode_command, encode_snapshot, Applied, ClusterState, Command, Freeze,
-    Placement, Rejection, Report, StatusUpdate,
-};
-use common::{agent_info, stamped, JobShape, MIB};
+use capstan_state::{Applied, ClusterState, Command, Freeze, Placement, Rejection, Report, StatusUpdate};
+use common::{agent_info, JobShape, MIB};
 use std::collections::BTreeMap;
 
 const A: AgentId = AgentId(1);
@@ -40,12 +37,7 @@ impl Cluster {
 
     fn try_apply(&mut self, command: Command) -> Result<Applied, Rejection> {
         self.now_ms += 1;
-        let c = stamped(self.now_ms, command);
-        assert_eq!(decode_command(&encode_command(&c)).unwrap(), c);
-        let result = self.state.apply(&c);
-        let back = decode_snapshot(&encode_snapshot(&self.state)).unwrap();
-        assert_eq!(encode_snapshot(&back), encode_snapshot(&self.state), "a snapshot reads back the same");
-        result
+        common::apply_round_trip(&mut self.state, self.now_ms, command)
     }
 
     fn now(&self) -> Timestamp {

@@ -4,11 +4,8 @@
 mod common;
 
 use capstan_model::{AgentId, JobKey, PortRange, TaskExit, TaskId, TaskState, Timestamp};
-use capstan_state::{
-    decode_command, decode_snapshot, encode_command, encode_snapshot, Applied, ClusterState, Command, Placement,
-    Rejection, Report, StatusUpdate, Task,
-};
-use common::{agent_info, stamped, JobShape, MIB};
+use capstan_state::{Applied, ClusterState, Command, Placement, Rejection, Report, StatusUpdate, Task};
+use common::{agent_info, JobShape, MIB};
 use std::collections::BTreeMap;
 
 const AGENT: AgentId = AgentId(1);
@@ -36,14 +33,7 @@ impl Cluster {
 
     fn try_apply(&mut self, command: Command) -> Result<Applied, Rejection> {
         self.now_ms += 1;
-        let c = stamped(self.now_ms, command);
-        assert_eq!(decode_command(&encode_command(&c)).unwrap(), c);
-        let result = self.state.apply(&c);
-        // A snapshot taken now reads back as this state (derived fields rebuilt).
-        let back = decode_snapshot(&encode_snapshot(&self.state)).unwrap();
-        assert_eq!(encode_snapshot(&back), encode_snapshot(&self.state));
-        assert_eq!(back.pending, self.state.pending);
-        result
+        common::apply_round_trip(&mut self.state, self.now_ms, command)
     }
 
     fn wait(&mut self, ms: u64) {

@@ -9,8 +9,7 @@ use capstan_model::spec::{HealthCheckSpec, HealthCheckType, UpdateSpec};
 use capstan_model::{AgentId, DurationMs, JobKey, JobSpec, PortRange, TaskExit, TaskState, Timestamp};
 use capstan_state::updates::{step_needed, UpdateAction, UpdateState};
 use capstan_state::{
-    decode_command, decode_snapshot, encode_command, encode_snapshot, Applied, ClusterState, Command, Freeze,
-    Placement, Rejection, Report, StatusUpdate,
+    decode_command, encode_command, Applied, ClusterState, Command, Freeze, Placement, Rejection, Report, StatusUpdate,
 };
 use common::{agent_info, stamped, JobShape, MIB};
 use std::collections::BTreeMap;
@@ -53,12 +52,7 @@ impl Sim {
 
     fn try_apply(&mut self, command: Command) -> Result<Applied, Rejection> {
         self.now_ms += 1;
-        let c = stamped(self.now_ms, command);
-        assert_eq!(decode_command(&encode_command(&c)).unwrap(), c);
-        let result = self.state.apply(&c);
-        let back = decode_snapshot(&encode_snapshot(&self.state)).unwrap();
-        assert_eq!(encode_snapshot(&back), encode_snapshot(&self.state));
-        result
+        common::apply_round_trip(&mut self.state, self.now_ms, command)
     }
 
     fn report(&mut self, task: capstan_model::TaskId, report: Report) {

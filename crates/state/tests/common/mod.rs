@@ -81,3 +81,21 @@ impl JobShape {
 pub fn stamped(at_ms: u64, command: Command) -> Stamped {
     Stamped { at: Timestamp(at_ms), command }
 }
+
+/// Applies `command` stamped at `at_ms`, checking on the way what every applied command must
+/// satisfy: its logged form reads back as itself, and a snapshot taken right after reads back as
+/// the same state (derived fields rebuilt).
+pub fn apply_round_trip(
+    state: &mut capstan_state::ClusterState,
+    at_ms: u64,
+    command: Command,
+) -> Result<capstan_state::Applied, capstan_state::Rejection> {
+    use capstan_state::{decode_command, decode_snapshot, encode_command, encode_snapshot};
+    let c = stamped(at_ms, command);
+    assert_eq!(decode_command(&encode_command(&c)).unwrap(), c, "a command reads back from the log");
+    let result = state.apply(&c);
+    let back = decode_snapshot(&encode_snapshot(state)).unwrap();
+    assert_eq!(encode_snapshot(&back), encode_snapshot(state), "a snapshot reads back the same");
+    assert_eq!(back.pending, state.pending, "pending tasks are rebuilt from a snapshot");
+    result
+}
