@@ -125,6 +125,8 @@ fn draining_an_agent_moves_its_instances_one_at_a_time_within_min_healthy() {
         .expect("the first moved instance runs elsewhere");
     assert!(first_back <= moved[1].0, "second move at {} before the first replacement ran at {first_back}", moved[1].0);
     assert!(!events_of(&c, "agent_drained").is_empty());
+    assert_eq!(c.metric("capstan_agents_drain{state=\"drained\"}"), Some(1.0));
+    assert_eq!(c.metric("capstan_agents_drain{state=\"draining\"}"), Some(0.0));
     let blocked = events_of(&c, "drain_blocked");
     assert!(blocked.iter().any(|m| m.contains("www/prod/api's SLA")), "the wait is visible: {blocked:?}");
     let table = c.capstan_ok(&["agent", "list"]);

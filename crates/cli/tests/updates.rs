@@ -229,6 +229,7 @@ fn instances_change_in_place_and_a_canary_waits_for_promote_and_abort_keeps_the_
     });
     let status = c.capstan_ok(&["job", "status", KEY]);
     assert!(status.contains("awaiting_promote"), "job status shows the update:\n{status}");
+    assert_eq!(c.metric("capstan_updates_active"), Some(1.0), "an update waiting for promote is in progress");
 
     // Abort: the update stops; the five others keep their old-version task.
     c.capstan_ok(&["job", "update", "abort", KEY]);

@@ -54,6 +54,10 @@ pub struct Metrics {
     pub heartbeats: Counter,
     pub status_updates: Counter,
     pub requests_shed: Family<RouteLabel, Counter>,
+    /// Agents by drain state (`draining`, `drained`).
+    pub agents_drain: Family<StateLabel, Gauge>,
+    pub updates_active: Gauge,
+    pub maintenance_windows: Gauge,
 }
 
 impl Default for Metrics {
@@ -171,8 +175,21 @@ impl Metrics {
         registry.register("status_updates", "Status updates received from agents", status_updates.clone());
         let requests_shed = Family::<RouteLabel, Counter>::default();
         registry.register("requests_shed", "Requests answered 503 to shed load", requests_shed.clone());
+        let agents_drain = Family::<StateLabel, Gauge>::default();
+        registry.register("agents_drain", "Agents being drained or drained, by state", agents_drain.clone());
+        let updates_active = Gauge::default();
+        registry.register("updates_active", "Rolling updates in progress", updates_active.clone());
+        let maintenance_windows = Gauge::default();
+        registry.register(
+            "maintenance_windows",
+            "Maintenance windows the master keeps (scheduled, in progress or ended)",
+            maintenance_windows.clone(),
+        );
         Metrics {
             registry,
+            agents_drain,
+            updates_active,
+            maintenance_windows,
             agents_by_liveness,
             frozen,
             breaker_tripped,
@@ -223,6 +240,13 @@ impl Metrics {
             self.agents_by_liveness.get_or_create(&LivenessLabel { liveness: l.into() }).set(n as i64);
         }
         self.frozen.set(i64::from(state.frozen.is_some()));
+        let drained =
+            state.agents.values().filter(|a| a.drain.as_ref().is_some_and(|d| d.drained_at.is_some())).count();
+        let draining = state.agents.values().filter(|a| a.drain.is_some()).count() - drained;
+        self.agents_drain.get_or_create(&StateLabel { state: "draining".into() }).set(draining as i64);
+        self.agents_drain.get_or_create(&StateLabel { state: "drained".into() }).set(drained as i64);
+        self.updates_active.set(state.jobs.values().filter(|j| j.updates.active.is_some()).count() as i64);
+        self.maintenance_windows.set(state.maintenance.len() as i64);
         self.agent_removals.set(state.counters.agent_removals as i64);
         self.tasks_replaced.set(state.counters.tasks_replaced_unreachable as i64);
         self.tasks_taken_back.set(state.counters.tasks_taken_back as i64);
