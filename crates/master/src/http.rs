@@ -194,10 +194,41 @@ async fn create_job(State(app): State<AppState>, body: Bytes) -> ApiResult<(Stat
     Ok((StatusCode::CREATED, Json(CreatedJob { job, tasks: applied.created })))
 }
 
-async fn list_jobs(State(app): State<AppState>) -> Json<Vec<JobView>> {
-    let state = app.core.state.read();
-    let unplaced = app.unplaced.lock();
-    Json(state.jobs.values().map(|j| job_view(&state, j, &unplaced)).collect())
+async fn list_jobs(State(app): State<AppState>) -> ApiResult<Response> {
+    let permit = list_permit(&app)?;
+    let views: Vec<JobView> = {
+        let state = app.core.state.read();
+        let unplaced = app.unplaced.lock();
+        state.jobs.values().map(|j| job_view(&state, j, &unplaced)).collect()
+    };
+    Ok(held_json(&views, permit))
+}
+
+/// A place among the large answers served at once, or a 503 to retry.
+fn list_permit(app: &AppState) -> ApiResult<tokio::sync::OwnedSemaphorePermit> {
+    app.admission.lists.clone().try_acquire_owned().map_err(|_| shed(app, "list", 1))
+}
+
+/// A JSON answer that keeps `permit` until its body has been sent (or the client went away), so
+/// that answers waiting on slow readers count against the limit of large answers.
+fn held_json<T: serde::Serialize>(value: &T, permit: tokio::sync::OwnedSemaphorePermit) -> Response {
+    let bytes = match serde_json::to_vec(value) {
+        Ok(b) => Bytes::from(b),
+        Err(e) => {
+            return ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()).into_response();
+        }
+    };
+    // In chunks: the server asks for the next one only once it could write the last, so the
+    // permit (in the stream's state) goes when the last chunk is taken or the client is gone.
+    const CHUNK: usize = 64 * 1024;
+    let body = futures::stream::unfold((bytes, permit), |(mut rest, permit)| async move {
+        if rest.is_empty() {
+            return None;
+        }
+        let chunk = rest.split_to(rest.len().min(CHUNK));
+        Some((Ok::<Bytes, std::convert::Infallible>(chunk), (rest, permit)))
+    });
+    ([(header::CONTENT_TYPE, "application/json")], Body::from_stream(body)).into_response()
 }
 
 async fn get_job(
@@ -229,7 +260,8 @@ struct TaskQuery {
     state: Option<String>,
 }
 
-async fn list_tasks(State(app): State<AppState>, Query(q): Query<TaskQuery>) -> ApiResult<Json<Vec<TaskView>>> {
+async fn list_tasks(State(app): State<AppState>, Query(q): Query<TaskQuery>) -> ApiResult<Response> {
+    let permit = list_permit(&app)?;
     let job: Option<JobKey> = match &q.job {
         Some(j) => Some(j.parse().map_err(|e: capstan_model::ids::JobKeyError| {
             ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", e.0)
@@ -253,7 +285,8 @@ async fn list_tasks(State(app): State<AppState>, Query(q): Query<TaskQuery>) -> 
         None => state.tasks.values().filter(keep).map(|t| task_view(&state, t, &app.usage.lock())).collect(),
     };
     views.sort_by(|a, b| (&a.job, a.instance, &a.created_at).cmp(&(&b.job, b.instance, &b.created_at)));
-    Ok(Json(views))
+    drop(state);
+    Ok(held_json(&views, permit))
 }
 
 async fn get_task(State(app): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<TaskView>> {

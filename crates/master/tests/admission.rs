@@ -82,3 +82,70 @@ async fn a_registration_storm_is_shed_with_retry_after_and_everyone_gets_in() {
     let counted: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert_eq!(counted as u32, shed_total);
 }
+
+/// Large answers to slow readers: each holds its place until its body is sent, so readers that do
+/// not read cannot make the master hold more than `MAX_LIST_ANSWERS` of them; the next is shed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_of_large_lists_are_bounded() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let master = start(MasterConfig {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        store_url: None,
+        allow_root_tasks: false,
+        liveness: Default::default(),
+    })
+    .await
+    .unwrap();
+    // About 30,000 pending tasks: an answer of tens of MB, more than loopback sockets buffer.
+    for i in 0..3 {
+        let spec: capstan_model::JobSpec = capstan_model::parse_toml(
+            &format!(
+                "job = \"big/prod/j{i}\"\ninstances = 10000\n[task]\ncommand = \"sleep 1\"\nuser = \"nobody\"\ncpus = 64\nmem = \"1GiB\"\ndisk = \"1GiB\"\n"
+            ),
+            &capstan_model::ValidationPolicy { allow_root: false },
+        )
+        .unwrap();
+        master.core.submit(capstan_state::Command::CreateJob { spec, seed: i }).await.unwrap();
+    }
+    // Readers that ask and never read.
+    let addr = master.addr;
+    let mut stalled = vec![];
+    for _ in 0..capstan_master::http::MAX_LIST_ANSWERS {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(s, "GET /v1/tasks HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        stalled.push(s);
+    }
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/tasks?state=RUNNING", master.url());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let resp = http.get(&url).send().await.unwrap();
+        if resp.status() == 503 {
+            assert!(resp.headers().contains_key("retry-after"));
+            let body: serde_json::Value = resp.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "overloaded", "{body}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the stalled readers never filled the list slots");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Long after every answer was computed, the places are still held by readers that do not read.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let resp = http.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 503, "a place was given back while its reader had not read the answer");
+    // The readers go away: their places are free again.
+    drop(stalled);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let resp = http.get(&url).send().await.unwrap();
+        if resp.status() == 200 {
+            let tasks: Vec<serde_json::Value> = resp.json().await.unwrap();
+            assert!(tasks.is_empty(), "no task runs here");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "list places were not given back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
