@@ -993,7 +993,10 @@ impl ClusterState {
         if j.killed.is_none() {
             return;
         }
-        let live = j.current.values().any(|id| self.tasks.get(id).is_some_and(|t| !t.state.is_terminal()));
+        // Every remembered task, not only each instance's current one: a task of an instance an
+        // update removed, or a replacement stopping beside a copy taken back, still holds its
+        // agent's resources until it ends.
+        let live = j.history.values().flatten().any(|id| self.tasks.get(id).is_some_and(|t| !t.state.is_terminal()));
         if live {
             return;
         }

@@ -522,3 +522,22 @@ fn a_frozen_cluster_refuses_every_destructive_command() {
     c.apply(Command::RemoveAgent { agent: AGENT });
     assert_eq!(c.task(t).state, TaskState::Lost);
 }
+
+#[test]
+fn a_killed_job_waits_for_the_task_of_an_instance_an_update_removed() {
+    let mut c = Cluster::new();
+    let spec = JobShape::service(3).spec("www/prod/web");
+    let tasks = c.apply(Command::CreateJob { spec: spec.clone(), seed: 5 }).created;
+    c.run(tasks[2]);
+    // Down to one instance: instance 2's task is stopping.
+    let mut smaller = spec;
+    smaller.instances = 1;
+    c.apply(Command::StartUpdate { spec: smaller, by: "test".into(), seed: 9 });
+    assert_eq!(c.task(tasks[2]).state, TaskState::Killing);
+    c.apply(Command::KillJob { job: key("www/prod/web"), by: "test".into() });
+    assert!(c.state.jobs.contains_key(&key("www/prod/web")), "the job stays while a task of it still runs");
+    assert!(c.state.agents[&AGENT].tasks.contains(&tasks[2]), "the stopping task keeps its resources");
+    c.exit(tasks[2], TaskExit::Killed { by: "stop".into() });
+    assert!(!c.state.jobs.contains_key(&key("www/prod/web")), "gone once its last task ended");
+    assert!(c.state.agents[&AGENT].used_ports.is_empty());
+}
