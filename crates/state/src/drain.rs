@@ -407,9 +407,7 @@ impl ClusterState {
                 }
             }
             Command::DrainMoves { moves } => {
-                if let Some(f) = &self.frozen {
-                    return Err(Rejection::Frozen(f.reason.clone()));
-                }
+                self.refuse_if_frozen()?;
                 for id in moves.iter().take(DRAIN_MOVES_PER_STEP_MAX) {
                     // Checked again here, one after the other: each stop counts for the next.
                     let Some(by) = self.may_move(*id) else { continue };

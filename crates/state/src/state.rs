@@ -188,6 +188,14 @@ pub enum Rejection {
     Conflict(String),
 }
 
+/// `Ok` unless frozen (a free function for callers that hold a mutable borrow of another field).
+pub(crate) fn unfrozen(frozen: &Option<Freeze>) -> Result<(), Rejection> {
+    match frozen {
+        Some(f) => Err(Rejection::Frozen(f.reason.clone())),
+        None => Ok(()),
+    }
+}
+
 /// What applying a command changed, for the shell: whom to wake up.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -259,9 +267,7 @@ impl ClusterState {
                 }
             }
             Command::RemoveAgent { agent } => {
-                if let Some(f) = &self.frozen {
-                    return Err(Rejection::Frozen(f.reason.clone()));
-                }
+                self.refuse_if_frozen()?;
                 self.remove_agent(*agent, at, &mut out)?;
             }
             Command::SetFreeze { freeze } => {
@@ -323,9 +329,7 @@ impl ClusterState {
                 out.new_pending = true;
             }
             Command::KillJob { job, by } => {
-                if let Some(f) = &self.frozen {
-                    return Err(Rejection::Frozen(f.reason.clone()));
-                }
+                self.refuse_if_frozen()?;
                 let j = self.jobs.get_mut(job).ok_or_else(|| Rejection::NoSuchJob(job.clone()))?;
                 if j.killed.is_none() {
                     j.killed = Some(by.clone());
@@ -337,18 +341,14 @@ impl ClusterState {
                 self.forget_job_if_over(job);
             }
             Command::KillTask { task, by } => {
-                if let Some(f) = &self.frozen {
-                    return Err(Rejection::Frozen(f.reason.clone()));
-                }
+                self.refuse_if_frozen()?;
                 if !self.tasks.contains_key(task) {
                     return Err(Rejection::NoSuchTask(*task));
                 }
                 self.kill_task(*task, by, at, &mut out);
             }
             Command::Preempt { preemptions } => {
-                if let Some(f) = &self.frozen {
-                    return Err(Rejection::Frozen(f.reason.clone()));
-                }
+                self.refuse_if_frozen()?;
                 for p in preemptions {
                     let (Some(victim), Some(by)) = (self.tasks.get(&p.victim), self.tasks.get(&p.by)) else { continue };
                     let (Some(vj), Some(bj)) = (self.jobs.get(&victim.job), self.jobs.get(&by.job)) else { continue };
@@ -409,6 +409,11 @@ impl ClusterState {
             Command::UpdateControl { job, action, by } => self.update_control(job, *action, by, at, &mut out)?,
         }
         Ok(out)
+    }
+
+    /// Destructive commands are refused while the cluster is frozen, saying why it is.
+    pub(crate) fn refuse_if_frozen(&self) -> Result<(), Rejection> {
+        unfrozen(&self.frozen)
     }
 
     /// Stops one task; a live service instance gets a fresh task once this one ended.

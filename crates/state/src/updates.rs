@@ -417,9 +417,7 @@ impl ClusterState {
         }
         let old_n = job.spec.instances;
         if spec.instances < old_n {
-            if let Some(f) = &self.frozen {
-                return Err(Rejection::Frozen(f.reason.clone()));
-            }
+            self.refuse_if_frozen()?;
         }
         if spec.production {
             self.check_update_quota(&spec.job, spec)?;
@@ -566,9 +564,7 @@ impl ClusterState {
                 if u.state == UpdateState::RollingBack {
                     return refuse(u);
                 }
-                if let Some(f) = &self.frozen {
-                    return Err(Rejection::Frozen(f.reason.clone()));
-                }
+                crate::state::unfrozen(&self.frozen)?;
                 u.paused = None;
                 self.start_rollback(key, format!("rollback asked by {by}"), at, out);
             }
