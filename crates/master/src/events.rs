@@ -67,11 +67,6 @@ impl Events {
         let _ = tokio::time::timeout(wait, notified).await;
         self.read(after)
     }
-
-    /// Events of one kind still kept (for status and tests).
-    pub fn count(&self, kind: &str) -> usize {
-        self.ring.lock().events.iter().filter(|e| e.kind == kind).count()
-    }
 }
 
 #[cfg(test)]

@@ -399,14 +399,7 @@ pub(crate) fn agent_view(
             ports: a.used_ports.len() as u32,
         },
         tasks: a.tasks.len(),
-        liveness: if a.liveness == capstan_state::Liveness::Active
-            && app.liveness.reregistering()
-            && app.liveness.last_seen(a.info.id).is_none()
-        {
-            "reregistering".into()
-        } else {
-            a.liveness.as_str().into()
-        },
+        liveness: liveness_word(app, a).into(),
         last_seen: app.liveness.last_seen(a.info.id).map(rfc3339),
         unreachable_since: a.liveness.unreachable_since().map(rfc3339),
         drain: a.drain.as_ref().zip(drain).map(|(d, p)| DrainView {
@@ -866,21 +859,23 @@ async fn frozen_notice(
     resp
 }
 
+/// An agent's liveness as the API says it: `reregistering` for an active agent this master has
+/// not heard from yet while it waits for agents to call in.
+fn liveness_word(app: &AppState, a: &capstan_state::Agent) -> &'static str {
+    let unheard = app.liveness.last_seen(a.info.id).is_none();
+    if a.liveness == capstan_state::Liveness::Active && unheard && app.liveness.reregistering() {
+        "reregistering"
+    } else {
+        a.liveness.as_str()
+    }
+}
+
 fn admin_status_of(app: &AppState) -> AdminStatus {
     let state = app.core.state.read();
     let c = &app.liveness.config;
-    let reregistering = app.liveness.reregistering();
     let mut agents: BTreeMap<String, u64> = BTreeMap::new();
     for a in state.agents.values() {
-        let key = if a.liveness == capstan_state::Liveness::Active
-            && reregistering
-            && app.liveness.last_seen(a.info.id).is_none()
-        {
-            "reregistering"
-        } else {
-            a.liveness.as_str()
-        };
-        *agents.entry(key.into()).or_default() += 1;
+        *agents.entry(liveness_word(app, a).into()).or_default() += 1;
     }
     let breaker = app.liveness.breaker();
     AdminStatus {
