@@ -569,6 +569,24 @@ fn a_task_whose_supervisor_also_died_while_the_dev_process_was_down_is_replaced(
     wait_http_ok(task_port(&fresh, "http"));
 }
 
+/// A batch task (no retries) that lists its sandbox by path and writes `out` there; its id and
+/// the task as it ended.
+fn run_sandbox_probe(c: &DevCluster) -> (Vec<String>, Value) {
+    let mut spec = job_spec(
+        "batch/test/sandbox",
+        "batch",
+        1,
+        r#"ls "$CAPSTAN_SANDBOX" >/dev/null && echo ok > "$CAPSTAN_SANDBOX/out""#,
+    );
+    spec["max_failures"] = json!(0);
+    let ids = c.create_job(&spec);
+    let t = wait_until(SOON, "the task ended", || match c.task(&ids[0])? {
+        Some(t) if is_terminal(&t) => Ok(t),
+        other => Err(format!("{other:?}")),
+    });
+    (ids, t)
+}
+
 #[test]
 fn a_sandbox_the_task_user_cannot_reach_fails_the_launch_with_the_reason() {
     privileged_or_skip!("a_sandbox_the_task_user_cannot_reach_fails_the_launch_with_the_reason");
@@ -577,14 +595,7 @@ fn a_sandbox_the_task_user_cannot_reach_fails_the_launch_with_the_reason() {
     // use their own path — e.g. `python3 -m http.server` would answer 404 to everything. The launch
     // is refused instead, with a reason that names the directory in the way.
     let c = DevCluster::start_with_private_parent(true);
-    let key = "batch/test/sandbox";
-    let mut spec = job_spec(key, "batch", 1, r#"ls "$CAPSTAN_SANDBOX" >/dev/null && echo ok > "$CAPSTAN_SANDBOX/out""#);
-    spec["max_failures"] = json!(0);
-    let ids = c.create_job(&spec);
-    let t = wait_until(SOON, "the task ended", || match c.task(&ids[0])? {
-        Some(t) if is_terminal(&t) => Ok(t),
-        other => Err(format!("{other:?}")),
-    });
+    let (_, t) = run_sandbox_probe(&c);
     assert_eq!(t["state"], "FAILED", "{t}");
     let reason = t["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("cannot reach its sandbox") && reason.contains("mode 700"), "{reason}");
@@ -594,14 +605,7 @@ fn a_sandbox_the_task_user_cannot_reach_fails_the_launch_with_the_reason() {
 fn the_task_user_can_use_its_sandbox_by_path() {
     privileged_or_skip!("the_task_user_can_use_its_sandbox_by_path");
     let c = DevCluster::start_with_private_parent(false);
-    let key = "batch/test/sandbox";
-    let mut spec = job_spec(key, "batch", 1, r#"ls "$CAPSTAN_SANDBOX" >/dev/null && echo ok > "$CAPSTAN_SANDBOX/out""#);
-    spec["max_failures"] = json!(0);
-    let ids = c.create_job(&spec);
-    let t = wait_until(SOON, "the task ended", || match c.task(&ids[0])? {
-        Some(t) if is_terminal(&t) => Ok(t),
-        other => Err(format!("{other:?}")),
-    });
+    let (ids, t) = run_sandbox_probe(&c);
     let stderr = std::fs::read_to_string(c.sandbox(&ids[0]).join("stderr")).unwrap_or_default();
     assert_eq!(t["state"], "FINISHED", "the task could not use $CAPSTAN_SANDBOX: {t}\nits stderr: {stderr}");
 }

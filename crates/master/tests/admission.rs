@@ -19,8 +19,9 @@ fn info(id: u64) -> AgentInfo {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_registration_storm_is_shed_with_retry_after_and_everyone_gets_in() {
+/// A master on a free port with the embedded store in a temporary directory (kept alive by the
+/// returned guard).
+async fn master() -> (tempfile::TempDir, capstan_master::MasterHandle) {
     let dir = tempfile::tempdir().unwrap();
     let master = start(MasterConfig {
         bind: "127.0.0.1:0".parse().unwrap(),
@@ -31,6 +32,12 @@ async fn a_registration_storm_is_shed_with_retry_after_and_everyone_gets_in() {
     })
     .await
     .unwrap();
+    (dir, master)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_storm_is_shed_with_retry_after_and_everyone_gets_in() {
+    let (_dir, master) = master().await;
     let url = format!("{}/v1/agent/register", master.url());
     let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
     const AGENTS: u64 = 1_500;
@@ -88,16 +95,7 @@ async fn a_registration_storm_is_shed_with_retry_after_and_everyone_gets_in() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_readers_of_large_lists_are_bounded() {
     use std::io::Write;
-    let dir = tempfile::tempdir().unwrap();
-    let master = start(MasterConfig {
-        bind: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().to_path_buf(),
-        store_url: None,
-        allow_root_tasks: false,
-        liveness: Default::default(),
-    })
-    .await
-    .unwrap();
+    let (_dir, master) = master().await;
     // About 30,000 pending tasks: an answer of tens of MB, more than loopback sockets buffer.
     for i in 0..3 {
         let spec: capstan_model::JobSpec = capstan_model::parse_toml(
