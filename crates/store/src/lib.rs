@@ -5,8 +5,9 @@
 //! installs a [`Snapshot`] of its whole state at some log index; log entries up to that index are
 //! then dropped. On start it calls [`Store::load`] and replays the entries after the snapshot.
 //!
-//! Backends: [`EmbeddedStore`] (redb, one file). An etcd backend will implement the same trait and
-//! must pass the same [`conformance`] suite, so nothing in the trait mentions redb.
+//! Backends: [`EmbeddedStore`] (redb, one file) and [`EtcdStore`] (keys under a prefix in an etcd
+//! cluster, for several masters). Both pass the same [`conformance`] suite, so nothing in the
+//! trait mentions either. `docs/store.md` describes both.
 //!
 //! Architecture invariants:
 //! - Every stored record is wrapped in an [`envelope`] (magic, format version, CRC-32); a reader
@@ -15,13 +16,20 @@
 //! - Snapshots are stored in chunks of at most [`SNAPSHOT_CHUNK_BYTES`], so no single record is
 //!   larger than that plus an envelope header (etcd limits a request to 1.5 MiB).
 //! - `append` is one durable commit per call (group commit): callers batch commands.
-//! - No async, no clocks, no global state.
+//! - No clocks, no global state. The trait is sync; the etcd backend hides its async client behind
+//!   a private runtime of its own.
 
 pub mod conformance;
 mod embedded;
 pub mod envelope;
+pub mod etcd;
+pub mod etcd_process;
 
 pub use embedded::{EmbeddedConfig, EmbeddedStore, STORE_FILE_NAME};
+pub use etcd::{
+    EtcdConfig, EtcdStore, Fence, LogWatch, LogWatchEvent, DEFAULT_PREFIX, ETCD_ENTRY_BYTES_MAX, LOG_PART_BYTES_MAX,
+};
+pub use etcd_process::{etcd_missing, EtcdProcess, ETCD_BIN_ENV};
 
 #[doc(hidden)]
 pub use embedded::fault_injection;
@@ -144,6 +152,12 @@ pub enum StoreError {
     /// Another process (or another handle in this one) has the store open.
     #[error("{what} is in use by another process (or another handle in this one); stop it first")]
     InUse { what: String },
+    /// A write was refused because this process no longer holds the leadership it was fenced with.
+    #[error("the write was refused: {detail}; nothing was written")]
+    Fenced { detail: String },
+    /// The store could not be reached or did not answer in time; a write's outcome is unknown.
+    #[error("{what} did not answer: {detail}")]
+    Unavailable { what: String, detail: String },
     /// Any other backend failure, with the backend's message.
     #[error("{0}")]
     Backend(String),
