@@ -1038,7 +1038,8 @@ impl EtcdStore {
     ///
     /// Sync. Works when called from inside a tokio runtime and from a plain thread: the store owns
     /// a small private runtime and runs every etcd call on it. etcd not answering within
-    /// `dial_timeout + request_timeout` is [`StoreError::Unavailable`].
+    /// `request_timeout` (the first call also waits for the connection) is
+    /// [`StoreError::Unavailable`].
     pub fn connect(config: EtcdConfig) -> Result<EtcdStore, StoreError> {
         if config.endpoints.is_empty() {
             return Err(StoreError::Backend("the etcd store needs at least one endpoint".to_string()));
@@ -1079,7 +1080,7 @@ impl EtcdStore {
         });
         let store = EtcdStore { inner, client, runtime: Some(runtime), handle, write_lock: Mutex::new(()) };
         let inner = Arc::clone(&store.inner);
-        // The first call also waits for the connection: give it the dial timeout on top.
+        // The channel connects lazily: this first call is what finds out whether etcd answers.
         store.run(async move { inner.check_format().await })?;
         Ok(store)
     }

@@ -16,8 +16,8 @@
 //! - Snapshots are stored in chunks of at most [`SNAPSHOT_CHUNK_BYTES`], so no single record is
 //!   larger than that plus an envelope header (etcd limits a request to 1.5 MiB).
 //! - `append` is one durable commit per call (group commit): callers batch commands.
-//! - No clocks, no global state. The trait is sync; the etcd backend hides its async client behind
-//!   a private runtime of its own.
+//! - No global state. The trait is sync; the etcd backend hides its async client behind a private
+//!   runtime of its own, and its only clock use is the deadline on each etcd call.
 
 pub mod conformance;
 mod embedded;
