@@ -148,6 +148,20 @@ pub fn write_identity(data_dir: &Path, id: AgentId) -> io::Result<()> {
     write_atomic(&data_dir.join(IDENTITY_FILE), &bytes)
 }
 
+/// The newest master epoch this agent has seen: orders from a master with an older epoch come
+/// from a deposed leader and are ignored, across agent restarts too.
+pub const MASTER_EPOCH_FILE: &str = "master-epoch";
+
+/// Reads the newest master epoch seen (0 when none was recorded or the file is unreadable: the
+/// next master answer records one again).
+pub fn read_master_epoch(data_dir: &Path) -> u64 {
+    fs::read_to_string(data_dir.join(MASTER_EPOCH_FILE)).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0)
+}
+
+pub fn write_master_epoch(data_dir: &Path, epoch: u64) -> io::Result<()> {
+    write_atomic(&data_dir.join(MASTER_EPOCH_FILE), format!("{epoch}\n").as_bytes())
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     let mut f = fs::File::create(&tmp)?;

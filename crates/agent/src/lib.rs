@@ -221,6 +221,9 @@ pub struct Agent {
     collected: Mutex<Collected>,
     pub updates: Arc<UpdateQueue>,
     epoch: Mutex<u64>,
+    /// The newest master epoch seen (also in the data directory): a master answering with an
+    /// older one is a deposed leader, whose orders are ignored.
+    newest_epoch: AtomicU64,
     /// The heartbeat interval the master asked for last, in ms.
     heartbeat_interval_ms: AtomicU64,
     /// The latest orders say the cluster is frozen: a failed health check does not stop its task.
@@ -370,6 +373,7 @@ impl Agent {
             collected: Mutex::new(Collected::default()),
             updates: Arc::new(updates),
             epoch: Mutex::new(0),
+            newest_epoch: AtomicU64::new(checkpoint::read_master_epoch(&config.data_dir)),
             heartbeat_interval_ms: AtomicU64::new(retry::HEARTBEAT_DEFAULT.as_millis() as u64),
             frozen: AtomicBool::new(false),
             outage_since_registered: AtomicBool::new(false),
@@ -544,6 +548,11 @@ impl Agent {
         let mut backoff = Backoff::default();
         loop {
             match self.client.register(&self.register_request()).await {
+                Ok(resp) if !self.accept_epoch(resp.master_epoch) => {
+                    let delay = backoff.next(Failure::Outage, rand::random());
+                    tracing::warn!("registering again in {delay:?}, with another master");
+                    tokio::time::sleep(delay).await;
+                }
                 Ok(resp) => {
                     *self.epoch.lock() = resp.master_epoch;
                     self.set_heartbeat_interval(resp.heartbeat_interval_ms);
@@ -568,12 +577,39 @@ impl Agent {
         }
     }
 
+    /// Whether a master's answer with `epoch` may be followed: not when an epoch newer than it
+    /// was seen (the answer comes from a deposed leader; the client tries another master next).
+    /// A newer epoch is remembered, in the data directory too.
+    fn accept_epoch(&self, epoch: u64) -> bool {
+        let newest = self.newest_epoch.load(Ordering::SeqCst);
+        if epoch < newest {
+            tracing::warn!(
+                "{} answered with epoch {epoch}, older than epoch {newest} this agent has seen: it no \
+                 longer leads; its orders are ignored",
+                self.client.current().unwrap_or("the master")
+            );
+            self.client.prefer_next();
+            return false;
+        }
+        if epoch > newest {
+            self.newest_epoch.store(epoch, Ordering::SeqCst);
+            if let Err(e) = checkpoint::write_master_epoch(&self.config.data_dir, epoch) {
+                tracing::warn!("cannot record master epoch {epoch} in {}: {e}", self.config.data_dir.display());
+            }
+        }
+        true
+    }
+
     async fn follow_orders(self: Arc<Self>) {
         let mut version = 0;
         let mut backoff = Backoff::default();
         loop {
             let epoch = *self.epoch.lock();
             match self.client.orders(self.id, epoch, version, POLL_WAIT).await {
+                Ok(orders) if !self.accept_epoch(orders.master_epoch) => {
+                    let delay = backoff.next(Failure::Outage, rand::random());
+                    tokio::time::sleep(delay).await;
+                }
                 Ok(orders) => {
                     backoff.reset();
                     self.set_frozen(orders.frozen);

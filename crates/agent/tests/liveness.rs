@@ -91,8 +91,7 @@ async fn a_task_unknown_to_the_master_is_stopped_by_its_stop_order() {
         }
     })
     .await;
-    other.server.abort();
-    other.scheduler.abort();
+    other.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

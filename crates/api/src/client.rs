@@ -1,4 +1,7 @@
-//! An HTTP client for the master's API. Tries each address in turn; the first that answers serves.
+//! An HTTP client for the master's API. With several masters it finds the leader: it starts
+//! with the master that answered last, follows a follower's redirect (307) to the leader and
+//! remembers it, and moves on to the next address when a master cannot be reached or says that
+//! no master leads yet (503 with `capstan-leader: none`).
 
 use crate::wire::*;
 use capstan_model::{AgentId, TaskId};
@@ -38,6 +41,8 @@ pub struct Client {
     addrs: Vec<String>,
     http: reqwest::Client,
     frozen: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// The address tried first: the one that answered last (the leader, as far as we know).
+    preferred: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Client {
@@ -54,7 +59,33 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .expect("building an HTTP client cannot fail with these settings");
-        Client { addrs, http, frozen: Default::default() }
+        Client { addrs, http, frozen: Default::default(), preferred: Default::default() }
+    }
+
+    /// The master tried first now.
+    pub fn current(&self) -> Option<&str> {
+        let n = self.addrs.len();
+        (n > 0).then(|| self.addrs[self.preferred.load(std::sync::atomic::Ordering::Relaxed) % n].as_str())
+    }
+
+    /// Tries another master first from now on (the current one answered as a deposed leader).
+    pub fn prefer_next(&self) {
+        if !self.addrs.is_empty() {
+            let n = self.addrs.len();
+            let _ = self.preferred.fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |i| Some((i + 1) % n),
+            );
+        }
+    }
+
+    /// Remembers which master answered: the one asked, or the one a redirect led to.
+    fn remember(&self, asked: usize, answered: &reqwest::Url) {
+        let origin = answered.origin();
+        let index =
+            self.addrs.iter().position(|a| reqwest::Url::parse(a).is_ok_and(|u| u.origin() == origin)).unwrap_or(asked);
+        self.preferred.store(index, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn addrs(&self) -> &[String] {
@@ -69,14 +100,27 @@ impl Client {
         timeout: Duration,
     ) -> Result<reqwest::Response, ApiError> {
         let mut last = String::from("no address given");
-        for base in &self.addrs {
-            let url = format!("{base}{path}");
+        let n = self.addrs.len();
+        let first = self.preferred.load(std::sync::atomic::Ordering::Relaxed);
+        let mut no_leader = None;
+        for k in 0..n {
+            let i = (first + k) % n;
+            let url = format!("{}{path}", self.addrs[i]);
             let mut req = self.http.request(method.clone(), &url).timeout(timeout);
             if let Some(b) = &body {
                 req = req.json(b);
             }
             match req.send().await {
+                Ok(resp)
+                    if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                        && resp.headers().get(LEADER_HEADER).is_some_and(|v| v == "none") =>
+                {
+                    // This master knows no leader yet; another one may.
+                    last = format!("{url}: no master leads yet");
+                    no_leader = Some(resp);
+                }
                 Ok(resp) => {
+                    self.remember(i, resp.url());
                     let notice = resp.headers().get(FROZEN_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
                     if notice.is_some() {
                         *self.frozen.lock().expect("not poisoned") = notice;
@@ -88,6 +132,11 @@ impl Client {
                     return Err(ApiError::Unreachable { addrs: self.addrs.join(","), detail: format!("{url}: {e}") })
                 }
             }
+        }
+        // Every master that answered said none leads: let the caller see the 503 and its
+        // Retry-After, and try again.
+        if let Some(resp) = no_leader {
+            return Ok(resp);
         }
         Err(ApiError::Unreachable { addrs: self.addrs.join(","), detail: last })
     }
@@ -346,5 +395,20 @@ impl Client {
 
     pub async fn safe_to_drain(&self, percent: f64) -> Result<SafeToDrainView, ApiError> {
         self.get(&format!("/v1/admin/sla/safe-to-drain?percent={percent}")).await
+    }
+}
+
+impl Client {
+    /// `GET /v1/leader` of one master (not redirected: every master answers it).
+    pub async fn leader_of(&self, base: &str) -> Result<LeaderView, ApiError> {
+        let url = format!("{}/v1/leader", base.trim_end_matches('/'));
+        let resp = self
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| ApiError::Unreachable { addrs: base.to_string(), detail: format!("{url}: {e}") })?;
+        Self::decode(resp).await
     }
 }

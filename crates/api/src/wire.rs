@@ -572,3 +572,23 @@ pub struct UpdateEventView {
     pub at: String,
     pub text: String,
 }
+
+/// Header on a follower's answers: the leader's URL, or `none` while no master leads.
+pub const LEADER_HEADER: &str = "capstan-leader";
+
+/// `GET /v1/leader`, answered by every master: its role and who leads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LeaderView {
+    /// `leader`, `follower`, or `starting` (campaigning or loading the state).
+    pub role: String,
+    /// This master's URL (`--advertise`).
+    pub me: String,
+    /// The leader's URL, when one is known.
+    pub leader: Option<String>,
+    /// The leader's term epoch (`0` while it loads the state, or unknown).
+    pub epoch: u64,
+    /// Where the state lives (`embedded store at …`, `etcd at …`).
+    pub store: String,
+    /// When this master's role last changed (RFC 3339).
+    pub since: String,
+}

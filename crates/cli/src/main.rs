@@ -221,13 +221,22 @@ struct MasterArgs {
     data_dir: PathBuf,
     #[arg(long, default_value = "127.0.0.1:7070")]
     bind: SocketAddr,
-    /// `etcd://host:port[,…]`; default: the embedded store in the data directory.
+    /// `etcd://host:port[,host:port…][/prefix]` for several masters (one leads, elected through
+    /// etcd); default: the embedded store in the data directory.
     #[arg(long)]
     store: Option<String>,
     #[arg(long)]
     allow_root_tasks: bool,
     #[command(flatten)]
     liveness: LivenessFlags,
+    /// The URL the other masters send clients to while this one leads (default: http://BIND,
+    /// with this host's name when BIND listens on every address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// The leader's etcd lease: when the leader dies, another master leads about this long
+    /// after the leader's last renewal. Whole seconds, at least 2s (etcd's smallest lease).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    lease_ttl: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -400,6 +409,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 store_url: a.store,
                 allow_root_tasks: a.allow_root_tasks,
                 liveness,
+                ha: capstan_master::leader::HaConfig { advertise: a.advertise, lease_ttl: a.lease_ttl },
             })
             .await?;
             println!("capstan master serving at {}", m.url());
@@ -467,6 +477,7 @@ pub async fn start_dev(
         store_url: None,
         allow_root_tasks,
         liveness,
+        ha: Default::default(),
     })
     .await?;
     let mut config = capstan_agent::AgentConfig {

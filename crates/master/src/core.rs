@@ -45,13 +45,25 @@ struct Request {
 
 pub struct Core {
     pub state: RwLock<ClusterState>,
-    queue: mpsc::Sender<Request>,
+    /// `None` once the term is over ([`Core::close`]): the writer ends when the last sender goes.
+    queue: Mutex<Option<mpsc::Sender<Request>>>,
     /// Woken when tasks may have become placeable.
     pub pending_changed: Notify,
     agent_notify: Mutex<HashMap<AgentId, Arc<Notify>>>,
-    /// Random per start: orders versions are only comparable within one master run.
+    /// The epoch of this leadership term (`Command::BeginTerm`): orders versions are only
+    /// comparable within one term, and agents ignore a master whose epoch is older than one they
+    /// have seen.
     pub epoch: u64,
     pub metrics: Arc<Metrics>,
+    /// After a failed store write: reload the state from the store and go on (the embedded
+    /// store), or end the term so that a new one loads it (etcd: the write's outcome may be
+    /// unknown, or this master may have lost its leadership).
+    reload_on_store_failure: bool,
+    /// The term is over: nothing more is written or answered from this core.
+    closed: AtomicBool,
+    /// Why the term must end (a failed write, a restore); the leadership loop waits on `term_over`.
+    end_reason: Mutex<Option<String>>,
+    pub term_over: Notify,
 }
 
 pub fn now() -> Timestamp {
@@ -62,6 +74,22 @@ pub fn now() -> Timestamp {
 
 /// Rebuilds the state from the store: newest snapshot, then every later command.
 pub fn load_state(store: &dyn Store) -> anyhow::Result<ClusterState> {
+    let started = Instant::now();
+    let state = replay(store)?;
+    tracing::info!(
+        jobs = state.jobs.len(),
+        tasks = state.tasks.len(),
+        agents = state.agents.len(),
+        index = state.index,
+        epoch = state.epoch,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "state loaded from {}",
+        store.describe()
+    );
+    Ok(state)
+}
+
+fn replay(store: &dyn Store) -> anyhow::Result<ClusterState> {
     let loaded = store.load()?;
     let mut state = match &loaded.snapshot {
         Some(s) => {
@@ -88,41 +116,51 @@ pub fn load_state(store: &dyn Store) -> anyhow::Result<ClusterState> {
 }
 
 impl Core {
-    /// Loads the state and starts the writer thread.
-    pub fn start(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Core>> {
-        let started = Instant::now();
-        let state = load_state(store.as_ref())?;
-        tracing::info!(
-            jobs = state.jobs.len(),
-            tasks = state.tasks.len(),
-            agents = state.agents.len(),
-            index = state.index,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "state loaded from {}",
-            store.describe()
-        );
+    /// Starts the writer thread of a term with `epoch` (see [`Core::next_epoch`]) over `state`
+    /// (as [`load_state`] read it); the caller's first command is `BeginTerm { epoch }`.
+    pub fn start(
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        state: ClusterState,
+        epoch: u64,
+        reload_on_store_failure: bool,
+    ) -> Arc<Core> {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE_MAX);
         let core = Arc::new(Core {
             state: RwLock::new(state),
-            queue: tx,
+            queue: Mutex::new(Some(tx)),
             pending_changed: Notify::new(),
             agent_notify: Mutex::new(HashMap::new()),
-            epoch: rand::random::<u64>() >> 1,
+            epoch,
             metrics,
+            reload_on_store_failure,
+            closed: AtomicBool::new(false),
+            end_reason: Mutex::new(None),
+            term_over: Notify::new(),
         });
         let writer = core.clone();
         std::thread::Builder::new()
             .name("capstan-writer".into())
             .spawn(move || writer.run_writer(store, rx))
             .expect("spawning the writer thread");
-        Ok(core)
+        core
+    }
+
+    /// The epoch of a new term over `state`: now, or one more than the last term's when the
+    /// clock is behind it, so that epochs only grow.
+    pub fn next_epoch(state: &ClusterState) -> u64 {
+        now().0.max(state.epoch + 1)
     }
 
     /// Submits a command and waits until it is durable and applied (or refused).
     pub async fn submit(&self, command: Command) -> Result<Applied, CoreError> {
+        let Some(queue) = self.queue.lock().clone() else {
+            return Err(CoreError::Closed);
+        };
         let (reply, rx) = oneshot::channel();
         self.metrics.command_queue.inc();
-        let sent = self.queue.send(Request { command, reply }).await;
+        let sent = queue.send(Request { command, reply }).await;
+        drop(queue);
         if sent.is_err() {
             self.metrics.command_queue.dec();
             return Err(CoreError::Closed);
@@ -134,6 +172,36 @@ impl Core {
     /// re-registration period and a new epoch (after a restore, for instance).
     pub fn request_new_term(&self, reason: &str) {
         tracing::info!("a new term is requested: {reason}");
+        self.end_term(reason.to_string());
+    }
+
+    /// Marks the term over (the first reason wins) and wakes the leadership loop.
+    fn end_term(&self, reason: String) {
+        self.end_reason.lock().get_or_insert(reason);
+        self.closed.store(true, Ordering::SeqCst);
+        self.term_over.notify_waiters();
+        self.term_over.notify_one();
+    }
+
+    /// Why the term ended, once it has.
+    pub fn end_reason(&self) -> Option<String> {
+        self.end_reason.lock().clone()
+    }
+
+    /// The term is over: answer nothing more from this core.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Ends the term: new submissions are refused, the writer ends once the queued ones are
+    /// answered, and waiting agents are woken (they find the core closed).
+    pub fn close(&self, reason: &str) {
+        self.end_term(reason.to_string());
+        self.queue.lock().take();
+        for n in self.agent_notify.lock().values() {
+            n.notify_waiters();
+        }
+        self.pending_changed.notify_one();
     }
 
     /// The notifier of one agent's orders.
@@ -145,6 +213,11 @@ impl Core {
         let mut since_snapshot: u64 = 0;
         let snapshotting = Arc::new(AtomicBool::new(false));
         while let Some(first) = rx.blocking_recv() {
+            if self.is_closed() {
+                self.metrics.command_queue.dec();
+                let _ = first.reply.send(Err(CoreError::Closed));
+                continue;
+            }
             let mut batch = vec![first];
             while batch.len() < BATCH_MAX {
                 match rx.try_recv() {
@@ -177,8 +250,23 @@ impl Core {
             let written = store.append(&entries);
             self.metrics.store_write_seconds.observe(write_started.elapsed().as_secs_f64());
             if let Err(e) = written {
-                tracing::error!("store append failed: {e}; reloading state from the store");
                 let message = e.to_string();
+                if !self.reload_on_store_failure {
+                    // The state holds commands that may not be durable: nobody reads it again.
+                    self.end_term(format!("a store write failed: {message}"));
+                    drop(state);
+                    tracing::error!("store append failed: {message}; this term ends and a new one loads the store");
+                    for (reply, _) in replies {
+                        let _ = reply.send(Err(CoreError::Store(message.clone())));
+                    }
+                    while let Ok(req) = rx.try_recv() {
+                        self.metrics.command_queue.dec();
+                        let _ = req.reply.send(Err(CoreError::Store(message.clone())));
+                    }
+                    rx.close();
+                    continue;
+                }
+                tracing::error!("store append failed: {e}; reloading state from the store");
                 // Orders versions are derived and restart at 0 on reload; keep them above what
                 // agents have already seen so their waits do not stall.
                 let floor = state.agents.values().map(|a| a.orders_version).max().unwrap_or(0) + 1;

@@ -46,6 +46,10 @@ pub struct Metrics {
     pub scheduler_rate_limit: Gauge,
     pub agents_by_liveness: Family<LivenessLabel, Gauge>,
     pub frozen: Gauge,
+    /// 1 while this master leads (the other masters of the cluster show 0).
+    pub leader: Gauge,
+    /// Leadership terms this master began.
+    pub terms: Counter,
     pub breaker_tripped: Gauge,
     pub agent_removals: Gauge,
     pub tasks_replaced: Gauge,
@@ -139,6 +143,10 @@ impl Metrics {
         registry.register("agents_by_liveness", "Agents by liveness", agents_by_liveness.clone());
         let frozen = Gauge::default();
         registry.register("frozen", "1 while the cluster is frozen (no destructive actions)", frozen.clone());
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this master leads the cluster", leader.clone());
+        let terms = Counter::default();
+        registry.register("terms", "Leadership terms this master began", terms.clone());
         let breaker_tripped = Gauge::default();
         registry.register(
             "breaker_tripped",
@@ -192,6 +200,8 @@ impl Metrics {
             maintenance_windows,
             agents_by_liveness,
             frozen,
+            leader,
+            terms,
             breaker_tripped,
             agent_removals,
             tasks_replaced,

@@ -29,6 +29,7 @@ async fn master() -> (tempfile::TempDir, capstan_master::MasterHandle) {
         store_url: None,
         allow_root_tasks: false,
         liveness: Default::default(),
+        ha: Default::default(),
     })
     .await
     .unwrap();
@@ -74,14 +75,14 @@ async fn a_registration_storm_is_shed_with_retry_after_and_everyone_gets_in() {
     for h in handles {
         shed_total += h.await.unwrap();
     }
-    let registered = master.core.state.read().agents.len() as u64;
+    let registered = master.core().state.read().agents.len() as u64;
     assert_eq!(registered, AGENTS, "every agent got in");
     assert!(
         shed_total > 0,
         "{AGENTS} registrations at once must exceed the {} admitted at a time",
         capstan_master::http::MAX_REGISTRATIONS
     );
-    let metrics = master.core.metrics.render(&master.core.state.read());
+    let metrics = master.core().metrics.render(&master.core().state.read());
     let line = metrics
         .lines()
         .find(|l| l.starts_with("capstan_requests_shed_total{route=\"registration\"}"))
@@ -105,7 +106,7 @@ async fn slow_readers_of_large_lists_are_bounded() {
             &capstan_model::ValidationPolicy { allow_root: false },
         )
         .unwrap();
-        master.core.submit(capstan_state::Command::CreateJob { spec, seed: i }).await.unwrap();
+        master.core().submit(capstan_state::Command::CreateJob { spec, seed: i }).await.unwrap();
     }
     // Readers that ask and never read.
     let addr = master.addr;

@@ -74,6 +74,9 @@ pub enum Command {
     UpdateStep { job: JobKey },
     /// An operator's promote, pause, resume, abort or rollback of a job's update.
     UpdateControl { job: JobKey, action: crate::updates::UpdateAction, by: String },
+    /// A master became the leader: its term's epoch, greater than every earlier one. The first
+    /// command of every term; a master whose `BeginTerm` is not durable does not lead.
+    BeginTerm { epoch: u64 },
 }
 
 impl Command {
@@ -102,6 +105,7 @@ impl Command {
             Command::StartUpdate { .. } => "start_update",
             Command::UpdateStep { .. } => "update_step",
             Command::UpdateControl { .. } => "update_control",
+            Command::BeginTerm { .. } => "begin_term",
         }
     }
 }

@@ -143,6 +143,10 @@ pub struct ClusterState {
     pub maintenance: BTreeMap<u64, crate::drain::MaintenanceWindow>,
     /// The id of the newest maintenance window.
     pub maintenance_seq: u64,
+    /// The epoch of the newest leadership term (`BeginTerm`): agents ignore a master whose epoch
+    /// is older than one they have seen. Milliseconds since the Unix epoch when the term began,
+    /// or one more than the previous term's when the clock is behind; 0 before the first term.
+    pub epoch: u64,
     // --- derived
     /// Tasks waiting for a place, by id.
     #[serde(skip)]
@@ -269,6 +273,15 @@ impl ClusterState {
             Command::RemoveAgent { agent } => {
                 self.refuse_if_frozen()?;
                 self.remove_agent(*agent, at, &mut out)?;
+            }
+            Command::BeginTerm { epoch } => {
+                if *epoch <= self.epoch {
+                    return Err(Rejection::Conflict(format!(
+                        "a term with epoch {epoch} cannot begin: epoch {} began already",
+                        self.epoch
+                    )));
+                }
+                self.epoch = *epoch;
             }
             Command::SetFreeze { freeze } => {
                 self.frozen = freeze.as_ref().map(|f| Freeze { at, ..f.clone() });

@@ -89,6 +89,7 @@ pub async fn start_master(data_dir: PathBuf, liveness: LivenessConfig) -> capsta
         store_url: None,
         allow_root_tasks: false,
         liveness,
+        ha: Default::default(),
     })
     .await
     .expect("master starts")
@@ -297,8 +298,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.cleanup();
-        self.master.server.abort();
-        self.master.scheduler.abort();
+        self.master.stop();
     }
 }
 
