@@ -143,6 +143,9 @@ pub struct ClusterState {
     pub maintenance: BTreeMap<u64, crate::drain::MaintenanceWindow>,
     /// The id of the newest maintenance window.
     pub maintenance_seq: u64,
+    /// Set when this state was installed from a backup (`capstan admin restore`): when, and from
+    /// which backup. Added in snapshot format version 4.
+    pub restored: Option<crate::backup::Restored>,
     // --- derived
     /// Tasks waiting for a place, by id.
     #[serde(skip)]
