@@ -348,3 +348,78 @@ impl Client {
         self.get(&format!("/v1/admin/sla/safe-to-drain?percent={percent}")).await
     }
 }
+
+/// Backup and restore: bodies that are not JSON (a backup file, a dump).
+impl Client {
+    /// A request with a raw body (or none) to the first master that answers.
+    async fn send_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, ApiError> {
+        // Shared, not copied, for each address tried.
+        let body = body.map(bytes::Bytes::from);
+        let mut last = String::from("no address given");
+        for base in &self.addrs {
+            let url = format!("{base}{path}");
+            let mut req = self.http.request(method.clone(), &url).timeout(timeout);
+            if let Some(b) = &body {
+                req = req.header(reqwest::header::CONTENT_TYPE, "application/octet-stream").body(b.clone());
+            }
+            match req.send().await {
+                Ok(resp) => return Ok(resp),
+                Err(e) if e.is_connect() => last = format!("{url}: {e}"),
+                Err(e) => {
+                    return Err(ApiError::Unreachable { addrs: self.addrs.join(","), detail: format!("{url}: {e}") })
+                }
+            }
+        }
+        Err(ApiError::Unreachable { addrs: self.addrs.join(","), detail: last })
+    }
+
+    /// The body of a successful answer as bytes; an error answer as its [`ApiError`].
+    async fn body_bytes(resp: reqwest::Response) -> Result<Vec<u8>, ApiError> {
+        if !resp.status().is_success() {
+            return Err(Self::decode::<serde_json::Value>(resp)
+                .await
+                .expect_err("an error status decodes to an error"));
+        }
+        let url = resp.url().to_string();
+        let bytes = resp.bytes().await.map_err(|e| ApiError::Protocol { url, detail: e.to_string() })?;
+        Ok(bytes.to_vec())
+    }
+
+    /// `GET /v1/admin/backup`: the backup file of the master's state now.
+    pub async fn backup(&self) -> Result<Vec<u8>, ApiError> {
+        let resp = self.send_raw(reqwest::Method::GET, "/v1/admin/backup", None, Duration::from_secs(600)).await?;
+        Self::body_bytes(resp).await
+    }
+
+    /// `GET /v1/admin/dump`: the whole state as canonical JSON text.
+    pub async fn dump(&self) -> Result<Vec<u8>, ApiError> {
+        let resp = self.send_raw(reqwest::Method::GET, "/v1/admin/dump", None, Duration::from_secs(600)).await?;
+        Self::body_bytes(resp).await
+    }
+
+    /// `POST /v1/admin/restore`: sends a backup file; `source` names it in the restored state.
+    pub async fn restore(
+        &self,
+        file: Vec<u8>,
+        source: &str,
+        dry_run: bool,
+        force: bool,
+    ) -> Result<RestoreView, ApiError> {
+        let source: String = source
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let path = format!("/v1/admin/restore?dry_run={dry_run}&force={force}&source={source}");
+        let resp = self.send_raw(reqwest::Method::POST, &path, Some(file), Duration::from_secs(600)).await?;
+        Self::decode(resp).await
+    }
+}

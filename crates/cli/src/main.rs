@@ -2,6 +2,7 @@
 //! client commands (job, task, agent list). Client commands talk HTTP/JSON to a master.
 
 mod admin;
+mod backup;
 mod bench;
 mod drain;
 mod output;
@@ -228,6 +229,8 @@ struct MasterArgs {
     allow_root_tasks: bool,
     #[command(flatten)]
     liveness: LivenessFlags,
+    #[command(flatten)]
+    backup: backup::BackupFlags,
 }
 
 #[derive(Args)]
@@ -393,6 +396,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Master(a) => {
             let liveness = a.liveness.config()?;
+            let backup = a.backup.schedule()?;
             init_tracing();
             let m = capstan_master::start(capstan_master::MasterConfig {
                 bind: a.bind,
@@ -400,6 +404,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 store_url: a.store,
                 allow_root_tasks: a.allow_root_tasks,
                 liveness,
+                backup,
             })
             .await?;
             println!("capstan master serving at {}", m.url());
@@ -467,6 +472,7 @@ pub async fn start_dev(
         store_url: None,
         allow_root_tasks,
         liveness,
+        backup: Default::default(),
     })
     .await?;
     let mut config = capstan_agent::AgentConfig {

@@ -1,6 +1,7 @@
 //! The Capstan master: loads the state from the store, runs the writer, the scheduler and the
 //! HTTP API. `start` returns once it serves.
 
+pub mod backup;
 pub mod core;
 pub mod cron;
 pub mod drain;
@@ -28,6 +29,8 @@ pub struct MasterConfig {
     /// Tasks may run as root.
     pub allow_root_tasks: bool,
     pub liveness: liveness::LivenessConfig,
+    /// Periodic backups (off without a directory).
+    pub backup: backup::BackupSchedule,
 }
 
 pub struct MasterHandle {
@@ -42,6 +45,8 @@ pub struct MasterHandle {
     /// The loop that drives rolling updates.
     pub updater: tokio::task::JoinHandle<()>,
     pub events: Arc<events::Events>,
+    /// The periodic backups loop (ends at once when they are off).
+    pub backups: tokio::task::JoinHandle<()>,
 }
 
 impl MasterHandle {
@@ -75,6 +80,7 @@ pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
         .with_context(|| format!("cannot listen on {}", config.bind))?;
     let addr = listener.local_addr()?;
     config.liveness.check().map_err(|e| anyhow::anyhow!(e))?;
+    config.backup.check().map_err(|e| anyhow::anyhow!(e))?;
     let liveness = Arc::new(liveness::Liveness::new(config.liveness.clone()));
     let events = Arc::new(events::Events::default());
     let unplaced = scheduler::Unplaced::default();
@@ -99,6 +105,8 @@ pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
     let cron_loop = tokio::spawn(cron::run(core.clone(), events.clone()));
     let drain_loop = tokio::spawn(drain::run(core.clone(), events.clone()));
     let updater = tokio::spawn(updater::run(core.clone(), events.clone()));
+    // Only the leader backs up; until leadership lands, this master is always the leader.
+    let backups = tokio::spawn(backup::run(core.clone(), config.backup.clone(), Arc::new(|| true)));
     tracing::info!("master serving on http://{addr}");
     Ok(MasterHandle {
         addr,
@@ -110,5 +118,6 @@ pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
         drain: drain_loop,
         updater,
         events,
+        backups,
     })
 }

@@ -29,6 +29,7 @@ async fn master() -> (tempfile::TempDir, capstan_master::MasterHandle) {
         store_url: None,
         allow_root_tasks: false,
         liveness: Default::default(),
+        backup: Default::default(),
     })
     .await
     .unwrap();

@@ -23,6 +23,7 @@ async fn hundred_tasks_run_then_die_on_twenty_sim_agents() {
         store_url: None,
         allow_root_tasks: false,
         liveness: Default::default(),
+        backup: Default::default(),
     })
     .await
     .unwrap();
@@ -91,6 +92,7 @@ async fn heartbeats_go_out_at_the_masters_pace_and_never_cause_a_registration_st
         store_url: None,
         allow_root_tasks: false,
         liveness: Default::default(),
+        backup: Default::default(),
     })
     .await
     .unwrap();

@@ -89,6 +89,7 @@ pub async fn start_master(data_dir: PathBuf, liveness: LivenessConfig) -> capsta
         store_url: None,
         allow_root_tasks: false,
         liveness,
+        backup: Default::default(),
     })
     .await
     .expect("master starts")
