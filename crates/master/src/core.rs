@@ -44,6 +44,8 @@ struct Request {
 }
 
 /// What the writer thread takes: a command, or a whole state to install (a restore).
+// Commands are nearly all of the traffic: boxing them would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 enum Work {
     Command(Request),
     Restore(Restore),
