@@ -294,6 +294,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_backup_is_a_store_envelope() {
+        // The state crate frames backups itself (it may not depend on the store); the layouts
+        // must stay the same.
+        let bytes = backup::encode(&Default::default(), capstan_model::Timestamp(1), "t");
+        let v = backup::BACKUP_FORMAT_VERSION;
+        let decoded = capstan_store::envelope::decode(&bytes, v, || "a backup".into()).unwrap();
+        assert_eq!((decoded.version, decoded.payload.len()), (v, bytes.len() - backup::ENVELOPE_BYTES));
+    }
+
+    #[test]
     fn file_names_sort_by_time() {
         let a = file_name(1_700_000_000_000);
         assert_eq!(a, "capstan-backup-20231114T221320.000Z.backup");
