@@ -36,6 +36,15 @@ impl ApiError {
     }
 }
 
+/// How long a request waits for a leader while every master says that none leads.
+pub const LEADER_WAIT: Duration = Duration::from_secs(6);
+
+/// A request body: JSON, or raw bytes (a backup file).
+enum Body {
+    Json(serde_json::Value),
+    Raw(bytes::Bytes),
+}
+
 #[derive(Clone, Debug)]
 pub struct Client {
     addrs: Vec<String>,
@@ -99,6 +108,39 @@ impl Client {
         body: Option<serde_json::Value>,
         timeout: Duration,
     ) -> Result<reqwest::Response, ApiError> {
+        self.send_body(method, path, body.map(Body::Json), timeout).await
+    }
+
+    async fn send_body(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Body>,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, ApiError> {
+        let waiting_since = std::time::Instant::now();
+        loop {
+            match self.send_once(&method, path, body.as_ref(), timeout).await {
+                // Every master that answered said that none leads (a failover, a restore): the
+                // request was not served, so asking again is safe. Wait a little for a leader.
+                Ok(resp)
+                    if resp.headers().get(LEADER_HEADER).is_some_and(|v| v == "none")
+                        && waiting_since.elapsed() < LEADER_WAIT =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn send_once(
+        &self,
+        method: &reqwest::Method,
+        path: &str,
+        body: Option<&Body>,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, ApiError> {
         let mut last = String::from("no address given");
         let n = self.addrs.len();
         let first = self.preferred.load(std::sync::atomic::Ordering::Relaxed);
@@ -107,8 +149,12 @@ impl Client {
             let i = (first + k) % n;
             let url = format!("{}{path}", self.addrs[i]);
             let mut req = self.http.request(method.clone(), &url).timeout(timeout);
-            if let Some(b) = &body {
-                req = req.json(b);
+            match body {
+                Some(Body::Json(b)) => req = req.json(b),
+                Some(Body::Raw(b)) => {
+                    req = req.header(reqwest::header::CONTENT_TYPE, "application/octet-stream").body(b.clone())
+                }
+                None => {}
             }
             match req.send().await {
                 Ok(resp)
@@ -409,6 +455,65 @@ impl Client {
             .send()
             .await
             .map_err(|e| ApiError::Unreachable { addrs: base.to_string(), detail: format!("{url}: {e}") })?;
+        Self::decode(resp).await
+    }
+}
+
+/// Backup and restore: bodies that are not JSON (a backup file, a dump).
+impl Client {
+    /// A request with a raw body (or none), to the leader as [`Client::send`] finds it.
+    async fn send_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, ApiError> {
+        // Shared, not copied, for each address tried.
+        self.send_body(method, path, body.map(|b| Body::Raw(bytes::Bytes::from(b))), timeout).await
+    }
+
+    /// The body of a successful answer as bytes; an error answer as its [`ApiError`].
+    async fn body_bytes(resp: reqwest::Response) -> Result<Vec<u8>, ApiError> {
+        if !resp.status().is_success() {
+            return Err(Self::decode::<serde_json::Value>(resp)
+                .await
+                .expect_err("an error status decodes to an error"));
+        }
+        let url = resp.url().to_string();
+        let bytes = resp.bytes().await.map_err(|e| ApiError::Protocol { url, detail: e.to_string() })?;
+        Ok(bytes.to_vec())
+    }
+
+    /// `GET /v1/admin/backup`: the backup file of the master's state now.
+    pub async fn backup(&self) -> Result<Vec<u8>, ApiError> {
+        let resp = self.send_raw(reqwest::Method::GET, "/v1/admin/backup", None, Duration::from_secs(600)).await?;
+        Self::body_bytes(resp).await
+    }
+
+    /// `GET /v1/admin/dump`: the whole state as canonical JSON text.
+    pub async fn dump(&self) -> Result<Vec<u8>, ApiError> {
+        let resp = self.send_raw(reqwest::Method::GET, "/v1/admin/dump", None, Duration::from_secs(600)).await?;
+        Self::body_bytes(resp).await
+    }
+
+    /// `POST /v1/admin/restore`: sends a backup file; `source` names it in the restored state.
+    pub async fn restore(
+        &self,
+        file: Vec<u8>,
+        source: &str,
+        dry_run: bool,
+        force: bool,
+    ) -> Result<RestoreView, ApiError> {
+        let source: String = source
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let path = format!("/v1/admin/restore?dry_run={dry_run}&force={force}&source={source}");
+        let resp = self.send_raw(reqwest::Method::POST, &path, Some(file), Duration::from_secs(600)).await?;
         Self::decode(resp).await
     }
 }

@@ -592,3 +592,42 @@ pub struct LeaderView {
     /// When this master's role last changed (RFC 3339).
     pub since: String,
 }
+
+// ---- backup and restore (`/v1/admin/backup`, `/v1/admin/restore`, `/v1/admin/dump`)
+
+/// What a backup file says about itself, after it passed every check (`capstan admin backup
+/// inspect`, and the answer of a restore).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupInfo {
+    pub backup_format_version: u32,
+    /// When it was taken: RFC 3339, UTC.
+    pub created_at: String,
+    pub created_at_ms: u64,
+    /// The Capstan that wrote it.
+    pub capstan_version: String,
+    /// The log index its state is as of, in the store it was taken from.
+    pub store_index: u64,
+    pub snapshot_format_version: u16,
+    pub jobs: u64,
+    pub tasks: u64,
+    pub agents: u64,
+    /// Size of the whole file and its checksum (CRC-32, 8 hex digits).
+    pub file_bytes: u64,
+    pub checksum: String,
+    /// When the state in it had itself been restored from a backup.
+    pub restored_from: Option<String>,
+}
+
+/// The answer of `POST /v1/admin/restore`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreView {
+    /// True: everything was checked and nothing changed.
+    pub dry_run: bool,
+    /// The log index the state was installed at (none for a dry run).
+    pub index: Option<u64>,
+    pub backup: BackupInfo,
+    /// What the cluster held before (and, with a dry run, still holds).
+    pub replaced_jobs: u64,
+    pub replaced_tasks: u64,
+    pub replaced_agents: u64,
+}

@@ -72,6 +72,14 @@ pub enum AdminCmd {
         #[command(subcommand)]
         cmd: crate::drain::SlaCmd,
     },
+    /// Save the whole cluster state to FILE (`backup FILE`), or check a backup file offline
+    /// (`backup inspect FILE [--dump]`).
+    Backup(crate::backup::BackupArgs),
+    /// Replace the cluster's state with a backup's, after checking all of it on the master.
+    ///
+    /// Refused, changing nothing, for a damaged, truncated or newer-format file, and for a
+    /// cluster that has jobs unless --force.
+    Restore(crate::backup::RestoreArgs),
 }
 
 #[derive(Subcommand)]
@@ -324,6 +332,8 @@ async fn run_command(cmd: AdminCmd, c: &ClientArgs) -> anyhow::Result<()> {
     match cmd {
         AdminCmd::Maintenance { cmd } => return crate::drain::maintenance(cmd, &client, output).await,
         AdminCmd::Sla { cmd } => return crate::drain::sla(cmd, &client, output).await,
+        AdminCmd::Backup(args) => return crate::backup::backup(args, &client, output).await,
+        AdminCmd::Restore(args) => return crate::backup::restore(args, &client, output).await,
         AdminCmd::Freeze { reason, by } => {
             let req = FreezeRequest { reason, by: by.unwrap_or_else(operator) };
             let s = mutate(&client, client.freeze(&req)).await?;

@@ -2,6 +2,7 @@
 //! client commands (job, task, agent list). Client commands talk HTTP/JSON to a master.
 
 mod admin;
+mod backup;
 mod bench;
 mod drain;
 mod output;
@@ -237,6 +238,8 @@ struct MasterArgs {
     /// after the leader's last renewal. Whole seconds, at least 2s (etcd's smallest lease).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     lease_ttl: std::time::Duration,
+    #[command(flatten)]
+    backup: backup::BackupFlags,
 }
 
 #[derive(Args)]
@@ -402,6 +405,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Master(a) => {
             let liveness = a.liveness.config()?;
+            let backup = a.backup.schedule()?;
             init_tracing();
             let m = capstan_master::start(capstan_master::MasterConfig {
                 bind: a.bind,
@@ -410,6 +414,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 allow_root_tasks: a.allow_root_tasks,
                 liveness,
                 ha: capstan_master::leader::HaConfig { advertise: a.advertise, lease_ttl: a.lease_ttl },
+                backup,
             })
             .await?;
             println!("capstan master serving at {}", m.url());
@@ -478,6 +483,7 @@ pub async fn start_dev(
         allow_root_tasks,
         liveness,
         ha: Default::default(),
+        backup: Default::default(),
     })
     .await?;
     let mut config = capstan_agent::AgentConfig {

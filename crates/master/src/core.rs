@@ -43,10 +43,25 @@ struct Request {
     reply: oneshot::Sender<Result<Applied, CoreError>>,
 }
 
+/// What the writer thread takes: a command, or a whole state to install (a restore).
+// Commands are nearly all of the traffic: boxing them would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum Work {
+    Command(Request),
+    Restore(Restore),
+}
+
+/// Install `state` in place of the current one; refused when the cluster has jobs, unless `force`.
+struct Restore {
+    state: Box<ClusterState>,
+    force: bool,
+    reply: oneshot::Sender<Result<u64, CoreError>>,
+}
+
 pub struct Core {
     pub state: RwLock<ClusterState>,
     /// `None` once the term is over ([`Core::close`]): the writer ends when the last sender goes.
-    queue: Mutex<Option<mpsc::Sender<Request>>>,
+    queue: Mutex<Option<mpsc::Sender<Work>>>,
     /// Woken when tasks may have become placeable.
     pub pending_changed: Notify,
     agent_notify: Mutex<HashMap<AgentId, Arc<Notify>>>,
@@ -159,12 +174,26 @@ impl Core {
         };
         let (reply, rx) = oneshot::channel();
         self.metrics.command_queue.inc();
-        let sent = queue.send(Request { command, reply }).await;
+        let sent = queue.send(Work::Command(Request { command, reply })).await;
         drop(queue);
         if sent.is_err() {
             self.metrics.command_queue.dec();
             return Err(CoreError::Closed);
         }
+        rx.await.unwrap_or(Err(CoreError::Closed))
+    }
+
+    /// Replaces the whole state with `state` (validated by the caller): the writer installs it in
+    /// the store as a snapshot at the index after the last one, then in memory. Returns that index.
+    /// A cluster with jobs is only replaced with `force` (checked by the writer, so no job created
+    /// meanwhile is lost unnoticed); on any refusal or failure nothing changes.
+    pub async fn restore(&self, state: ClusterState, force: bool) -> Result<u64, CoreError> {
+        let (reply, rx) = oneshot::channel();
+        let work = Work::Restore(Restore { state: Box::new(state), force, reply });
+        let Some(queue) = self.queue.lock().clone() else {
+            return Err(CoreError::Closed);
+        };
+        queue.send(work).await.map_err(|_| CoreError::Closed)?;
         rx.await.unwrap_or(Err(CoreError::Closed))
     }
 
@@ -209,19 +238,36 @@ impl Core {
         self.agent_notify.lock().entry(agent).or_default().clone()
     }
 
-    fn run_writer(self: Arc<Core>, store: Arc<dyn Store>, mut rx: mpsc::Receiver<Request>) {
+    fn run_writer(self: Arc<Core>, store: Arc<dyn Store>, mut rx: mpsc::Receiver<Work>) {
         let mut since_snapshot: u64 = 0;
         let snapshotting = Arc::new(AtomicBool::new(false));
-        while let Some(first) = rx.blocking_recv() {
-            if self.is_closed() {
-                self.metrics.command_queue.dec();
-                let _ = first.reply.send(Err(CoreError::Closed));
-                continue;
-            }
+        // A restore that ended the previous batch waits here for its turn.
+        let mut next: Option<Work> = None;
+        while let Some(work) = next.take().or_else(|| rx.blocking_recv()) {
+            let first = match work {
+                Work::Command(r) if self.is_closed() => {
+                    self.metrics.command_queue.dec();
+                    let _ = r.reply.send(Err(CoreError::Closed));
+                    continue;
+                }
+                Work::Restore(r) if self.is_closed() => {
+                    let _ = r.reply.send(Err(CoreError::Closed));
+                    continue;
+                }
+                Work::Command(r) => r,
+                Work::Restore(r) => {
+                    self.install_restore(store.as_ref(), r);
+                    continue;
+                }
+            };
             let mut batch = vec![first];
             while batch.len() < BATCH_MAX {
                 match rx.try_recv() {
-                    Ok(r) => batch.push(r),
+                    Ok(Work::Command(r)) => batch.push(r),
+                    Ok(restore) => {
+                        next = Some(restore);
+                        break;
+                    }
                     Err(_) => break,
                 }
             }
@@ -259,9 +305,16 @@ impl Core {
                     for (reply, _) in replies {
                         let _ = reply.send(Err(CoreError::Store(message.clone())));
                     }
-                    while let Ok(req) = rx.try_recv() {
-                        self.metrics.command_queue.dec();
-                        let _ = req.reply.send(Err(CoreError::Store(message.clone())));
+                    while let Ok(work) = rx.try_recv() {
+                        match work {
+                            Work::Command(req) => {
+                                self.metrics.command_queue.dec();
+                                let _ = req.reply.send(Err(CoreError::Store(message.clone())));
+                            }
+                            Work::Restore(r) => {
+                                let _ = r.reply.send(Err(CoreError::Store(message.clone())));
+                            }
+                        }
                     }
                     rx.close();
                     continue;
@@ -334,6 +387,48 @@ impl Core {
                     n.notify_waiters();
                 }
             }
+        }
+    }
+
+    /// The writer's part of a restore: the store first, then memory. Only this thread appends
+    /// to the store or changes the state, so the store's last index and the jobs checked here
+    /// cannot change before the install; the write lock is held only to swap the state.
+    fn install_restore(&self, store: &dyn Store, r: Restore) {
+        let jobs = self.state.read().jobs.len();
+        if !r.force && jobs > 0 {
+            let _ = r.reply.send(Err(CoreError::Rejected(Rejection::Conflict(format!(
+                "the cluster has {jobs} job(s) and a restore replaces the whole state; \
+                 restore with --force to replace them; nothing was changed"
+            )))));
+            return;
+        }
+        let mut restored = *r.state;
+        // Epochs only grow, whatever the backup's age: agents ignore older ones.
+        restored.epoch = restored.epoch.max(self.state.read().epoch);
+        let installed = store.last_index().and_then(|last| {
+            restored.index = last + 1;
+            store.install_snapshot(&Snapshot { index: restored.index, data: encode_snapshot(&restored) })
+        });
+        if let Err(e) = installed {
+            tracing::error!("restore: {} could not install the state: {e}; nothing was changed", store.describe());
+            let _ = r.reply.send(Err(CoreError::Store(e.to_string())));
+            return;
+        }
+        let index = restored.index;
+        {
+            let mut state = self.state.write();
+            // As after a reload: orders versions stay above what agents have seen.
+            let floor = state.agents.values().map(|a| a.orders_version).max().unwrap_or(0) + 1;
+            for a in restored.agents.values_mut() {
+                a.orders_version = floor;
+            }
+            *state = restored;
+        }
+        tracing::info!(index, "restore: the state from the backup is installed in {}", store.describe());
+        let _ = r.reply.send(Ok(index));
+        self.pending_changed.notify_one();
+        for n in self.agent_notify.lock().values() {
+            n.notify_waiters();
         }
     }
 

@@ -101,6 +101,7 @@ pub fn router(app: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/jobs/{role}/{env}/{name}/start", post(start_job))
         .merge(crate::drain_http::routes())
+        .merge(crate::backup::routes())
         .route(
             "/v1/jobs/{role}/{env}/{name}/update",
             get(crate::updater::get_updates).post(crate::updater::start_update),

@@ -3,6 +3,7 @@
 //! scheduler and the other loops. `start` returns once it serves (and, on the embedded store,
 //! leads).
 
+pub mod backup;
 pub mod core;
 pub mod cron;
 pub mod drain;
@@ -34,6 +35,8 @@ pub struct MasterConfig {
     pub liveness: liveness::LivenessConfig,
     /// Leadership (several masters on etcd).
     pub ha: leader::HaConfig,
+    /// Periodic backups (off without a directory).
+    pub backup: backup::BackupSchedule,
 }
 
 impl MasterConfig {
@@ -46,6 +49,7 @@ impl MasterConfig {
             allow_root_tasks: false,
             liveness: Default::default(),
             ha: Default::default(),
+            backup: Default::default(),
         }
     }
 }
@@ -125,6 +129,7 @@ struct Term {
 pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
     config.liveness.check().map_err(|e| anyhow::anyhow!(e))?;
     config.ha.check().map_err(|e| anyhow::anyhow!(e))?;
+    config.backup.check().map_err(|e| anyhow::anyhow!(e))?;
     let opened = open_store(&config)?;
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
@@ -280,6 +285,8 @@ async fn begin_term(shared: &Arc<Shared>) -> anyhow::Result<Term> {
         tokio::spawn(cron::run(core.clone(), events.clone())),
         tokio::spawn(drain::run(core.clone(), events.clone())),
         tokio::spawn(updater::run(core.clone(), events)),
+        // Only the leader backs up: the loop lives as long as the term.
+        tokio::spawn(backup::run(core.clone(), shared.config.backup.clone(), Arc::new(|| true))),
     ];
     Ok(Term { core, routes: http::router(app), loops })
 }

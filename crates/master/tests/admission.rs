@@ -30,6 +30,7 @@ async fn master() -> (tempfile::TempDir, capstan_master::MasterHandle) {
         allow_root_tasks: false,
         liveness: Default::default(),
         ha: Default::default(),
+        backup: Default::default(),
     })
     .await
     .unwrap();

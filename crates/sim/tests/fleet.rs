@@ -24,6 +24,7 @@ async fn hundred_tasks_run_then_die_on_twenty_sim_agents() {
         allow_root_tasks: false,
         liveness: Default::default(),
         ha: Default::default(),
+        backup: Default::default(),
     })
     .await
     .unwrap();
@@ -93,6 +94,7 @@ async fn heartbeats_go_out_at_the_masters_pace_and_never_cause_a_registration_st
         allow_root_tasks: false,
         liveness: Default::default(),
         ha: Default::default(),
+        backup: Default::default(),
     })
     .await
     .unwrap();

@@ -2,6 +2,7 @@
 //! the API and the scheduler, and the versioned encoding of commands and snapshots. Pure: no I/O.
 
 pub mod agent;
+pub mod backup;
 pub mod codec;
 pub mod command;
 pub mod cron;

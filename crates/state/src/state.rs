@@ -147,6 +147,9 @@ pub struct ClusterState {
     /// is older than one they have seen. Milliseconds since the Unix epoch when the term began,
     /// or one more than the previous term's when the clock is behind; 0 before the first term.
     pub epoch: u64,
+    /// Set when this state was installed from a backup (`capstan admin restore`): when, and from
+    /// which backup. Added in snapshot format version 4.
+    pub restored: Option<crate::backup::Restored>,
     // --- derived
     /// Tasks waiting for a place, by id.
     #[serde(skip)]

@@ -90,6 +90,7 @@ pub async fn start_master(data_dir: PathBuf, liveness: LivenessConfig) -> capsta
         allow_root_tasks: false,
         liveness,
         ha: Default::default(),
+        backup: Default::default(),
     })
     .await
     .expect("master starts")
