@@ -1036,6 +1036,22 @@ mod tests {
     }
 
     #[test]
+    fn answers_of_a_master_with_an_older_epoch_are_refused_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(agent) = agent(dir.path()) else { return };
+        assert!(agent.accept_epoch(1_000), "the first epoch seen is followed");
+        assert!(agent.accept_epoch(1_000), "the same master again");
+        assert!(agent.accept_epoch(2_000), "a newer leader");
+        assert!(!agent.accept_epoch(1_000), "the deposed leader is ignored");
+        assert_eq!(checkpoint::read_master_epoch(dir.path()), 2_000);
+        drop(agent);
+        // A restarted agent still knows the newest epoch it saw.
+        let Some(again) = self::agent(dir.path()) else { return };
+        assert!(!again.accept_epoch(1_999));
+        assert!(again.accept_epoch(2_000));
+    }
+
+    #[test]
     fn task_lists_name_every_task_and_the_running_ones_sorted() {
         let (tx, _rx) = mpsc::unbounded_channel();
         let mut tasks = HashMap::new();

@@ -23,6 +23,10 @@ const JOBS_MAX: u8 = 5;
 /// One step of a history, before it is turned into a command against the current state.
 #[derive(Clone, Debug)]
 enum Op {
+    /// A leadership term: `back` 0 begins one above the last, more is a stale epoch.
+    BeginTerm {
+        back: u64,
+    },
     RegisterAgent {
         id: u64,
         cpus_milli: u32,
@@ -244,6 +248,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<usize>(), any::<u64>(), prop::option::weighted(0.2, any::<u64>()), prop::bool::weighted(0.2))
             .prop_map(|(agent_pick, keep, unknown, stale)| Op::Reconcile { agent_pick, keep, unknown, stale }),
         1 => any::<bool>().prop_map(|on| Op::Freeze { on }),
+        1 => (0u64..3).prop_map(|back| Op::BeginTerm { back }),
         3 => (0..JOBS_MAX, any::<bool>(), any::<u64>())
             .prop_map(|(name, scheduled, seed)| Op::CronRun { name, scheduled, seed }),
         1 => (any::<usize>(), prop::bool::weighted(0.7)).prop_map(|(agent_pick, on)| Op::Drain { agent_pick, on }),
@@ -645,6 +650,11 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
                 }
             };
             Command::CancelMaintenance { id, by: "test".into() }
+        }
+        Op::BeginTerm { back } => {
+            // A new term above the last (back 0), or a stale one at or below it: refused.
+            expect.rejected = *back > 0;
+            Command::BeginTerm { epoch: (state.epoch + 1).saturating_sub(*back) }
         }
         Op::Freeze { on } => Command::SetFreeze {
             freeze: on.then(|| capstan_state::Freeze {

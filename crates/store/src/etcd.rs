@@ -528,6 +528,30 @@ impl Inner {
         Ok(Commit::Moved)
     }
 
+    /// `Err(Fenced)` when a fence is set and its key is gone or was recreated.
+    async fn check_fence(&self, doing: &str) -> Result<(), StoreError> {
+        let Some(fence) = self.fence.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone() else {
+            return Ok(());
+        };
+        let response = self.call(doing, self.kv.clone().get(fence.key.clone(), None)).await?;
+        let found = response.kvs().first().map(|kv| kv.create_revision());
+        if found == Some(fence.create_revision) {
+            return Ok(());
+        }
+        let key = String::from_utf8_lossy(&fence.key);
+        let now = match found {
+            None => "no longer exists".to_string(),
+            Some(revision) => format!("was recreated (create revision {revision})"),
+        };
+        Err(StoreError::Fenced {
+            detail: format!(
+                "{doing}: the leadership key `{key}` (create revision {}) {now} in {}",
+                fence.create_revision,
+                self.where_()
+            ),
+        })
+    }
+
     /// Compares that `last` and the snapshot record are as in `head`.
     fn head_compares(&self, head: &Head) -> Vec<Compare> {
         let unchanged = |key: &str, mod_revision: i64| {
@@ -547,6 +571,9 @@ impl Inner {
         let parts = encode_parts(&entries)?;
         let head = self.read_head().await?;
         if first != head.last + 1 {
+            // Another writer moved the log: say so plainly when it is because this one lost the
+            // leadership it was fenced with.
+            self.check_fence("appending").await?;
             return Err(StoreError::OutOfOrder { expected: head.last + 1, found: first });
         }
         let part_count = parts.len();
@@ -574,6 +601,7 @@ impl Inner {
                 Commit::Done { .. } => {}
                 Commit::Moved => {
                     // Another writer moved the log; what this call wrote is invisible.
+                    self.check_fence(&doing).await?;
                     let now = self.read_head().await?;
                     return Err(StoreError::OutOfOrder { expected: now.last + 1, found: first });
                 }

@@ -292,6 +292,26 @@ pub struct Cluster {
     extra_agents: Vec<Child>,
     starts: u32,
     http: reqwest::blocking::Client,
+    /// Several masters on one etcd ([`Cluster::start_ha`]); empty otherwise.
+    pub ha: Vec<HaMaster>,
+    pub etcd: Option<capstan_store::EtcdProcess>,
+}
+
+/// One of several masters of an HA cluster: a fixed address and data directory.
+pub struct HaMaster {
+    pub bind: String,
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl HaMaster {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.bind)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
 }
 
 impl Cluster {
@@ -402,6 +422,8 @@ impl Cluster {
             master: None,
             agent: None,
             extra_agents: Vec::new(),
+            ha: Vec::new(),
+            etcd: None,
             starts: 0,
             http: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(10))
@@ -419,6 +441,17 @@ impl Cluster {
     fn spawn_all(&mut self) {
         match self.mode {
             Mode::Dev { .. } => self.spawn_dev(),
+            Mode::Split { .. } if !self.ha.is_empty() => {
+                for i in 0..self.ha.len() {
+                    if self.ha[i].child.is_none() {
+                        self.start_ha_master(i);
+                    }
+                }
+                self.wait_leader(SOON, 0);
+                if self.agent.is_none() {
+                    self.start_agent(&[]);
+                }
+            }
             Mode::Split { .. } => {
                 if self.master.is_none() {
                     self.start_master();
@@ -538,6 +571,104 @@ impl Cluster {
         });
     }
 
+    /// `n` masters on one etcd (started by the test, in `DATA/etcd`), each `capstan master
+    /// --store etcd://… --bind 127.0.0.1:PORT --data-dir DATA/master-I` with `master_flags`, and one
+    /// agent given every master's URL; returns once a master leads (`self.url` is the leader's)
+    /// and the agent is registered.
+    pub fn start_ha(n: usize, master_flags: &[&str]) -> Cluster {
+        let mode = Mode::Split {
+            master_bind: String::new(),
+            agent_flags: vec![],
+            master_flags: master_flags.iter().map(|s| s.to_string()).collect(),
+            agent_prefix: vec![],
+        };
+        let mut c = Self::new(false, mode);
+        std::fs::create_dir_all(&c.data_dir).expect("data directory");
+        c.etcd = Some(capstan_store::EtcdProcess::start(&c.data_dir.join("etcd")).expect("starting etcd"));
+        for i in 0..n {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port for a master")
+                .port();
+            c.ha.push(HaMaster {
+                bind: format!("127.0.0.1:{port}"),
+                dir: c.data_dir.join(format!("master-{i}")),
+                child: None,
+            });
+        }
+        c.spawn_all();
+        c
+    }
+
+    /// Every master's URL, comma-separated (the agent's and the CLI's `--master`/`--addr`).
+    pub fn masters_arg(&self) -> String {
+        self.ha.iter().map(HaMaster::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// HA clusters: starts master `i` (again) on its address and data directory.
+    pub fn start_ha_master(&mut self, i: usize) {
+        let Mode::Split { master_flags, .. } = self.mode.clone() else { panic!("not a split cluster") };
+        let etcd = self.etcd.as_ref().expect("an HA cluster has etcd").url();
+        let (bind, dir) = (self.ha[i].bind.clone(), self.ha[i].dir.clone());
+        let mut args: Vec<OsString> = vec!["master".into(), "--data-dir".into(), dir.into()];
+        args.extend(["--bind".into(), bind.clone().into(), "--store".into(), etcd.into()]);
+        args.extend(master_flags.iter().map(OsString::from));
+        let deadline = Instant::now() + SOON;
+        let (child, _first) = loop {
+            match self.spawn_daemon(&format!("master-{i}"), &[], &args) {
+                Ok(started) => break started,
+                Err(f) if f.stderr.contains("cannot listen") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(f) => {
+                    panic!("capstan master {i} did not start ({:?}): {}\n{}", f.status, f.stderr, self.log_tail(60))
+                }
+            }
+        };
+        self.ha[i].child = Some(child);
+    }
+
+    /// HA clusters: whether master `i` still runs (it did not exit).
+    pub fn ha_master_runs(&mut self, i: usize) -> bool {
+        self.ha[i].child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// HA clusters: `kill -9` of master `i`.
+    pub fn kill9_ha_master(&mut self, i: usize) {
+        kill_child(self.ha[i].child.take());
+    }
+
+    /// HA clusters: `GET /v1/leader` of master `i`.
+    pub fn leader_view(&self, i: usize) -> Result<Value, String> {
+        let url = format!("{}/v1/leader", self.ha[i].url());
+        let resp = self.http.get(&url).timeout(Duration::from_secs(2)).send().map_err(|e| format!("{url}: {e}"))?;
+        resp.json::<Value>().map_err(|e| format!("{url}: {e}"))
+    }
+
+    /// HA clusters: waits until a running master says it leads with an epoch above `above`, and
+    /// every other running master names it; points `self.url` at it. Returns (index, epoch).
+    pub fn wait_leader(&mut self, timeout: Duration, above: u64) -> (usize, u64) {
+        self.wait_leader_among(timeout, above, &[])
+    }
+
+    /// [`wait_leader`](Self::wait_leader), not asking the masters in `skip` (paused ones).
+    pub fn wait_leader_among(&mut self, timeout: Duration, above: u64, skip: &[usize]) -> (usize, u64) {
+        let found = wait_until(timeout, &format!("one master leads with an epoch above {above}"), || {
+            let running: Vec<usize> =
+                (0..self.ha.len()).filter(|i| self.ha[*i].child.is_some() && !skip.contains(i)).collect();
+            let views: Vec<(usize, Value)> =
+                running.iter().map(|i| Ok((*i, self.leader_view(*i)?))).collect::<Result<_, String>>()?;
+            let leaders: Vec<&(usize, Value)> = views.iter().filter(|(_, v)| v["role"] == "leader").collect();
+            let [(i, v)] = leaders.as_slice() else { return Err(format!("{views:?}")) };
+            let epoch = v["epoch"].as_u64().unwrap_or(0);
+            let url = self.ha[*i].url();
+            let followed = views.iter().all(|(_, v)| v["leader"] == url.as_str());
+            ensure(epoch > above && followed, &views).map(|_| (*i, epoch))
+        });
+        self.url = self.ha[found.0].url();
+        found
+    }
+
     /// The master's data directory (`DATA/master`).
     pub fn master_dir(&self) -> PathBuf {
         self.data_dir.join("master")
@@ -578,7 +709,8 @@ impl Cluster {
     /// The arguments of `capstan agent` for this cluster, then `extra`.
     fn agent_args(&self, extra: &[&str]) -> Vec<OsString> {
         let Mode::Split { master_bind, agent_flags, .. } = &self.mode else { panic!("not a split cluster") };
-        let mut args: Vec<OsString> = vec!["agent".into(), "--master".into(), format!("http://{master_bind}").into()];
+        let masters = if self.ha.is_empty() { format!("http://{master_bind}") } else { self.masters_arg() };
+        let mut args: Vec<OsString> = vec!["agent".into(), "--master".into(), masters.into()];
         args.extend(["--data-dir".into(), self.agent_dir().into()]);
         if !agent_flags.iter().any(|f| f == "--bind") {
             args.extend(["--bind", "127.0.0.1:0"].map(OsString::from));
@@ -615,7 +747,7 @@ impl Cluster {
         );
         let api = first.split_whitespace().find(|w| w.starts_with("http://")).expect("the agent's API URL");
         self.agent_url = Some(api.to_string());
-        if self.master.is_some() {
+        if self.master.is_some() || self.ha.iter().any(|m| m.child.is_some()) {
             wait_until(SOON, "the agent is registered with its new address", || {
                 let agents = self.request("GET", "/v1/agents", None)?;
                 let registered = agents.1.as_array().is_some_and(|a| a.iter().any(|x| x["address"] == api));
@@ -655,6 +787,9 @@ impl Cluster {
         kill_child(self.dev.take());
         kill_child(self.agent.take());
         kill_child(self.master.take());
+        for m in &mut self.ha {
+            kill_child(m.child.take());
+        }
         for child in std::mem::take(&mut self.extra_agents) {
             kill_child(Some(child));
         }
