@@ -80,6 +80,9 @@ pub enum AdminCmd {
     /// Refused, changing nothing, for a damaged, truncated or newer-format file, and for a
     /// cluster that has jobs unless --force.
     Restore(crate::backup::RestoreArgs),
+    /// Every master given with --addr: its role (leader, follower, starting), whom it follows,
+    /// the leader's epoch, and where the state lives.
+    Masters,
 }
 
 #[derive(Subcommand)]
@@ -334,6 +337,7 @@ async fn run_command(cmd: AdminCmd, c: &ClientArgs) -> anyhow::Result<()> {
         AdminCmd::Sla { cmd } => return crate::drain::sla(cmd, &client, output).await,
         AdminCmd::Backup(args) => return crate::backup::backup(args, &client, output).await,
         AdminCmd::Restore(args) => return crate::backup::restore(args, &client, output).await,
+        AdminCmd::Masters => return masters(&client, output).await,
         AdminCmd::Freeze { reason, by } => {
             let req = FreezeRequest { reason, by: by.unwrap_or_else(operator) };
             let s = mutate(&client, client.freeze(&req)).await?;
@@ -507,4 +511,22 @@ settings
         };
         assert_eq!(event_line(&e), "2024-05-01T10:00:00.000Z  frozen              frozen by ops@h1: rack r3 flaps");
     }
+}
+
+/// One row per master of `--addr`: what `GET /v1/leader` says, or why it could not be asked.
+async fn masters(client: &Client, output: Output) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for addr in client.addrs() {
+        let row = match client.leader_of(addr).await {
+            Ok(view) => serde_json::to_value(&view).expect("serializable"),
+            Err(e) => serde_json::json!({"me": addr, "role": "unreachable", "error": e.to_string()}),
+        };
+        rows.push(row);
+    }
+    let leaders = rows.iter().filter(|r| r["role"] == "leader").count();
+    output.print(&rows, || output::masters_table(&rows));
+    if leaders == 0 {
+        anyhow::bail!("no master of {} leads", client.addrs().join(","));
+    }
+    Ok(())
 }

@@ -132,6 +132,19 @@ fn killing_the_leader_loses_no_acknowledged_job_and_no_running_task() {
         ensure(seen == new_epoch, seen)
     });
 
+    // Operators see who leads; the CLI finds the leader from the whole list, dead master first.
+    let mut ordered: Vec<String> = vec![c.ha[old].url()];
+    ordered.extend((0..c.ha.len()).filter(|i| *i != old).map(|i| c.ha[i].url()));
+    let all = ordered.join(",");
+    let out = capstan_raw(&["admin", "masters", "--addr", &all, "--output", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let roles: Vec<&str> = rows.as_array().unwrap().iter().map(|r| r["role"].as_str().unwrap()).collect();
+    assert_eq!(roles.iter().filter(|r| **r == "leader").count(), 1, "{rows}");
+    assert_eq!(roles[0], "unreachable", "the killed master: {rows}");
+    let listed = capstan_raw(&["job", "list", "--addr", &all]);
+    assert!(listed.status.success() && text(&listed.stdout).contains("ha/test/steady"), "{}", text(&listed.stderr));
+
     // The killed master comes back as a follower of the new leader.
     c.start_ha_master(old);
     let (still, _) = c.wait_leader(SOON, new_epoch - 1);
