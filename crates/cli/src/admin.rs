@@ -427,6 +427,24 @@ async fn run_command(cmd: AdminCmd, c: &ClientArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One row per master of `--addr`: what `GET /v1/leader` says, or why it could not be asked.
+async fn masters(client: &Client, output: Output) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for addr in client.addrs() {
+        let row = match client.leader_of(addr).await {
+            Ok(view) => serde_json::to_value(&view).expect("serializable"),
+            Err(e) => serde_json::json!({"me": addr, "role": "unreachable", "error": e.to_string()}),
+        };
+        rows.push(row);
+    }
+    let leaders = rows.iter().filter(|r| r["role"] == "leader").count();
+    output.print(&rows, || output::masters_table(&rows));
+    if leaders == 0 {
+        anyhow::bail!("no master of {} leads", client.addrs().join(","));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -511,22 +529,4 @@ settings
         };
         assert_eq!(event_line(&e), "2024-05-01T10:00:00.000Z  frozen              frozen by ops@h1: rack r3 flaps");
     }
-}
-
-/// One row per master of `--addr`: what `GET /v1/leader` says, or why it could not be asked.
-async fn masters(client: &Client, output: Output) -> anyhow::Result<()> {
-    let mut rows = Vec::new();
-    for addr in client.addrs() {
-        let row = match client.leader_of(addr).await {
-            Ok(view) => serde_json::to_value(&view).expect("serializable"),
-            Err(e) => serde_json::json!({"me": addr, "role": "unreachable", "error": e.to_string()}),
-        };
-        rows.push(row);
-    }
-    let leaders = rows.iter().filter(|r| r["role"] == "leader").count();
-    output.print(&rows, || output::masters_table(&rows));
-    if leaders == 0 {
-        anyhow::bail!("no master of {} leads", client.addrs().join(","));
-    }
-    Ok(())
 }
