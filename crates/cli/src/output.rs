@@ -267,6 +267,18 @@ pub fn compact(d: Duration) -> String {
     }
 }
 
+/// `capstan admin masters`: URL, role, leader, epoch, store, since (or the error).
+pub fn masters_table(rows: &[serde_json::Value]) -> String {
+    let mut t = table(&["MASTER", "ROLE", "LEADER", "EPOCH", "STORE", "SINCE"]);
+    let text = |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_else(|| "-".into());
+    for r in rows {
+        let epoch = r["epoch"].as_u64().filter(|e| *e > 0).map_or("-".to_string(), |e| e.to_string());
+        let store = r.get("error").map_or_else(|| text(&r["store"]), text);
+        t.add_row(vec![text(&r["me"]), text(&r["role"]), text(&r["leader"]), epoch, store, text(&r["since"])]);
+    }
+    t.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,16 +309,4 @@ mod tests {
              destructive actions are paused (capstan admin unfreeze)"
         );
     }
-}
-
-/// `capstan admin masters`: URL, role, leader, epoch, store, since (or the error).
-pub fn masters_table(rows: &[serde_json::Value]) -> String {
-    let mut t = table(&["MASTER", "ROLE", "LEADER", "EPOCH", "STORE", "SINCE"]);
-    let text = |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_else(|| "-".into());
-    for r in rows {
-        let epoch = r["epoch"].as_u64().filter(|e| *e > 0).map_or("-".to_string(), |e| e.to_string());
-        let store = r.get("error").map_or_else(|| text(&r["store"]), text);
-        t.add_row(vec![text(&r["me"]), text(&r["role"]), text(&r["leader"]), epoch, store, text(&r["since"])]);
-    }
-    t.to_string()
 }
