@@ -292,8 +292,16 @@ async fn begin_term(shared: &Arc<Shared>) -> anyhow::Result<Term> {
 }
 
 fn end_term(term: Term, reason: &str) {
-    for l in term.loops {
-        l.abort();
-    }
     term.core.close(reason);
+    drop(term); // aborts its loops
+}
+
+impl Drop for Term {
+    // However a term ends (stepping down, or the leadership loop itself aborted), its loops end
+    // with it: nothing of a past term may act.
+    fn drop(&mut self) {
+        for l in &self.loops {
+            l.abort();
+        }
+    }
 }
