@@ -21,16 +21,20 @@ pub enum BenchCmd {
     /// fast as the API takes them, timed until the master counts them all RUNNING; compared with
     /// the time to merely write as many task records to the same store.
     Placement(capstan_sim::placement::PlacementArgs),
+    /// Leader failover on etcd: its own etcd and MASTERS masters (child processes); kills the
+    /// leader KILLS times and times how long until another leads and until a new job is placed.
+    Failover(crate::bench_failover::FailoverArgs),
 }
 
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Launch { count, addr } => launch(count, addr).await,
         BenchCmd::Placement(args) => capstan_sim::placement::run(args).await,
+        BenchCmd::Failover(args) => crate::bench_failover::run(args).await,
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

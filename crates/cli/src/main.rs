@@ -4,6 +4,7 @@
 mod admin;
 mod backup;
 mod bench;
+mod bench_failover;
 mod drain;
 mod output;
 mod update;
