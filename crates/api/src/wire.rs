@@ -587,6 +587,10 @@ pub struct LeaderView {
     pub leader: Option<String>,
     /// The leader's term epoch (`0` while it loads the state, or unknown).
     pub epoch: u64,
+    /// The log index of this master's state: the leader's, or a follower's standby copy (etcd;
+    /// `0` without one). A follower close to the leader takes over without reading the store.
+    #[serde(default)]
+    pub index: u64,
     /// Where the state lives (`embedded store at …`, `etcd at …`).
     pub store: String,
     /// When this master's role last changed (RFC 3339).

@@ -88,6 +88,18 @@ fn killing_the_leader_loses_no_acknowledged_job_and_no_running_task() {
     // Jobs are being created while the leader dies.
     let creator = Creator::start(c.ha.iter().map(HaMaster::url).collect(), "during");
     wait_until(SOON, "some jobs are acknowledged before the kill", || ensure(creator.acked() >= 3, creator.acked()));
+    // Followers keep a warm copy of the state, close behind the leader.
+    let leader_index = c.leader_view(old).unwrap()["index"].as_u64().unwrap();
+    wait_until(SOON, "the followers' copies reach the leader's index", || {
+        let behind: Vec<Value> = (0..c.ha.len())
+            .filter(|i| *i != old)
+            .map(|i| c.leader_view(i))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .filter(|v| v["index"].as_u64().unwrap_or(0) < leader_index)
+            .collect();
+        ensure(behind.is_empty(), behind)
+    });
     let killed_at = Instant::now();
     c.kill9_ha_master(old);
     let (new, new_epoch) = c.wait_leader(Duration::from_secs(20), old_epoch);
@@ -95,6 +107,12 @@ fn killing_the_leader_loses_no_acknowledged_job_and_no_running_task() {
     eprintln!("a new leader (master {new}, epoch {new_epoch}) {took:?} after the kill");
     assert_ne!(new, old);
     assert!(took < Duration::from_secs(8), "a new leader only after {took:?} (lease 2 s)");
+    let log = std::fs::read_to_string(&c.log).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains(&format!("[master-{new} err]")) && l.contains("the standby copy")),
+        "the new leader began from its standby copy, not from a full read of the store:\n{}",
+        c.log_tail(30)
+    );
     let acked_before = creator.acked();
     wait_until(SOON, "jobs are acknowledged by the new leader", || {
         ensure(creator.acked() >= acked_before + 3, creator.acked())

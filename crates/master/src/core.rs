@@ -115,19 +115,34 @@ fn replay(store: &dyn Store) -> anyhow::Result<ClusterState> {
         None => ClusterState::default(),
     };
     for entry in &loaded.entries {
-        let stamped = decode_command(&entry.data)
-            .map_err(|e| anyhow::anyhow!("log entry {}: {e} ({})", entry.index, store.describe()))?;
-        if let Err(e) = state.apply(&stamped) {
-            anyhow::bail!(
-                "log entry {} ({}) was accepted when it was written but is refused on replay ({e}); \
-                 the log and this version of Capstan disagree, refusing to start",
-                entry.index,
-                stamped.command.name()
-            );
-        }
-        state.index = entry.index;
+        apply_entry(&mut state, entry, store)?;
     }
     Ok(state)
+}
+
+/// Applies one logged command to `state` as a replay does (the next entry of the log, or an
+/// error naming it).
+pub fn apply_entry(state: &mut ClusterState, entry: &LogEntry, store: &dyn Store) -> anyhow::Result<()> {
+    if entry.index != state.index + 1 {
+        anyhow::bail!(
+            "log entry {} follows index {} ({}): the log has a gap",
+            entry.index,
+            state.index,
+            store.describe()
+        );
+    }
+    let stamped = decode_command(&entry.data)
+        .map_err(|e| anyhow::anyhow!("log entry {}: {e} ({})", entry.index, store.describe()))?;
+    if let Err(e) = state.apply(&stamped) {
+        anyhow::bail!(
+            "log entry {} ({}) was accepted when it was written but is refused on replay ({e}); \
+             the log and this version of Capstan disagree, refusing to start",
+            entry.index,
+            stamped.command.name()
+        );
+    }
+    state.index = entry.index;
+    Ok(())
 }
 
 impl Core {

@@ -38,11 +38,13 @@ pub struct Front {
     pub me: String,
     pub store: String,
     pub metrics: Arc<Metrics>,
+    /// A follower's standby copy: the log index it is at (0: none).
+    pub standby_index: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Front {
     pub fn new(me: String, store: String, metrics: Arc<Metrics>) -> Front {
-        Front { role: RwLock::new((Role::Starting, now())), me, store, metrics }
+        Front { role: RwLock::new((Role::Starting, now())), me, store, metrics, standby_index: Default::default() }
     }
 
     pub fn set(&self, role: Role) {
@@ -71,18 +73,20 @@ impl Front {
 
     fn view(&self) -> LeaderView {
         let (role, since) = self.role.read().clone();
-        let (word, leader, epoch) = match &role {
-            Role::Starting => ("starting", None, 0),
-            Role::Leading { core, .. } if core.is_closed() => ("starting", None, 0),
-            Role::Leading { core, .. } => ("leader", Some(self.me.clone()), core.epoch),
-            Role::Following { leader: Some(l) } => ("follower", Some(l.url.clone()), l.epoch),
-            Role::Following { leader: None } => ("follower", None, 0),
+        let standby = self.standby_index.load(std::sync::atomic::Ordering::SeqCst);
+        let (word, leader, epoch, index) = match &role {
+            Role::Starting => ("starting", None, 0, 0),
+            Role::Leading { core, .. } if core.is_closed() => ("starting", None, 0, 0),
+            Role::Leading { core, .. } => ("leader", Some(self.me.clone()), core.epoch, core.state.read().index),
+            Role::Following { leader: Some(l) } => ("follower", Some(l.url.clone()), l.epoch, standby),
+            Role::Following { leader: None } => ("follower", None, 0, standby),
         };
         LeaderView {
             role: word.into(),
             me: self.me.clone(),
             leader,
             epoch,
+            index,
             store: self.store.clone(),
             since: rfc3339(since),
         }

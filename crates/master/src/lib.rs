@@ -15,6 +15,7 @@ pub mod leader;
 pub mod liveness;
 pub mod metrics;
 pub mod scheduler;
+pub mod standby;
 pub mod updater;
 
 use anyhow::Context as _;
@@ -112,6 +113,8 @@ struct Shared {
     config: MasterConfig,
     front: Arc<front::Front>,
     store: Arc<dyn Store>,
+    /// The same store when it is etcd (the standby copy follows its log).
+    etcd: Option<Arc<EtcdStore>>,
     election: leader::Election,
     events: Arc<events::Events>,
     admission: Arc<http::Admission>,
@@ -155,6 +158,7 @@ pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
         config,
         front: front.clone(),
         store: opened.store,
+        etcd: opened.etcd,
         election,
         events: events.clone(),
         admission: Default::default(),
@@ -202,10 +206,13 @@ async fn lead(shared: Arc<Shared>, first: tokio::sync::oneshot::Sender<anyhow::R
                 follow_front.set(front::Role::Following { leader });
             }
         };
+        // While following, keep a warm copy of the state (etcd).
+        let standby =
+            shared.etcd.as_ref().map(|e| standby::Standby::start(e.clone(), shared.front.standby_index.clone()));
         let mut won = shared.election.campaign(&follow).await;
         shared.front.set(front::Role::Starting);
         shared.election.fence(&won);
-        let term = match begin_term(&shared).await {
+        let term = match begin_term(&shared, standby).await {
             Ok(term) => term,
             Err(e) => {
                 tracing::error!("cannot begin a term: {e:#}");
@@ -252,9 +259,14 @@ async fn term_over(core: &core::Core) {
 
 /// Loads the state, begins the term in the log (`BeginTerm`, the first write of every term,
 /// fenced on etcd), and starts the leader's loops.
-async fn begin_term(shared: &Arc<Shared>) -> anyhow::Result<Term> {
+async fn begin_term(shared: &Arc<Shared>, standby: Option<standby::Standby>) -> anyhow::Result<Term> {
     let store = shared.store.clone();
-    let state = tokio::task::spawn_blocking(move || core::load_state(store.as_ref())).await??;
+    let etcd = shared.etcd.clone();
+    let state = tokio::task::spawn_blocking(move || match (standby, etcd) {
+        (Some(standby), Some(etcd)) => standby.take_caught_up(&etcd),
+        _ => core::load_state(store.as_ref()),
+    })
+    .await??;
     let epoch = core::Core::next_epoch(&state);
     let solo = matches!(shared.election, leader::Election::Solo);
     let core = core::Core::start(shared.store.clone(), shared.front.metrics.clone(), state, epoch, solo);
