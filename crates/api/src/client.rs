@@ -120,13 +120,19 @@ impl Client {
     ) -> Result<reqwest::Response, ApiError> {
         let waiting_since = std::time::Instant::now();
         loop {
-            match self.send_once(&method, path, body.as_ref(), timeout).await {
+            let mut dead_leader = false;
+            match self.send_once(&method, path, body.as_ref(), timeout, &mut dead_leader).await {
                 // Every master that answered said that none leads (a failover, a restore): the
                 // request was not served, so asking again is safe. Wait a little for a leader.
                 Ok(resp)
                     if resp.headers().get(LEADER_HEADER).is_some_and(|v| v == "none")
                         && waiting_since.elapsed() < LEADER_WAIT =>
                 {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                // No master could be reached, during what looks like a failover: a new leader comes
+                // within the lease; ask again meanwhile.
+                Err(ApiError::Unreachable { .. }) if dead_leader && waiting_since.elapsed() < LEADER_WAIT => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 other => return other,
@@ -140,6 +146,7 @@ impl Client {
         path: &str,
         body: Option<&Body>,
         timeout: Duration,
+        dead_leader: &mut bool,
     ) -> Result<reqwest::Response, ApiError> {
         let mut last = String::from("no address given");
         let n = self.addrs.len();
@@ -173,9 +180,21 @@ impl Client {
                     }
                     return Ok(resp);
                 }
-                Err(e) if e.is_connect() => last = format!("{url}: {e}"),
+                // Refused, or the connection broke (a master killed while a pooled connection to it
+                // was open): try the next master. A timeout is not retried here: the master may
+                // still be working on the request.
+                Err(e) if !e.is_timeout() => {
+                    // With several masters, one that cannot be reached is a failover under way (the
+                    // leader died; followers send clients to it until its lease runs out); with
+                    // one, it is a redirect to a leader that does not answer.
+                    *dead_leader |= n > 1 || e.url().is_some_and(|failed| !failed.as_str().starts_with(&self.addrs[i]));
+                    last = format!("{}: {}", e.url().map_or(url.as_str(), |u| u.as_str()), describe(&e));
+                }
                 Err(e) => {
-                    return Err(ApiError::Unreachable { addrs: self.addrs.join(","), detail: format!("{url}: {e}") })
+                    return Err(ApiError::Unreachable {
+                        addrs: self.addrs.join(","),
+                        detail: format!("{url}: {}", describe(&e)),
+                    })
                 }
             }
         }
@@ -516,4 +535,17 @@ impl Client {
         let resp = self.send_raw(reqwest::Method::POST, &path, Some(file), Duration::from_secs(600)).await?;
         Self::decode(resp).await
     }
+}
+
+/// A request error with its causes ("error sending request: connection refused"), which
+/// reqwest's own message leaves out.
+fn describe(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
