@@ -44,6 +44,10 @@ pub struct FailoverArgs {
     /// Keep the temporary directory (data and logs of etcd and the masters) and print where it is.
     #[arg(long)]
     keep: bool,
+    /// Tasks placed before the first kill (in jobs of 5,000), so that every new leader takes over
+    /// a state of that size.
+    #[arg(long, default_value_t = 0)]
+    preload: u32,
 }
 
 /// One `capstan master` child process on a fixed port and data directory.
@@ -235,6 +239,11 @@ async fn bench(cluster: &mut Cluster, exe: &Path, dir: &Path, args: &FailoverArg
     let heartbeats = Arc::new(Heartbeats::default());
     let interval = register_agent(&client).await?;
     let _heartbeat = AbortOnDrop(tokio::spawn(keep_agent_alive(client.clone(), interval, heartbeats.clone())));
+    if args.preload > 0 {
+        let started = Instant::now();
+        preload(&client, args.preload).await?;
+        println!("preloaded {} placed tasks in {}", args.preload, secs(started.elapsed()));
+    }
 
     let run_id = rand::random::<u32>() % 100_000;
     let mut rounds = Vec::with_capacity(args.kills as usize);
@@ -425,6 +434,41 @@ async fn submit_and_wait_placed(
     }
 }
 
+/// Creates `tasks` small tasks in jobs of 5,000 and waits until all are placed.
+async fn preload(client: &Client, tasks: u32) -> anyhow::Result<()> {
+    const PER_JOB: u32 = 5_000;
+    let mut left = tasks;
+    let mut n = 0;
+    while left > 0 {
+        let instances = left.min(PER_JOB);
+        let spec = serde_json::json!({
+            "job": format!("bench/preload/p{n}"),
+            "type": "service",
+            "instances": instances,
+            "task": {"command": "exec sleep 3600", "user": "nobody", "cpus": 0.01, "mem": "16MiB", "disk": "1MiB"}
+        });
+        client.create_job(&spec).await.context("creating the preloaded jobs")?;
+        left -= instances;
+        n += 1;
+    }
+    let since = Instant::now();
+    loop {
+        let jobs = client.jobs().await.context("listing jobs")?;
+        let placed: u64 = jobs
+            .iter()
+            .filter(|j| j.job.to_string().starts_with("bench/preload/"))
+            .map(|j| j.tasks.get("ASSIGNED").copied().unwrap_or(0))
+            .sum();
+        if placed >= u64::from(tasks) {
+            return Ok(());
+        }
+        if since.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!("only {placed} of {tasks} preloaded tasks placed after 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// The fake agent's id.
 const AGENT_ID: AgentId = AgentId(0xfa11_0001);
 
@@ -435,7 +479,7 @@ fn agent_registration() -> anyhow::Result<RegisterRequest> {
         "id": AGENT_ID.to_string(),
         "hostname": "bench-failover-agent",
         "address": "http://127.0.0.1:9",
-        "capacity": {"cpus_milli": 64_000, "mem_bytes": 64u64 << 30, "disk_bytes": 64u64 << 30,
+        "capacity": {"cpus_milli": 4_000_000, "mem_bytes": 1u64 << 45, "disk_bytes": 1u64 << 45,
                      "ports": [{"first": 31000, "last": 31999}]},
         "attributes": {"rack": "bench"},
         "version": env!("CARGO_PKG_VERSION"),
