@@ -202,10 +202,13 @@ fn a_paused_old_leader_that_comes_back_cannot_write() {
     eprintln!("the deposed leader answered {status}: {body}");
     assert_ne!(status, 201, "the deposed leader acknowledged a job: {body}");
     assert!(status == 307 || status == 503, "unexpected answer from the deposed leader: {status} {body}");
-    // Either it noticed first and stepped down (307 to the new leader, or 503 while it had no
-    // leader to name), or its write reached etcd and the fence refused it.
+    // Either it noticed first and stepped down (307 to the new leader; 503 `no_leader` while it
+    // had no leader to name, or when its term ended with the request in hand), or its write
+    // reached etcd and the fence refused it.
     if body.contains("\"unavailable\"") {
         assert!(body.contains("leadership key"), "refused, but not by the fence: {body}");
+    } else if status == 503 {
+        assert!(body.contains("\"no_leader\""), "{body}");
     }
 
     // Its job is nowhere; the new leader's is there; the old one follows.

@@ -34,7 +34,7 @@ pub enum CoreError {
     Rejected(#[from] Rejection),
     #[error("the store could not write: {0}; nothing was changed")]
     Store(String),
-    #[error("the master is shutting down")]
+    #[error("this master's term is over (it stepped down, or it is stopping); nothing was changed")]
     Closed,
 }
 

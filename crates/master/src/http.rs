@@ -117,6 +117,8 @@ pub struct ApiFailure {
     status: StatusCode,
     body: ErrorBody,
     retry_after: Option<u64>,
+    /// Answered with `capstan-leader: none`: the request was not served because no term runs.
+    no_leader: bool,
 }
 
 impl ApiFailure {
@@ -125,6 +127,7 @@ impl ApiFailure {
             status,
             body: ErrorBody { error: ErrorDetail { code: code.into(), message: message.into(), details: vec![] } },
             retry_after: None,
+            no_leader: false,
         }
     }
     fn details(mut self, details: Vec<serde_json::Value>) -> ApiFailure {
@@ -138,6 +141,9 @@ impl IntoResponse for ApiFailure {
         let mut resp = (self.status, Json(self.body)).into_response();
         if let Some(secs) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, secs.into());
+        }
+        if self.no_leader {
+            resp.headers_mut().insert(LEADER_HEADER, axum::http::HeaderValue::from_static("none"));
         }
         resp
     }
@@ -155,9 +161,18 @@ impl From<CoreError> for ApiFailure {
             CoreError::Rejected(Rejection::OverQuota(_)) => (StatusCode::CONFLICT, "over_quota"),
             CoreError::Rejected(Rejection::Frozen(_)) => (StatusCode::CONFLICT, "frozen"),
             CoreError::Rejected(Rejection::Conflict(_)) => (StatusCode::CONFLICT, "conflict"),
-            CoreError::Store(_) | CoreError::Closed => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            CoreError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            // Not applied: the term ended first. Said as "no leader", so that clients wait for
+            // the next leader and ask again.
+            CoreError::Closed => (StatusCode::SERVICE_UNAVAILABLE, "no_leader"),
         };
-        ApiFailure::new(status, code, e.to_string())
+        let closed = matches!(e, CoreError::Closed);
+        let mut failure = ApiFailure::new(status, code, e.to_string());
+        if closed {
+            failure.retry_after = Some(1);
+            failure.no_leader = true;
+        }
+        failure
     }
 }
 
