@@ -77,7 +77,9 @@ fn by_id(tasks: &[Value]) -> Vec<(String, u64)> {
 
 #[test]
 fn killing_the_leader_loses_no_acknowledged_job_and_no_running_task() {
-    if !privileged("killing_the_leader_loses_no_acknowledged_job_and_no_running_task") {
+    if !privileged("killing_the_leader_loses_no_acknowledged_job_and_no_running_task")
+        || !capstan_store::etcd_or_skip("killing_the_leader_loses_no_acknowledged_job_and_no_running_task")
+    {
         return;
     }
     let mut c = Cluster::start_ha(3, MASTER_FLAGS);
@@ -171,7 +173,9 @@ fn killing_the_leader_loses_no_acknowledged_job_and_no_running_task() {
 
 #[test]
 fn a_paused_old_leader_that_comes_back_cannot_write() {
-    if !privileged("a_paused_old_leader_that_comes_back_cannot_write") {
+    if !privileged("a_paused_old_leader_that_comes_back_cannot_write")
+        || !capstan_store::etcd_or_skip("a_paused_old_leader_that_comes_back_cannot_write")
+    {
         return;
     }
     let mut c = Cluster::start_ha(3, MASTER_FLAGS);
@@ -221,7 +225,9 @@ fn a_paused_old_leader_that_comes_back_cannot_write() {
 
 #[test]
 fn etcd_killed_and_started_again_masters_wait_and_lose_nothing() {
-    if !privileged("etcd_killed_and_started_again_masters_wait_and_lose_nothing") {
+    if !privileged("etcd_killed_and_started_again_masters_wait_and_lose_nothing")
+        || !capstan_store::etcd_or_skip("etcd_killed_and_started_again_masters_wait_and_lose_nothing")
+    {
         return;
     }
     let mut c = Cluster::start_ha(3, MASTER_FLAGS);

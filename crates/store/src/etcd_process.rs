@@ -49,6 +49,15 @@ pub fn etcd_missing() -> Option<String> {
     }
 }
 
+/// For tests that need etcd: true when it can run. Otherwise says loudly that `test` skips and
+/// returns false — except under `CI=true`, where a missing etcd fails the test.
+pub fn etcd_or_skip(test: &str) -> bool {
+    let Some(why) = etcd_missing() else { return true };
+    assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "{test}: etcd is needed in CI: {why}");
+    eprintln!("\n!!!!! SKIPPED {test}: {why} !!!!!\n");
+    false
+}
+
 fn free_port() -> std::io::Result<u16> {
     // Bind to port 0 and release it: racy in theory, good enough for tests on one machine.
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

@@ -29,7 +29,7 @@ pub use embedded::{EmbeddedConfig, EmbeddedStore, STORE_FILE_NAME};
 pub use etcd::{
     EtcdConfig, EtcdStore, Fence, LogWatch, LogWatchEvent, DEFAULT_PREFIX, ETCD_ENTRY_BYTES_MAX, LOG_PART_BYTES_MAX,
 };
-pub use etcd_process::{etcd_missing, EtcdProcess, ETCD_BIN_ENV};
+pub use etcd_process::{etcd_missing, etcd_or_skip, EtcdProcess, ETCD_BIN_ENV};
 
 #[doc(hidden)]
 pub use embedded::fault_injection;
