@@ -239,6 +239,10 @@ struct MasterArgs {
     /// after the leader's last renewal. Whole seconds, at least 2s (etcd's smallest lease).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     lease_ttl: std::time::Duration,
+    /// How long one etcd call may take before it fails; a leader whose store write fails this
+    /// way ends its term (the write's outcome is unknown) and the next term reads the store.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    etcd_timeout: std::time::Duration,
     #[command(flatten)]
     backup: backup::BackupFlags,
 }
@@ -414,7 +418,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 store_url: a.store,
                 allow_root_tasks: a.allow_root_tasks,
                 liveness,
-                ha: capstan_master::leader::HaConfig { advertise: a.advertise, lease_ttl: a.lease_ttl },
+                ha: capstan_master::leader::HaConfig {
+                    advertise: a.advertise,
+                    lease_ttl: a.lease_ttl,
+                    etcd_timeout: a.etcd_timeout,
+                },
                 backup,
             })
             .await?;

@@ -26,15 +26,18 @@ pub struct HaConfig {
     /// The leader's etcd lease: a dead leader is replaced about this long after its last renewal.
     /// etcd's smallest lease is 2 s with its default timing; whole seconds.
     pub lease_ttl: Duration,
+    /// How long one etcd call may take before it fails (and a store write's term ends).
+    pub etcd_timeout: Duration,
 }
 
 impl Default for HaConfig {
     fn default() -> Self {
-        HaConfig { advertise: None, lease_ttl: DEFAULT_LEASE_TTL }
+        HaConfig { advertise: None, lease_ttl: DEFAULT_LEASE_TTL, etcd_timeout: DEFAULT_ETCD_TIMEOUT }
     }
 }
 
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(2);
+pub const DEFAULT_ETCD_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl HaConfig {
     pub fn check(&self) -> Result<(), String> {
@@ -42,6 +45,12 @@ impl HaConfig {
             return Err(format!(
                 "--lease-ttl {}: must be a whole number of seconds, at least 2s (etcd's smallest lease)",
                 humantime::format_duration(self.lease_ttl)
+            ));
+        }
+        if self.etcd_timeout < Duration::from_millis(100) {
+            return Err(format!(
+                "--etcd-timeout {}: must be at least 100ms",
+                humantime::format_duration(self.etcd_timeout)
             ));
         }
         if let Some(a) = &self.advertise {
@@ -290,5 +299,35 @@ async fn keep_alive(
             let _ = lost.send(true);
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_outside_what_etcd_can_do_are_refused_naming_the_flag() {
+        let ok = HaConfig::default();
+        assert_eq!(ok.check(), Ok(()));
+        let bad = |c: HaConfig, flag: &str| {
+            let e = c.check().unwrap_err();
+            assert!(e.starts_with(flag), "{e}");
+        };
+        bad(HaConfig { lease_ttl: Duration::from_secs(1), ..HaConfig::default() }, "--lease-ttl 1s");
+        bad(HaConfig { lease_ttl: Duration::from_millis(2500), ..HaConfig::default() }, "--lease-ttl 2s 500ms");
+        bad(HaConfig { etcd_timeout: Duration::from_millis(10), ..HaConfig::default() }, "--etcd-timeout 10ms");
+        bad(HaConfig { advertise: Some("m1:7070".into()), ..HaConfig::default() }, "--advertise m1:7070");
+        let three = HaConfig { lease_ttl: Duration::from_secs(3), ..HaConfig::default() };
+        assert_eq!(three.check(), Ok(()));
+    }
+
+    #[test]
+    fn a_leader_value_of_a_newer_format_is_not_followed() {
+        let v =
+            |format: u32| serde_json::to_vec(&serde_json::json!({"format": format, "url": "http://m1:7070"})).unwrap();
+        assert_eq!(LeaderValue::decode(&v(1)), Some(LeaderValue { format: 1, url: "http://m1:7070".into(), epoch: 0 }));
+        assert_eq!(LeaderValue::decode(&v(2)), None);
+        assert_eq!(LeaderValue::decode(b"not json"), None);
     }
 }

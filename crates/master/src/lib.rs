@@ -99,7 +99,10 @@ pub fn open_store(config: &MasterConfig) -> anyhow::Result<OpenedStore> {
             Ok(OpenedStore { store: Arc::new(EmbeddedStore::open(&config.data_dir)?), etcd: None })
         }
         Some(url) if url.starts_with("etcd://") => {
-            let etcd = Arc::new(EtcdStore::connect(EtcdConfig::from_url(url)?)?);
+            let mut etcd_config = EtcdConfig::from_url(url)?;
+            etcd_config.request_timeout = config.ha.etcd_timeout;
+            etcd_config.dial_timeout = etcd_config.dial_timeout.min(config.ha.etcd_timeout);
+            let etcd = Arc::new(EtcdStore::connect(etcd_config)?);
             Ok(OpenedStore { store: etcd.clone(), etcd: Some(etcd) })
         }
         Some(url) => anyhow::bail!(
