@@ -87,6 +87,8 @@ pub struct Won {
     /// Becomes true when the leadership is lost (or may be).
     pub lost: watch::Receiver<bool>,
     etcd: Option<EtcdWon>,
+    /// Solo: the sender of `lost`, kept so that it never closes (a solo leadership is not lost).
+    _solo: Option<watch::Sender<bool>>,
 }
 
 struct EtcdWon {
@@ -141,10 +143,8 @@ impl Election {
     pub async fn campaign(&self, follow: &(dyn Fn(Option<LeaderInfo>) + Send + Sync)) -> Won {
         match self {
             Election::Solo => {
-                let (_tx, lost) = watch::channel(false);
-                // Never lost: the sender is leaked on purpose so the receiver never sees it close.
-                std::mem::forget(_tx);
-                Won { lost, etcd: None }
+                let (never, lost) = watch::channel(false);
+                Won { lost, etcd: None, _solo: Some(never) }
             }
             Election::Etcd(e) => e.campaign(follow).await,
         }
@@ -247,7 +247,7 @@ impl EtcdElection {
             anyhow::bail!("the election key vanished as the campaign ended");
         }
         tracing::info!(key = %String::from_utf8_lossy(key.key()), revision = key.rev(), "elected leader through etcd");
-        Ok(Won { lost, etcd: Some(EtcdWon { key, keepalive }) })
+        Ok(Won { lost, etcd: Some(EtcdWon { key, keepalive }), _solo: None })
     }
 
     async fn current_leader(&self) -> Option<LeaderInfo> {
