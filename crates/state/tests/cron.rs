@@ -4,38 +4,38 @@
 mod common;
 
 use capstan_model::spec::CronCollisionPolicy;
-use capstan_model::{AgentId, JobKey, JobSpec, JobType, PortRange, TaskExit, TaskId, TaskState, Timestamp};
+use capstan_model::{AgentId, JobKey, JobSpec, JobType, TaskExit, TaskId, TaskState, Timestamp};
 use capstan_state::cron::CRON_RUNS_KEPT;
-use capstan_state::{
-    Applied, ClusterState, Command, CronRun, CronRunResult, Freeze, Placement, Rejection, Report, StatusUpdate,
-};
-use common::{agent_info, JobShape, MIB};
+use capstan_state::{Applied, Command, CronRun, CronRunResult, Freeze, Rejection, Report};
+use common::{JobShape, TestCluster, MIB};
 
 const AGENT: AgentId = AgentId(1);
 const JOB: &str = "ops/prod/report";
 
+/// The shared test cluster, plus the seed of the next cron run.
 struct Cluster {
-    state: ClusterState,
-    now_ms: u64,
-    seq: u64,
+    c: TestCluster,
     seed: u64,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = TestCluster;
+    fn deref(&self) -> &TestCluster {
+        &self.c
+    }
+}
+
+impl std::ops::DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut TestCluster {
+        &mut self.c
+    }
 }
 
 impl Cluster {
     fn new() -> Cluster {
-        let mut c = Cluster { state: ClusterState::default(), now_ms: 1_000_000, seq: 0, seed: 7 };
-        let ports = vec![PortRange { first: 31000, last: 31009 }];
-        c.apply(Command::RegisterAgent { info: agent_info(AGENT.0, 4000, 4096 * MIB, 4096 * MIB, ports) });
+        let mut c = Cluster { c: TestCluster::empty(), seed: 7 };
+        c.register(AGENT, 4000, 4096 * MIB, 4096 * MIB, 31000);
         c
-    }
-
-    fn apply(&mut self, command: Command) -> Applied {
-        self.try_apply(command).unwrap_or_else(|e| panic!("refused: {e}"))
-    }
-
-    fn try_apply(&mut self, command: Command) -> Result<Applied, Rejection> {
-        self.now_ms += 1;
-        common::apply_round_trip(&mut self.state, self.now_ms, command)
     }
 
     fn create(&mut self, instances: u32, policy: Option<CronCollisionPolicy>, max_failures: u32) {
@@ -50,35 +50,34 @@ impl Cluster {
 
     fn try_fire(&mut self, scheduled_at: u64, missed: u32) -> Result<Applied, Rejection> {
         self.seed += 1;
+        let seed = self.seed;
         self.try_apply(Command::StartCronRun {
             job: key(),
             scheduled_at: Some(Timestamp(scheduled_at)),
             missed,
-            seed: self.seed,
+            seed,
             by: "schedule".into(),
         })
     }
 
     fn start_by_hand(&mut self) -> Applied {
         self.seed += 1;
+        let seed = self.seed;
         self.apply(Command::StartCronRun {
             job: key(),
             scheduled_at: None,
             missed: 0,
-            seed: self.seed,
+            seed,
             by: "started by alice".into(),
         })
     }
 
     fn report(&mut self, task: TaskId, report: Report) {
-        self.seq += 1;
-        let update = StatusUpdate { seq: self.seq, task, report, at: Timestamp(self.now_ms) };
-        self.apply(Command::AgentUpdates { agent: AGENT, updates: vec![update] });
+        self.report_from(AGENT, task, report);
     }
 
     fn run(&mut self, task: TaskId) {
-        let applied = self.apply(Command::Place { placements: vec![Placement { task, agent: AGENT, ports: vec![] }] });
-        assert_eq!(applied.placements_refused, 0);
+        self.place_on(task, AGENT);
         self.report(task, Report::Starting);
         self.report(task, Report::Running { pid: 4242 });
     }

@@ -4,40 +4,25 @@
 
 mod common;
 
-use capstan_model::{AgentId, JobKey, JobType, PortRange, TaskExit, TaskId, TaskState, Timestamp};
+use capstan_model::{AgentId, JobKey, JobType, TaskExit, TaskId, TaskState, Timestamp};
 use capstan_state::drain::{required_healthy, share_of, MAINTENANCE_HORIZON_MS};
-use capstan_state::{Applied, ClusterState, Command, Freeze, Placement, Rejection, Report, StatusUpdate};
-use common::{agent_info, JobShape, MIB};
-use std::collections::BTreeMap;
+use capstan_state::{Command, Freeze, Placement, Rejection, Report};
+use common::{JobShape, TestCluster, MIB};
 
 const A: AgentId = AgentId(1);
 const B: AgentId = AgentId(2);
 const C: AgentId = AgentId(3);
 
-struct Cluster {
-    state: ClusterState,
-    now_ms: u64,
-    seq: BTreeMap<AgentId, u64>,
-}
+type Cluster = TestCluster;
 
 impl Cluster {
     /// Three agents with 4 cpus, 4 GiB and ports 31000-31009 each.
     fn new() -> Cluster {
-        let mut c = Cluster { state: ClusterState::default(), now_ms: 1_000_000, seq: BTreeMap::new() };
+        let mut c = Cluster::empty();
         for id in [A, B, C] {
-            let ports = vec![PortRange { first: 31000, last: 31009 }];
-            c.apply(Command::RegisterAgent { info: agent_info(id.0, 4000, 4096 * MIB, 4096 * MIB, ports) });
+            c.register(id, 4000, 4096 * MIB, 4096 * MIB, 31000);
         }
         c
-    }
-
-    fn apply(&mut self, command: Command) -> Applied {
-        self.try_apply(command).unwrap_or_else(|e| panic!("refused: {e}"))
-    }
-
-    fn try_apply(&mut self, command: Command) -> Result<Applied, Rejection> {
-        self.now_ms += 1;
-        common::apply_round_trip(&mut self.state, self.now_ms, command)
     }
 
     fn now(&self) -> Timestamp {
@@ -56,32 +41,20 @@ impl Cluster {
     }
 
     fn run_on(&mut self, task: TaskId, agent: AgentId) {
-        let n = self.state.jobs[&self.state.tasks[&task].job].spec.task.ports.len();
-        let used = &self.state.agents[&agent].used_ports;
-        let ports: Vec<u16> = (31000..=31009).filter(|p| !used.contains(p)).take(n).collect();
-        let applied = self.apply(Command::Place { placements: vec![Placement { task, agent, ports }] });
-        assert_eq!(applied.placements_refused, 0, "placing {task} on {agent}");
+        self.place_on(task, agent);
         self.report(agent, task, Report::Starting);
         self.report(agent, task, Report::Running { pid: 4242 });
         assert_eq!(self.state.tasks[&task].state, TaskState::Running);
     }
 
     fn report(&mut self, agent: AgentId, task: TaskId, report: Report) {
-        let seq = self.seq.entry(agent).or_insert(0);
-        *seq += 1;
-        let update = StatusUpdate { seq: *seq, task, report, at: Timestamp(self.now_ms) };
-        self.apply(Command::AgentUpdates { agent, updates: vec![update] });
+        self.report_from(agent, task, report);
     }
 
     /// The agent reports the task ended (as it does after a stop order).
     fn ended(&mut self, task: TaskId) {
         let agent = self.state.tasks[&task].agent.unwrap();
         self.report(agent, task, Report::Exited { exit: TaskExit::Killed { by: "stop order".into() } });
-    }
-
-    /// The live task of an instance.
-    fn current(&self, job: &str, instance: u32) -> TaskId {
-        self.state.jobs[&job.parse::<JobKey>().unwrap()].current[&instance]
     }
 
     fn drain(&mut self, agent: AgentId) {

@@ -3,37 +3,21 @@
 
 mod common;
 
-use capstan_model::{AgentId, JobKey, PortRange, TaskExit, TaskId, TaskState, Timestamp};
-use capstan_state::{Applied, ClusterState, Command, Placement, Rejection, Report, StatusUpdate, Task};
-use common::{agent_info, JobShape, MIB};
+use capstan_model::{AgentId, JobKey, TaskExit, TaskId, TaskState, Timestamp};
+use capstan_state::{Applied, Command, Placement, Rejection, Report, StatusUpdate, Task};
+use common::{agent_info, JobShape, TestCluster, MIB};
 use std::collections::BTreeMap;
 
 const AGENT: AgentId = AgentId(1);
 
-/// A cluster with a clock and an agent that numbers its updates, as a real agent does.
-struct Cluster {
-    state: ClusterState,
-    now_ms: u64,
-    seq: BTreeMap<AgentId, u64>,
-}
+type Cluster = TestCluster;
 
 impl Cluster {
     /// One agent with 4 cpus, 4 GiB, 4 GiB of disk and ports 31000-31009.
     fn new() -> Cluster {
-        let mut c = Cluster { state: ClusterState::default(), now_ms: 1_000_000, seq: BTreeMap::new() };
-        let ports = vec![PortRange { first: 31000, last: 31009 }];
-        c.apply(Command::RegisterAgent { info: agent_info(AGENT.0, 4000, 4096 * MIB, 4096 * MIB, ports) });
+        let mut c = Cluster::empty();
+        c.register(AGENT, 4000, 4096 * MIB, 4096 * MIB, 31000);
         c
-    }
-
-    /// Applies at the current time, one millisecond later than the last command; it must be accepted.
-    fn apply(&mut self, command: Command) -> Applied {
-        self.try_apply(command).unwrap_or_else(|e| panic!("refused: {e}"))
-    }
-
-    fn try_apply(&mut self, command: Command) -> Result<Applied, Rejection> {
-        self.now_ms += 1;
-        common::apply_round_trip(&mut self.state, self.now_ms, command)
     }
 
     fn wait(&mut self, ms: u64) {
@@ -46,20 +30,13 @@ impl Cluster {
 
     /// Places a pending task on the agent with the lowest free ports; the placement must take.
     fn place(&mut self, task: TaskId) {
-        let n = self.state.jobs[&self.task(task).job].spec.task.ports.len();
-        let used = &self.state.agents[&AGENT].used_ports;
-        let ports: Vec<u16> = (31000..=31009).filter(|p| !used.contains(p)).take(n).collect();
-        let applied = self.apply(Command::Place { placements: vec![Placement { task, agent: AGENT, ports }] });
-        assert_eq!(applied.placements_refused, 0, "placing {task}");
+        self.place_on(task, AGENT);
         assert_eq!(self.task(task).state, TaskState::Assigned);
     }
 
     /// The agent reports on a task, with its next sequence number.
     fn report(&mut self, task: TaskId, report: Report) -> Applied {
-        let seq = self.seq.entry(AGENT).or_insert(0);
-        *seq += 1;
-        let update = StatusUpdate { seq: *seq, task, report, at: Timestamp(self.now_ms) };
-        self.apply(Command::AgentUpdates { agent: AGENT, updates: vec![update] })
+        self.report_from(AGENT, task, report)
     }
 
     fn run(&mut self, task: TaskId) {
@@ -75,10 +52,6 @@ impl Cluster {
 
     fn task(&self, id: TaskId) -> &Task {
         self.state.tasks.get(&id).unwrap_or_else(|| panic!("no task {id}"))
-    }
-
-    fn current(&self, job: &str, instance: u32) -> TaskId {
-        self.state.jobs[&key(job)].current[&instance]
     }
 }
 
@@ -308,8 +281,7 @@ const OTHER: AgentId = AgentId(2);
 impl Cluster {
     fn with_second_agent() -> Cluster {
         let mut c = Cluster::new();
-        let ports = vec![PortRange { first: 32000, last: 32009 }];
-        c.apply(Command::RegisterAgent { info: agent_info(OTHER.0, 4000, 4096 * MIB, 4096 * MIB, ports) });
+        c.register(OTHER, 4000, 4096 * MIB, 4096 * MIB, 32000);
         c
     }
 
@@ -325,18 +297,11 @@ impl Cluster {
     }
 
     fn place_on_other(&mut self, task: TaskId) {
-        let used = &self.state.agents[&OTHER].used_ports;
-        let port = (32000..=32009).find(|p| !used.contains(p)).unwrap();
-        let applied =
-            self.apply(Command::Place { placements: vec![Placement { task, agent: OTHER, ports: vec![port] }] });
-        assert_eq!(applied.placements_refused, 0);
+        self.place_on(task, OTHER);
     }
 
     fn report_from_other(&mut self, task: TaskId, report: Report) {
-        let seq = self.seq.entry(OTHER).or_insert(0);
-        *seq += 1;
-        let update = StatusUpdate { seq: *seq, task, report, at: Timestamp(self.now_ms) };
-        self.apply(Command::AgentUpdates { agent: OTHER, updates: vec![update] });
+        self.report_from(OTHER, task, report);
     }
 
     fn reconcile(&mut self, agent: AgentId, running: &[TaskId]) -> Applied {

@@ -6,15 +6,10 @@ mod common;
 
 use capstan_model::spec::ConstraintSpec;
 use capstan_model::{AgentId, JobKey, JobType, PortRange, TaskExit, TaskId, TaskState};
-use capstan_state::{
-    decode_snapshot, encode_snapshot, AgentInfo, ClusterState, Command, Placement, Report, StatusUpdate,
-};
-use common::{agent_info, stamped, JobShape, MIB};
+use capstan_state::{AgentInfo, Command, Placement, Report};
+use common::{agent_info, JobShape, TestCluster, MIB};
 
-struct Cluster {
-    state: ClusterState,
-    now_ms: u64,
-}
+type Cluster = TestCluster;
 
 fn agent(id: u64, role: &str) -> AgentInfo {
     let mut info = agent_info(id, 2000, 2048 * MIB, 1024 * MIB, vec![PortRange { first: 31000, last: 31009 }]);
@@ -23,18 +18,6 @@ fn agent(id: u64, role: &str) -> AgentInfo {
 }
 
 impl Cluster {
-    fn apply(&mut self, command: Command) -> capstan_state::Applied {
-        self.now_ms += 1;
-        let applied = self.state.apply(&stamped(self.now_ms, command)).unwrap_or_else(|e| panic!("refused: {e}"));
-        // Derived fields (the agent → instance index among them) rebuild to the same state.
-        let back = decode_snapshot(&encode_snapshot(&self.state)).unwrap();
-        assert_eq!(encode_snapshot(&back), encode_snapshot(&self.state));
-        let mut rebuilt = self.state.clone();
-        rebuilt.rebuild_derived();
-        assert!(rebuilt == self.state, "rebuild_derived differs");
-        applied
-    }
-
     fn job(&self) -> &capstan_state::Job {
         &self.state.jobs[&key()]
     }
@@ -44,7 +27,7 @@ impl Cluster {
         self.job().pinned.values().map(|a| a.0).collect()
     }
 
-    fn current(&self, agent: u64) -> TaskId {
+    fn current_on(&self, agent: u64) -> TaskId {
         let instance = self.job().instance_on(AgentId(agent)).expect("an instance there");
         self.job().current[&instance]
     }
@@ -56,9 +39,7 @@ impl Cluster {
 
     fn report(&mut self, task: TaskId, report: Report) {
         let agent = self.state.tasks[&task].agent.unwrap();
-        let seq = self.state.agents[&agent].last_update_seq + 1;
-        let updates = vec![StatusUpdate { seq, task, report, at: capstan_model::Timestamp(self.now_ms) }];
-        self.apply(Command::AgentUpdates { agent, updates });
+        self.report_from(agent, task, report);
     }
 }
 
@@ -76,7 +57,7 @@ fn system_spec() -> capstan_model::JobSpec {
 }
 
 fn cluster_with_job() -> Cluster {
-    let mut c = Cluster { state: ClusterState::default(), now_ms: 1_000_000 };
+    let mut c = Cluster::empty();
     for (id, role) in [(1, "worker"), (2, "worker"), (3, "db")] {
         c.apply(Command::RegisterAgent { info: agent(id, role) });
     }
@@ -104,7 +85,7 @@ fn one_instance_per_matching_agent_and_one_more_for_each_that_joins() {
 #[test]
 fn a_system_task_is_placed_only_on_its_own_agent_and_restarts_there() {
     let mut c = cluster_with_job();
-    let t1 = c.current(1);
+    let t1 = c.current_on(1);
     assert_eq!(c.place(t1, 2), 1, "agent 2 is not its agent");
     assert_eq!(c.place(t1, 3), 1);
     assert_eq!(c.place(t1, 1), 0);
@@ -112,7 +93,7 @@ fn a_system_task_is_placed_only_on_its_own_agent_and_restarts_there() {
     c.report(t1, Report::Running { pid: 7 });
     // It fails: a fresh task for the same instance, pinned to the same agent, after a backoff.
     c.report(t1, Report::Exited { exit: TaskExit::Exited { code: 1 } });
-    let again = c.current(1);
+    let again = c.current_on(1);
     assert_ne!(again, t1);
     assert_eq!(c.state.tasks[&again].state, TaskState::Pending);
     assert_eq!(c.pinned(), vec![1, 2]);
@@ -121,7 +102,7 @@ fn a_system_task_is_placed_only_on_its_own_agent_and_restarts_there() {
 #[test]
 fn a_removed_agent_is_dropped_from_the_job_not_replaced_and_counted_again_when_back() {
     let mut c = cluster_with_job();
-    let t1 = c.current(1);
+    let t1 = c.current_on(1);
     c.place(t1, 1);
     c.report(t1, Report::Running { pid: 7 });
     c.apply(Command::AgentsUnreachable { agents: vec![AgentId(1)] });
@@ -138,13 +119,13 @@ fn a_removed_agent_is_dropped_from_the_job_not_replaced_and_counted_again_when_b
     // The agent answers again: active, and a new instance for it.
     c.apply(Command::AgentReconcile { agent: AgentId(1), known: vec![], running: vec![], as_of_seq: None });
     assert_eq!(c.pinned(), vec![2, 1]);
-    assert_ne!(c.current(1), t1);
+    assert_ne!(c.current_on(1), t1);
 }
 
 #[test]
 fn an_agent_that_stops_matching_loses_its_instance_and_a_killed_job_stops_everywhere() {
     let mut c = cluster_with_job();
-    let t2 = c.current(2);
+    let t2 = c.current_on(2);
     c.place(t2, 2);
     c.report(t2, Report::Running { pid: 7 });
     c.apply(Command::RegisterAgent { info: agent(2, "db") });

@@ -6,12 +6,10 @@
 mod common;
 
 use capstan_model::spec::{HealthCheckSpec, HealthCheckType, UpdateSpec};
-use capstan_model::{AgentId, DurationMs, JobKey, JobSpec, PortRange, TaskExit, TaskState, Timestamp};
+use capstan_model::{AgentId, DurationMs, JobKey, JobSpec, TaskExit, TaskState, Timestamp};
 use capstan_state::updates::{step_needed, UpdateAction, UpdateState};
-use capstan_state::{
-    decode_command, encode_command, Applied, ClusterState, Command, Freeze, Placement, Rejection, Report, StatusUpdate,
-};
-use common::{agent_info, stamped, JobShape, MIB};
+use capstan_state::{decode_command, encode_command, Command, Freeze, Placement, Rejection, Report, StatusUpdate};
+use common::{stamped, JobShape, TestCluster, MIB};
 use std::collections::BTreeMap;
 
 const AGENT: AgentId = AgentId(1);
@@ -19,9 +17,7 @@ const JOB: &str = "www/prod/hello";
 const TICK_MS: u64 = 100;
 
 struct Sim {
-    state: ClusterState,
-    now_ms: u64,
-    seq: u64,
+    c: TestCluster,
     /// Whether tasks of a version pass their health check.
     healthy: BTreeMap<u32, bool>,
     /// The most instances seen down at once (not running, or not healthy).
@@ -31,34 +27,28 @@ struct Sim {
     fail_at_once: bool,
 }
 
+impl std::ops::Deref for Sim {
+    type Target = TestCluster;
+    fn deref(&self) -> &TestCluster {
+        &self.c
+    }
+}
+
+impl std::ops::DerefMut for Sim {
+    fn deref_mut(&mut self) -> &mut TestCluster {
+        &mut self.c
+    }
+}
+
 impl Sim {
     fn new() -> Sim {
-        let mut s = Sim {
-            state: ClusterState::default(),
-            now_ms: 1_000_000,
-            seq: 0,
-            healthy: BTreeMap::new(),
-            max_down: 0,
-            fail_at_once: false,
-        };
-        let ports = vec![PortRange { first: 31000, last: 31009 }];
-        s.apply(Command::RegisterAgent { info: agent_info(AGENT.0, 16_000, 16_384 * MIB, 16_384 * MIB, ports) });
+        let mut s = Sim { c: TestCluster::empty(), healthy: BTreeMap::new(), max_down: 0, fail_at_once: false };
+        s.register(AGENT, 16_000, 16_384 * MIB, 16_384 * MIB, 31000);
         s
     }
 
-    fn apply(&mut self, command: Command) -> Applied {
-        self.try_apply(command).unwrap_or_else(|e| panic!("refused: {e}"))
-    }
-
-    fn try_apply(&mut self, command: Command) -> Result<Applied, Rejection> {
-        self.now_ms += 1;
-        common::apply_round_trip(&mut self.state, self.now_ms, command)
-    }
-
     fn report(&mut self, task: capstan_model::TaskId, report: Report) {
-        self.seq += 1;
-        let u = StatusUpdate { seq: self.seq, task, report, at: Timestamp(self.now_ms) };
-        self.apply(Command::AgentUpdates { agent: AGENT, updates: vec![u] });
+        self.report_from(AGENT, task, report);
     }
 
     fn job(&self) -> &capstan_state::Job {
@@ -99,15 +89,15 @@ impl Sim {
                 _ => {}
             }
         }
-        if let Some(job) = self.state.jobs.get(&key()) {
+        if let Some(job) = self.c.state.jobs.get(&key()) {
             let down = (0..job.spec.instances)
                 .filter(|i| {
-                    let t = job.current.get(i).and_then(|id| self.state.tasks.get(id));
+                    let t = job.current.get(i).and_then(|id| self.c.state.tasks.get(id));
                     !t.is_some_and(|t| t.state == TaskState::Running && t.healthy == Some(true))
                 })
                 .count();
             self.max_down = self.max_down.max(down);
-            if step_needed(&self.state, job, Timestamp(self.now_ms + 1)) {
+            if step_needed(&self.c.state, job, Timestamp(self.c.now_ms + 1)) {
                 self.apply(Command::UpdateStep { job: key() });
             }
         }
