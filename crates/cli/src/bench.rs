@@ -34,6 +34,17 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     }
 }
 
+/// A service job of `instances` tasks too small to matter (`exec sleep 3600`, 0.01 cpus, 16 MiB),
+/// the benchmarks' unit of work.
+pub(crate) fn tiny_service(key: &str, instances: u32) -> serde_json::Value {
+    serde_json::json!({
+        "job": key,
+        "type": "service",
+        "instances": instances,
+        "task": {"command": "exec sleep 3600", "user": "nobody", "cpus": 0.01, "mem": "16MiB", "disk": "1MiB"}
+    })
+}
+
 pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -66,12 +77,7 @@ async fn launch(count: u32, addr: Option<String>) -> anyhow::Result<()> {
     let mut latencies_ms = Vec::with_capacity(count as usize);
     for i in 0..count {
         let key = format!("bench/latency/r{run_id}-{i}");
-        let spec = serde_json::json!({
-            "job": key,
-            "type": "service",
-            "instances": 1,
-            "task": {"command": "exec sleep 3600", "user": "nobody", "cpus": 0.01, "mem": "16MiB", "disk": "1MiB"}
-        });
+        let spec = tiny_service(&key, 1);
         let started = Instant::now();
         let created = client.create_job(&spec).await?;
         let id = created.tasks[0];

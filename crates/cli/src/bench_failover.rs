@@ -388,12 +388,7 @@ async fn submit_and_wait_placed(
     t0: Instant,
 ) -> anyhow::Result<(Duration, TaskState, u32)> {
     let key = format!("bench/failover/{name}");
-    let spec = serde_json::json!({
-        "job": key,
-        "type": "service",
-        "instances": 1,
-        "task": {"command": "exec sleep 3600", "user": "nobody", "cpus": 0.01, "mem": "16MiB", "disk": "1MiB"}
-    });
+    let spec = crate::bench::tiny_service(&key, 1);
     let mut submissions = 0;
     let task: TaskId = loop {
         submissions += 1;
@@ -441,12 +436,7 @@ async fn preload(client: &Client, tasks: u32) -> anyhow::Result<()> {
     let mut n = 0;
     while left > 0 {
         let instances = left.min(PER_JOB);
-        let spec = serde_json::json!({
-            "job": format!("bench/preload/p{n}"),
-            "type": "service",
-            "instances": instances,
-            "task": {"command": "exec sleep 3600", "user": "nobody", "cpus": 0.01, "mem": "16MiB", "disk": "1MiB"}
-        });
+        let spec = crate::bench::tiny_service(&format!("bench/preload/p{n}"), instances);
         client.create_job(&spec).await.context("creating the preloaded jobs")?;
         left -= instances;
         n += 1;

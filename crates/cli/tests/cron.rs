@@ -56,17 +56,6 @@ fn ms_of(rfc3339: &Value) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
-fn events_of(c: &Cluster, kind: &str) -> Vec<String> {
-    let page = c.get("/v1/events?after=0");
-    page["events"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .filter(|e| e["kind"] == kind)
-        .map(|e| e["message"].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
 /// Samples, every [`POLL`] on its own thread, which runs of a cron job have live tasks; at most
 /// one may at any time.
 struct OverlapSampler {
@@ -161,7 +150,7 @@ fn every_minute_kill_existing() {
         assert!(t["reason"].as_str().unwrap().contains("KILL_EXISTING"), "{t}");
     }
     assert!(
-        events_of(&c, "cron_run_killing_previous").iter().any(|m| m.contains(key) && m.contains("run 2")),
+        c.events_of("cron_run_killing_previous").iter().any(|m| m.contains(key) && m.contains("run 2")),
         "an event says run 2 killed run 1"
     );
     let status = c.capstan_ok(&["job", "status", key]);
@@ -191,7 +180,7 @@ fn every_minute_cancel_new() {
     assert_eq!(c.job(key).unwrap().unwrap()["status"], "running");
     let status = c.capstan_ok(&["job", "status", key]);
     assert!(status.contains("SKIPPED") && status.contains("CANCEL_NEW"), "{status}");
-    let skipped = events_of(&c, "cron_run_skipped");
+    let skipped = c.events_of("cron_run_skipped");
     assert!(skipped.iter().any(|m| m.contains(key) && m.contains("run 2")), "{skipped:?}");
 }
 
@@ -291,7 +280,7 @@ fn a_master_restart_across_fire_times_runs_the_missed_run_once() {
     // counts as missed unless it fell after the new master started).
     assert!(missed == k || missed == k - 1, "missed {missed} of {k}: {}", run_summary(&after));
     assert!(run["result"] != "SKIPPED", "{}", run_summary(&after));
-    let missed_events = events_of(&c, "cron_runs_missed");
+    let missed_events = c.events_of("cron_runs_missed");
     assert!(missed_events.iter().any(|m| m.contains(key) && m.contains("runs once")), "{missed_events:?}");
     // Afterwards the schedule goes on as usual, with nothing missed.
     let later = wait_until(SOON, "a run on time after the recovery", || {

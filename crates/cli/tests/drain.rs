@@ -54,17 +54,6 @@ fn event_at(t: &Value, state: &str) -> Option<String> {
     t["events"].as_array()?.iter().find(|e| e["state"] == state).and_then(|e| e["at"].as_str()).map(str::to_string)
 }
 
-fn events_of(c: &Cluster, kind: &str) -> Vec<String> {
-    let page = c.get("/v1/events?after=0");
-    page["events"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .filter(|e| e["kind"] == kind)
-        .map(|e| e["message"].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
 /// The case: the agent holding 2 of 3 instances of a `min_healthy = 0.66` job is drained;
 /// they move one at a time (never fewer than 2 RUNNING, sampled all along), the agent ends
 /// drained, and nothing new goes there until it is undrained.
@@ -105,7 +94,7 @@ fn draining_an_agent_moves_its_instances_one_at_a_time_within_min_healthy() {
     assert_eq!(min_running, 2, "instances were moved (one down at a time)");
     let tasks = c.wait_running(job, 3, SOON);
     assert_eq!(live_on(&tasks, &full), 0, "nothing of the job is left on the drained agent");
-    let moves = events_of(&c, "drain_move");
+    let moves = c.events_of("drain_move");
     assert_eq!(moves.len(), 2, "one move per instance: {moves:?}");
     // From the tasks' own timestamped events, independent of sampling: the second move began
     // only once the first moved instance's replacement was RUNNING.
@@ -124,10 +113,10 @@ fn draining_an_agent_moves_its_instances_one_at_a_time_within_min_healthy() {
         .min()
         .expect("the first moved instance runs elsewhere");
     assert!(first_back <= moved[1].0, "second move at {} before the first replacement ran at {first_back}", moved[1].0);
-    assert!(!events_of(&c, "agent_drained").is_empty());
+    assert!(!c.events_of("agent_drained").is_empty());
     assert_eq!(c.metric("capstan_agents_drain{state=\"drained\"}"), Some(1.0));
     assert_eq!(c.metric("capstan_agents_drain{state=\"draining\"}"), Some(0.0));
-    let blocked = events_of(&c, "drain_blocked");
+    let blocked = c.events_of("drain_blocked");
     assert!(blocked.iter().any(|m| m.contains("www/prod/api's SLA")), "the wait is visible: {blocked:?}");
     let table = c.capstan_ok(&["agent", "list"]);
     assert!(table.contains("drained"), "{table}");

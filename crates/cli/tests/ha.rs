@@ -200,6 +200,8 @@ fn a_paused_old_leader_that_comes_back_cannot_write() {
         let r = no_redirects.post(format!("{old_url}/v1/jobs")).json(&spec).send().expect("an answer");
         (r.status().as_u16(), r.text().unwrap_or_default())
     });
+    // Not a wait for correctness: whether the request reaches the paused process before or after
+    // SIGCONT, the answer must be one of the same three; this only makes the stale case likely.
     thread::sleep(Duration::from_millis(300));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(old_pid as i32), nix::sys::signal::Signal::SIGCONT).unwrap();
     let (status, body) = stale.join().unwrap();

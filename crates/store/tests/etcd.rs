@@ -318,9 +318,15 @@ fn kill9_etcd_during_appends_loses_nothing_acknowledged() {
     };
     for kill in 0..2 {
         wait_for(acked.load(Ordering::SeqCst) + 100, "before the kill");
+        let errors_before = errors.load(Ordering::SeqCst);
         etcd.kill9();
         let acked_at_kill = acked.load(Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(300));
+        // Down until the appender has seen it fail, not for a guessed while.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while errors.load(Ordering::SeqCst) == errors_before {
+            assert!(Instant::now() < deadline, "no append failed after etcd was killed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         etcd.restart().unwrap();
         let restarted = Instant::now();
         wait_for(acked_at_kill + 100, "after the restart");

@@ -932,6 +932,18 @@ impl Cluster {
         }
     }
 
+    /// The messages of the cluster events of `kind` (`GET /v1/events`), oldest first.
+    pub fn events_of(&self, kind: &str) -> Vec<String> {
+        let page = self.get("/v1/events?after=0");
+        page["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .filter(|e| e["kind"] == kind)
+            .map(|e| e["message"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
     pub fn metrics(&self) -> String {
         match self.request("GET", "/metrics", None) {
             Ok((200, Value::String(s))) => s,
