@@ -48,11 +48,16 @@ impl Front {
     }
 
     pub fn set(&self, role: Role) {
+        // What `since` dates: the role, and whom a follower follows.
+        fn seen(role: &Role) -> (u8, Option<&str>) {
+            match role {
+                Role::Starting => (0, None),
+                Role::Leading { .. } => (1, None),
+                Role::Following { leader } => (2, leader.as_ref().map(|l| l.url.as_str())),
+            }
+        }
         let mut r = self.role.write();
-        let changed = std::mem::discriminant(&r.0) != std::mem::discriminant(&role);
-        let same_leader = matches!((&r.0, &role),
-            (Role::Following { leader: a }, Role::Following { leader: b }) if a == b);
-        if changed || !same_leader {
+        if seen(&r.0) != seen(&role) {
             r.1 = now();
         }
         self.metrics.leader.set(i64::from(matches!(role, Role::Leading { .. })));
