@@ -27,7 +27,13 @@ pub const POLL: Duration = Duration::from_millis(50);
 /// Generous bound for things that normally take well under a second.
 pub const SOON: Duration = Duration::from_secs(15);
 
-pub const CAPSTAN: &str = env!("CARGO_BIN_EXE_capstan");
+/// The `capstan` binary under test: the CLI crate's own, or the hostile-input suite's copy of the
+/// same program (`crates/hostile`, which includes this harness).
+pub const CAPSTAN: &str = match (option_env!("CARGO_BIN_EXE_capstan"), option_env!("CARGO_BIN_EXE_capstan-under-test"))
+{
+    (Some(path), _) | (None, Some(path)) => path,
+    (None, None) => panic!("the test harness needs a capstan binary of the package under test"),
+};
 
 // ---------------------------------------------------------------------------------------------
 // Privilege check
