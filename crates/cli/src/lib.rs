@@ -259,8 +259,9 @@ struct AgentCmdArgs {
     master: Option<String>,
     #[arg(long, required = true)]
     data_dir: Option<PathBuf>,
-    /// Where the agent's own API (logs) listens.
-    #[arg(long, default_value = "0.0.0.0:7071")]
+    /// Where the agent's own API (logs) listens: loopback by default, because it does not
+    /// authenticate yet; bind a routable address for the master to proxy logs from another host.
+    #[arg(long, default_value = "127.0.0.1:7071")]
     bind: SocketAddr,
     /// The URL the master uses to reach this agent (default: from --bind and the hostname).
     #[arg(long)]

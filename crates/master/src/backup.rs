@@ -205,7 +205,11 @@ pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let name = path.file_name().with_context(|| format!("{} is not a file name", path.display()))?;
     let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
     let written = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true),
+            0o600,
+        )
+        .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()
     })();
@@ -251,6 +255,9 @@ pub fn prune(dir: &Path, keep: usize) -> anyhow::Result<Vec<PathBuf>> {
 /// One periodic backup into `dir`, then pruning to `keep`; returns the new file.
 pub fn backup_once(core: &Core, dir: &Path, keep: usize) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create the backup directory {}", dir.display()))?;
+    // Backups hold every job's environment: only the master's user may read them.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .with_context(|| format!("cannot make the backup directory {} private (0700)", dir.display()))?;
     let (_, bytes) = take_backup(core);
     let path = dir.join(file_name(now().0));
     write_file_atomically(&path, &bytes)?;

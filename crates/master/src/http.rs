@@ -927,9 +927,34 @@ async fn admin_status(State(app): State<AppState>) -> Json<AdminStatus> {
     Json(admin_status_of(&app))
 }
 
+/// The longest `by` of an operator request.
+pub const OPERATOR_BYTES_MAX: usize = 256;
+/// The longest freeze reason: it is echoed in a header of every answer while frozen, so it must
+/// stay far below what HTTP clients accept in a response head.
+pub const FREEZE_REASON_BYTES_MAX: usize = 1024;
+
 fn check_operator(by: &str) -> ApiResult<()> {
     if by.trim().is_empty() {
         return Err(ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", "`by` must say who asks (user@host)"));
+    }
+    check_header_text("by", by, OPERATOR_BYTES_MAX)
+}
+
+/// Text that ends up in a response header: bounded, one line, no control characters.
+fn check_header_text(field: &str, text: &str, bytes_max: usize) -> ApiResult<()> {
+    if text.len() > bytes_max {
+        return Err(ApiFailure::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("`{field}` has {} bytes; at most {bytes_max} are allowed", text.len()),
+        ));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(ApiFailure::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("`{field}` must be one line of text, without control characters"),
+        ));
     }
     Ok(())
 }
@@ -944,6 +969,7 @@ async fn freeze(State(app): State<AppState>, body: Bytes) -> ApiResult<Json<Admi
             "a freeze needs a reason, for whoever finds the cluster frozen",
         ));
     }
+    check_header_text("reason", &req.reason, FREEZE_REASON_BYTES_MAX)?;
     let freeze =
         capstan_state::Freeze { reason: req.reason.trim().to_string(), by: req.by.trim().to_string(), at: now() };
     app.core.submit(Command::SetFreeze { freeze: Some(freeze.clone()) }).await?;

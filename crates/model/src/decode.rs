@@ -59,6 +59,11 @@ pub struct ValidationPolicy {
 }
 
 pub const INSTANCES_MAX: u32 = 100_000;
+/// Constraints in one job at most: each is checked against every candidate agent.
+pub const CONSTRAINTS_MAX: usize = 64;
+/// The longest task user name (Linux's `LOGIN_NAME_MAX` less the terminating byte is 255; common
+/// tools cut at 32).
+pub const USER_NAME_BYTES_MAX: usize = 32;
 pub const PORTS_MAX: usize = 64;
 pub const COMMAND_LEN_MAX: usize = 64 * 1024;
 pub const ENV_MAX: usize = 1024;
@@ -268,6 +273,11 @@ impl Cx {
                 None
             }
             Some(i) => Some(i),
+            // A whole number past i64 (e.g. 2^63) is a number out of range, not a wrong kind.
+            None if v.is_u64() => {
+                self.err(path, format!("{v} is out of range"), Some(format!("use a whole number from {min} to {max}")));
+                None
+            }
             None => {
                 self.err(path, format!("expected a whole number, found {}", kind_of(v)), None);
                 None
@@ -478,6 +488,14 @@ impl Cx {
         }
         let constraint = match self.get(&o, "constraint") {
             None => Some(Vec::new()),
+            Some(Value::Array(items)) if items.len() > CONSTRAINTS_MAX => {
+                self.err(
+                    "constraint",
+                    format!("{} constraints; a job may have at most {CONSTRAINTS_MAX}", items.len()),
+                    Some("combine values with `in = [...]`".into()),
+                );
+                None
+            }
             Some(Value::Array(items)) => {
                 let parsed: Vec<Option<ConstraintSpec>> =
                     items.iter().enumerate().map(|(i, v)| self.constraint(&format!("constraint[{i}]"), v)).collect();
@@ -560,11 +578,22 @@ impl Cx {
         });
         let user = self.required(&o, "user", "\"nobody\"").and_then(|v| {
             let s = self.string("task.user", v)?;
+            // Debian's (and POSIX's portable) user names: lower case, never starting with a digit
+            // or a dash, so that `ROOT` or `-x` are refused here rather than retried at launch.
+            let starts_well = s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_') || s == "0";
             if s.is_empty()
-                || s.len() > 32
-                || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+                || s.len() > USER_NAME_BYTES_MAX
+                || !starts_well
+                || !s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-' || c == '.')
             {
-                self.err("task.user", format!("\"{s}\" is not a valid user name"), None);
+                self.err(
+                    "task.user",
+                    format!("\"{s}\" is not a valid user name"),
+                    Some(format!(
+                        "user names are lower case letters, digits, '_', '-' and '.', start with a letter or '_', \
+                         and have at most {USER_NAME_BYTES_MAX} bytes"
+                    )),
+                );
                 return None;
             }
             if (s == "root" || s == "0") && !policy.allow_root {

@@ -50,6 +50,10 @@ pub struct Job {
     /// System jobs: `pinned` the other way round (agent → instance).
     #[serde(skip)]
     pub pinned_by_agent: BTreeMap<AgentId, u32>,
+    /// How many of the tasks in `history` are not terminal: a killed job is forgotten when this
+    /// reaches 0, without rescanning its tasks (a scan per ended task was quadratic).
+    #[serde(skip)]
+    pub live_tasks: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -327,6 +331,7 @@ impl ClusterState {
                         cron: (spec.job_type == JobType::Cron).then(|| crate::cron::CronRuns::new(at)),
                         updates: Default::default(),
                         history: BTreeMap::new(),
+                        live_tasks: 0,
                         pinned_by_agent: BTreeMap::new(),
                     },
                 );
@@ -769,10 +774,14 @@ impl ClusterState {
         } else {
             vec![]
         };
+        j.live_tasks += 1;
         let (priority, ord) = (j.spec.priority, j.ord);
         for old in forgotten {
             if let Some(t) = self.tasks.remove(&old) {
                 self.counts[state_index(t.state)] -= 1;
+                if !t.state.is_terminal() {
+                    j.live_tasks -= 1;
+                }
             }
         }
         self.queue.insert((-i64::from(priority), ord, task.seq, id));
@@ -915,6 +924,15 @@ impl ClusterState {
         if old_state != t.state {
             self.counts[state_index(old_state)] -= 1;
             self.counts[state_index(t.state)] += 1;
+            if old_state.is_terminal() != t.state.is_terminal() {
+                if let Some(j) = self.jobs.get_mut(&*task.job) {
+                    if t.state.is_terminal() {
+                        j.live_tasks -= 1;
+                    } else {
+                        j.live_tasks += 1;
+                    }
+                }
+            }
         }
         if t.state != TaskState::Pending && self.pending.remove(&id) {
             self.queue.remove(&(-i64::from(priority), ord, seq, id));
@@ -1016,9 +1034,8 @@ impl ClusterState {
         }
         // Every remembered task, not only each instance's current one: a task of an instance an
         // update removed, or a replacement stopping beside a copy taken back, still holds its
-        // agent's resources until it ends.
-        let live = j.history.values().flatten().any(|id| self.tasks.get(id).is_some_and(|t| !t.state.is_terminal()));
-        if live {
+        // agent's resources until it ends. Counted, not scanned: this runs once per ended task.
+        if j.live_tasks > 0 {
             return;
         }
         let j = self.jobs.remove(job).expect("exists");
@@ -1046,6 +1063,7 @@ impl ClusterState {
         }
         for job in self.jobs.values_mut() {
             job.history.clear();
+            job.live_tasks = 0;
             job.rebuild_pinned_by_agent();
         }
         // One key in memory per job: tasks read from a snapshot each had their own copy.
@@ -1062,6 +1080,9 @@ impl ClusterState {
             self.counts[state_index(t.state)] += 1;
             if let Some(job) = self.jobs.get_mut(&t.job) {
                 job.history.entry(t.instance).or_default().push(t.id);
+                if !t.state.is_terminal() {
+                    job.live_tasks += 1;
+                }
                 if t.state == TaskState::Pending {
                     self.pending.insert(t.id);
                     self.queue.insert((-i64::from(job.spec.priority), job.ord, t.seq, t.id));

@@ -137,6 +137,7 @@ impl EmbeddedStore {
         std::fs::create_dir_all(dir)
             .map_err(|source| StoreError::Io { what: format!("store directory {}", dir.display()), source })?;
         let path = dir.join(STORE_FILE_NAME);
+        owner_only(dir, &path)?;
         let db = open_database(&path, &config)?;
         let store = Self { path, config, db: RwLock::new(Some(db)), needs_reopen: AtomicBool::new(false) };
         store.with_db(|db| store.check_format(db))?;
@@ -489,6 +490,25 @@ impl EmbeddedStore {
         }
         Ok(Snapshot { index: header.index, data })
     }
+}
+
+/// The store holds every job's environment: its directory is 0700 and its file 0600, also when
+/// they existed before with wider modes. The file is created here (empty, 0600) so that it is never
+/// readable by others, not even between its creation and a chmod.
+fn owner_only(dir: &Path, path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |what: String| move |source| StoreError::Io { what, source };
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io(format!("making store directory {} private (0700)", dir.display())))?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io(format!("store file {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io(format!("making store file {} private (0600)", path.display())))
 }
 
 /// Opens or creates the redb file, turning "not a database" (including redb panics on garbage)

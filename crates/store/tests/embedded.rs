@@ -338,3 +338,22 @@ mod redb_foreign {
         db
     }
 }
+
+/// The store holds every job's environment: readable by its owner only, also when an older
+/// version left the file or its directory open to others.
+#[test]
+fn the_store_file_and_its_directory_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new().unwrap();
+    let store_dir = dir.path().join("master");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let store = EmbeddedStore::open(&store_dir).unwrap();
+    assert_eq!(mode(&store_dir), 0o700, "a new store directory");
+    assert_eq!(mode(&store_dir.join(STORE_FILE_NAME)), 0o600, "a new store file");
+    drop(store);
+    std::fs::set_permissions(&store_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(store_dir.join(STORE_FILE_NAME), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let _store = EmbeddedStore::open(&store_dir).unwrap();
+    assert_eq!(mode(&store_dir), 0o700, "a directory left open is closed again");
+    assert_eq!(mode(&store_dir.join(STORE_FILE_NAME)), 0o600, "a file left readable is closed again");
+}
