@@ -76,10 +76,30 @@ fn job_bodies_past_every_limit_are_refused_with_what_is_wrong() {
         assert!(said.contains("at most 64"), "the refusal says the limit: {said}");
         assert!(said.len() < 10_000, "one problem, not one per constraint: {} bytes", said.len());
     }
+    // "0B" once meant no disk limit at all.
+    assert_job_refused(&c, &job(json!({"task": {"disk": "0B"}})), &["task.disk", "more than 0B"]);
     // User names that cannot exist on a Debian host are refused at submission, not retried at launch.
     for user in ["ROOT", "-rf", "9lives", "nobody\u{0}x"] {
         assert_job_refused(&c, &job(json!({"task": {"user": user}})), &["task.user"]);
     }
     assert_eq!(c.job("www/prod/hostile").unwrap(), None);
     c.capstan_ok(&["job", "list"]);
+}
+
+#[test]
+fn the_log_proxy_passes_no_query_text_to_the_agent() {
+    if !privileged("the_log_proxy_passes_no_query_text_to_the_agent") {
+        return;
+    }
+    let c = Cluster::start();
+    let ids = c.create_job(&serde_json::from_str(&job(json!({}))).unwrap());
+    c.wait_running("www/prod/hostile", 1, SOON);
+    for stream in ["stdout%26tail%3D1", "..%2Fsupervisor.log", "stdin"] {
+        let (status, answer) =
+            c.request("GET", &format!("/v1/tasks/{}/logs?stream={stream}", ids[0]), None).expect("the master answers");
+        assert_eq!(status, 400, "stream={stream} is refused by the master: {answer}");
+        assert!(answer.to_string().contains("stdout or stderr"), "{answer}");
+    }
+    let (status, _) = c.request("GET", &format!("/v1/tasks/{}/logs?stream=stderr", ids[0]), None).unwrap();
+    assert_eq!(status, 200, "a real stream is still served");
 }

@@ -247,7 +247,7 @@ mod tests {
             user = "nobody"
             cpus = 0.1
             mem = "16MiB"
-            disk = "0B"
+            disk = "1MiB"
         "#;
         let spec = capstan_model::parse_toml(text, &Default::default()).unwrap();
         assert_eq!(spec.job_type, JobType::Cron);

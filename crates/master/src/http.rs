@@ -355,7 +355,18 @@ async fn task_logs(
         })?;
         agent.info.address.clone()
     };
-    let stream = q.stream.as_deref().unwrap_or("stdout");
+    // Only the two names the agent knows: a value is never passed on as text (it once carried
+    // `stdout&tail=1` into the agent's URL).
+    let stream = match q.stream.as_deref().unwrap_or("stdout") {
+        s @ ("stdout" | "stderr") => s,
+        other => {
+            return Err(ApiFailure::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("stream {other:?} is not a log stream; use stdout or stderr"),
+            ))
+        }
+    };
     let mut url = format!("{address}/v1/sandboxes/{id}/logs?stream={stream}&follow={}", q.follow.unwrap_or(false));
     if let Some(n) = q.tail {
         url.push_str(&format!("&tail={n}"));

@@ -488,7 +488,7 @@ mod tests {
                 id: AgentId(id),
                 hostname: format!("h{id}"),
                 address: String::new(),
-                capacity: Capacity { cpus_milli: 1000, mem_bytes: 1 << 30, disk_bytes: 0, ports: vec![] },
+                capacity: Capacity { cpus_milli: 1000, mem_bytes: 1 << 30, disk_bytes: 1 << 30, ports: vec![] },
                 attributes: [("rack".to_string(), rack(id))].into(),
                 version: String::new(),
             };
@@ -589,7 +589,7 @@ mod tests {
         let mut s = cluster(4, |i| format!("r{i}"));
         // One task per agent, with replace_after 1 s.
         let spec: capstan_model::JobSpec = capstan_model::parse_toml(
-            "job = \"a/b/c\"\ninstances = 4\nreplace_after = \"1s\"\n[task]\ncommand = \"x\"\nuser = \"nobody\"\ncpus = 0.1\nmem = \"8MiB\"\ndisk = \"0MiB\"\n",
+            "job = \"a/b/c\"\ninstances = 4\nreplace_after = \"1s\"\n[task]\ncommand = \"x\"\nuser = \"nobody\"\ncpus = 0.1\nmem = \"8MiB\"\ndisk = \"1MiB\"\n",
             &capstan_model::ValidationPolicy { allow_root: false },
         )
         .unwrap();

@@ -628,7 +628,18 @@ impl Cx {
                 Some(m)
             }
         });
-        let disk = self.required(&o, "disk", "\"256MiB\"").and_then(|v| self.size("task.disk", v));
+        let disk = self.required(&o, "disk", "\"256MiB\"").and_then(|v| self.size("task.disk", v)).and_then(|d| {
+            if d.0 == 0 {
+                // "0B" once meant "no limit at all"; every task has a disk limit.
+                self.err(
+                    "task.disk",
+                    "must be more than 0B: every task has a disk limit",
+                    Some("give the space the task may write, e.g. \"256MiB\"".into()),
+                );
+                return None;
+            }
+            Some(d)
+        });
         let ports = match self.get(&o, "ports") {
             None => Some(Vec::new()),
             Some(Value::Array(items)) => {

@@ -340,23 +340,23 @@ fn root_is_allowed_only_by_policy() {
 
 #[test]
 fn bad_json_bodies() {
-    let task = r#""command": "ls", "user": "nobody", "cpus": 0.25, "mem": "64MiB", "disk": "0B""#;
+    let task = r#""command": "ls", "user": "nobody", "cpus": 0.25, "mem": "64MiB", "disk": "1MiB""#;
     let rows: Vec<(&str, String, Expected)> = vec![
         ("unknown key", format!(r#"{{"job": "www/prod/hello", "colour": 1, "task": {{{task}}}}}"#), &[("colour", "unknown key")]),
         ("typo in task", format!(r#"{{"job": "www/prod/hello", "task": {{{task}, "portz": []}}}}"#), &[("task.portz", "did you mean `ports`")]),
         (
             "bad size",
-            r#"{"job": "www/prod/hello", "task": {"command": "ls", "user": "nobody", "cpus": 1, "mem": "12GB", "disk": "0B"}}"#.into(),
+            r#"{"job": "www/prod/hello", "task": {"command": "ls", "user": "nobody", "cpus": 1, "mem": "12GB", "disk": "1MiB"}}"#.into(),
             &[("task.mem", "GiB")],
         ),
         (
             "cpus as a string",
-            r#"{"job": "www/prod/hello", "task": {"command": "ls", "user": "nobody", "cpus": "0.25", "mem": "64MiB", "disk": "0B"}}"#.into(),
+            r#"{"job": "www/prod/hello", "task": {"command": "ls", "user": "nobody", "cpus": "0.25", "mem": "64MiB", "disk": "1MiB"}}"#.into(),
             &[("task.cpus", "expected a number")],
         ),
         (
             "root user",
-            r#"{"job": "www/prod/hello", "task": {"command": "ls", "user": "root", "cpus": 1, "mem": "64MiB", "disk": "0B"}}"#.into(),
+            r#"{"job": "www/prod/hello", "task": {"command": "ls", "user": "root", "cpus": 1, "mem": "64MiB", "disk": "1MiB"}}"#.into(),
             &[("task.user", "root")],
         ),
         ("missing task", r#"{"job": "www/prod/hello"}"#.into(), &[("task", "required")]),
@@ -436,7 +436,7 @@ command = "./node_exporter"
 user = "nobody"
 cpus = 0.1
 mem = "32MiB"
-disk = "0B"
+disk = "1MiB"
 
 [[constraint]]
 attribute = "role"

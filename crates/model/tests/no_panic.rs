@@ -244,7 +244,7 @@ command = "true"
 user = "nobody"
 cpus = 0.5
 mem = "64MiB"
-disk = "0B"
+disk = "1MiB"
 [task.env]
 A = "b"
 "#;
