@@ -39,6 +39,8 @@ pub struct AppState {
 pub struct Admission {
     pub registrations: tokio::sync::Semaphore,
     pub updates: tokio::sync::Semaphore,
+    /// Status-update batches waiting for a turn (at most [`MAX_UPDATE_BATCHES_WAITING`]).
+    pub updates_waiting: std::sync::atomic::AtomicUsize,
     pub heartbeats: tokio::sync::Semaphore,
     /// Large answers (task and job lists): held until the body is sent, so that slow readers
     /// cannot make the master hold more than this many such answers.
@@ -48,6 +50,12 @@ pub struct Admission {
 /// Requests of each kind served at once.
 pub const MAX_REGISTRATIONS: usize = 64;
 pub const MAX_UPDATE_BATCHES: usize = 128;
+/// Status-update batches that may wait for one of the [`MAX_UPDATE_BATCHES`] turns; past this a
+/// batch is shed at once. Updates report tasks that ended or started (they free and confirm
+/// resources), so a burst of them queues briefly instead of being turned away for a second.
+pub const MAX_UPDATE_BATCHES_WAITING: usize = 1_024;
+/// The longest a status-update batch waits for its turn before it is shed.
+pub const UPDATE_TURN_WAIT_MS: u64 = 2_000;
 pub const MAX_HEARTBEATS: usize = 512;
 pub const MAX_LIST_ANSWERS: usize = 8;
 /// Status updates in one batch at most.
@@ -58,6 +66,7 @@ impl Default for Admission {
         Admission {
             registrations: tokio::sync::Semaphore::new(MAX_REGISTRATIONS),
             updates: tokio::sync::Semaphore::new(MAX_UPDATE_BATCHES),
+            updates_waiting: std::sync::atomic::AtomicUsize::new(0),
             heartbeats: tokio::sync::Semaphore::new(MAX_HEARTBEATS),
             lists: Arc::new(tokio::sync::Semaphore::new(MAX_LIST_ANSWERS)),
         }
@@ -714,10 +723,35 @@ async fn agent_usage(State(app): State<AppState>, body: Bytes) -> ApiResult<Json
     Ok(Json(serde_json::json!({"kept": kept})))
 }
 
+/// A turn to apply a status-update batch: at once if one of [`MAX_UPDATE_BATCHES`] is free, else
+/// after waiting in line (FIFO) for at most [`UPDATE_TURN_WAIT_MS`]; shed (503) when the line is
+/// full or the wait runs out.
+async fn update_turn(app: &AppState) -> ApiResult<tokio::sync::SemaphorePermit<'_>> {
+    use std::sync::atomic::Ordering;
+    let admission = &app.admission;
+    if let Ok(permit) = admission.updates.try_acquire() {
+        return Ok(permit);
+    }
+    // Counted out again on drop: a caller that hangs up while waiting leaves the line too.
+    struct InLine<'a>(&'a std::sync::atomic::AtomicUsize);
+    impl Drop for InLine<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let in_line = InLine(&admission.updates_waiting);
+    if in_line.0.fetch_add(1, Ordering::AcqRel) >= MAX_UPDATE_BATCHES_WAITING {
+        return Err(shed(app, "status update", 1));
+    }
+    let wait = std::time::Duration::from_millis(UPDATE_TURN_WAIT_MS);
+    match tokio::time::timeout(wait, admission.updates.acquire()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        _ => Err(shed(app, "status update", 1)),
+    }
+}
+
 async fn agent_updates(State(app): State<AppState>, body: Bytes) -> ApiResult<Json<UpdatesResponse>> {
-    let Ok(_permit) = app.admission.updates.try_acquire() else {
-        return Err(shed(&app, "status update", 1));
-    };
+    let _permit = update_turn(&app).await?;
     let req: UpdatesRequest = parse_body(&body)?;
     if req.updates.len() > MAX_UPDATES_PER_BATCH {
         return Err(ApiFailure::new(

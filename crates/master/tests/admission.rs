@@ -149,3 +149,51 @@ async fn slow_readers_of_large_lists_are_bounded() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A burst of status updates from many agents at once (a mass exit, a fleet re-registering)
+/// waits its turn instead of being shed: with more batches in flight than the master applies at
+/// once, every one is still answered 200 and acknowledged, and nothing is counted as shed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_status_updates_waits_its_turn_instead_of_being_shed() {
+    use capstan_api::wire::{UpdatesRequest, UpdatesResponse};
+    use capstan_model::TaskId;
+    use capstan_state::{Report, StatusUpdate};
+    let (_dir, master) = master().await;
+    const AGENTS: u64 = 4 * capstan_master::http::MAX_UPDATE_BATCHES as u64;
+    for id in 1..=AGENTS {
+        master.core().submit(capstan_state::Command::RegisterAgent { info: info(id) }).await.unwrap();
+    }
+    let url = format!("{}/v1/agent/updates", master.url());
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(AGENTS as usize));
+    let mut handles = vec![];
+    for id in 1..=AGENTS {
+        let (http, url, start) = (http.clone(), url.clone(), start.clone());
+        handles.push(tokio::spawn(async move {
+            // Updates about tasks the master does not know: each batch is still a command the
+            // writer logs (the agent's sequence number moves), which is what takes a turn.
+            let updates = (1..=50)
+                .map(|seq| StatusUpdate {
+                    seq,
+                    task: TaskId(id << 16 | seq),
+                    report: Report::Running { pid: 1 },
+                    at: capstan_model::Timestamp(0),
+                })
+                .collect();
+            let body = UpdatesRequest { agent: AgentId(id), updates };
+            start.wait().await;
+            let resp = http.post(&url).json(&body).timeout(Duration::from_secs(60)).send().await.unwrap();
+            let status = resp.status();
+            let text = resp.text().await.unwrap();
+            assert_eq!(status, 200, "agent {id}: {text}");
+            let ack: UpdatesResponse = serde_json::from_str(&text).unwrap();
+            assert_eq!(ack.acked_seq, 50, "agent {id}");
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let metrics = master.core().metrics.render(&master.core().state.read());
+    let shed = metrics.lines().find(|l| l.starts_with("capstan_requests_shed_total{route=\"status update\"}"));
+    assert_eq!(shed, None, "no status update may be shed in a burst the line holds");
+}
