@@ -839,6 +839,7 @@ impl Agent {
             kill_grace_ms: order.spec.kill_grace.0,
             log_max_bytes: 0,
             log_keep: 0,
+            sandbox_gid: None, // chosen by the containerizer
         };
         // In the task table before its first update: a heartbeat whose `as_of_seq` covers the
         // update lists the task.

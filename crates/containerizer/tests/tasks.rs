@@ -22,10 +22,11 @@ async fn task_runs_as_nobody_with_env_and_output_files() {
     let pid = handle.started().await.unwrap();
     assert!(pid > 0);
     let record = handle.wait().await;
-    assert_eq!(record.exit, TaskExit::Exited { code: 0 }, "stderr: {}", read(&sb.path.join("stderr")));
-    let p = sb.path.display();
-    assert_eq!(read(&sb.path.join("stdout")), format!("65534\ntask=hello home={p} user=nobody pwd={p}\n"));
-    assert_eq!(read(&sb.path.join("stderr")), "oops\n");
+    assert_eq!(record.exit, TaskExit::Exited { code: 0 }, "stderr: {}", read(&sb.log("stderr")));
+    let work = sb.work();
+    let p = work.display();
+    assert_eq!(read(&sb.log("stdout")), format!("65534\ntask=hello home={p} user=nobody pwd={p}\n"));
+    assert_eq!(read(&sb.log("stderr")), "oops\n");
     assert!(sb.path.join("exit.json").exists() && sb.path.join("task.json").exists());
     assert!(!c.task_cgroup(spec.task_id).controller_dir("memory").unwrap().exists(), "cgroup removed");
 }
@@ -69,7 +70,7 @@ async fn over_the_memory_limit_is_out_of_memory() {
         record.exit,
         TaskExit::OutOfMemory { limit_bytes: 64 << 20 },
         "stderr: {}",
-        read(&sb.path.join("stderr"))
+        read(&sb.log("stderr"))
     );
     assert!(record.exit.to_string().contains("64MiB"), "{}", record.exit);
     assert!(record.usage.mem_peak_bytes > 32 << 20, "{:?}", record.usage);
@@ -200,7 +201,7 @@ async fn root_is_refused_unless_allowed() {
 
     let mut handle = containerizer(true).launch(&sb.path, &spec).unwrap();
     assert_eq!(handle.wait().await.exit, TaskExit::Exited { code: 0 });
-    assert_eq!(read(&sb.path.join("stdout")), "0\n");
+    assert_eq!(read(&sb.log("stdout")), "0\n");
 }
 
 #[tokio::test]
@@ -219,4 +220,48 @@ async fn an_unknown_user_fails_the_launch_with_its_name() {
         other => panic!("expected LaunchFailed, got {other:?}"),
     }
     assert_eq!(handle.wait().await, record);
+}
+
+#[tokio::test]
+async fn the_sandbox_is_roots_and_its_task_alone_enters_it_with_a_private_tmp() {
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
+    if !privileged("the_sandbox_is_roots_and_its_task_alone_enters_it_with_a_private_tmp") {
+        return;
+    }
+    let c = containerizer(false);
+    let sb = sandbox();
+    let marker = format!("capstan-private-tmp-{}", std::process::id());
+    let spec = spec(&format!(
+        "id -g; id -G; echo private > /tmp/{marker}; ls -A /tmp | grep -v '^[.]tmp'; cat /tmp/{marker}"
+    ));
+    // (The sandbox lies in a tempdir under /tmp here, so its own path shows in the private /tmp
+    // too, as `.tmpXXXX`: its work directory is mounted there again. See supervisor.rs.)
+    let mut handle = c.launch(&sb.path, &spec).unwrap();
+    let record = handle.wait().await;
+    assert_eq!(record.exit, TaskExit::Exited { code: 0 }, "stderr: {}", read(&sb.log("stderr")));
+    let launched = read(&sb.path.join("launch.json"));
+    let gid: u32 = launched
+        .split("\"sandbox_gid\": ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .unwrap_or_else(|| panic!("launch.json records the sandbox's group: {launched}"));
+    assert!((capstan_containerizer::SANDBOX_GID_FIRST..=capstan_containerizer::SANDBOX_GID_LAST).contains(&gid));
+    let out = read(&sb.log("stdout"));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], gid.to_string(), "the sandbox's group is the task's primary group: {out}");
+    assert!(lines[1].split(' ').any(|g| g == gid.to_string()), "and a supplementary one: {out}");
+    assert_eq!(lines[2..], [marker.as_str(), "private"], "/tmp is the sandbox's alone: {out}");
+    assert!(!Path::new("/tmp").join(&marker).exists(), "nothing reached the host's /tmp");
+    assert_eq!(read(&sb.work().join("tmp").join(&marker)), "private\n", "the task's /tmp is in its sandbox");
+    let mode = |p: &Path| {
+        let m = std::fs::symlink_metadata(p).unwrap();
+        (m.mode() & 0o7777, m.uid(), m.gid())
+    };
+    assert_eq!(mode(&sb.path), (0o710, 0, 0), "root's, and given back to group root once the task ended");
+    assert_eq!(mode(&sb.path.join("launch.json")), (0o600, 0, 0));
+    assert_eq!(mode(&sb.path.join("exit.json")), (0o600, 0, 0));
+    assert_eq!(mode(&sb.path.join("logs")), (0o700, 0, 0));
+    assert_eq!(mode(&sb.log("stdout")), (0o600, 0, 0));
+    assert_eq!(mode(&sb.work()), (0o700, 65534, gid));
 }
