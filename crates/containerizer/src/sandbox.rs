@@ -288,11 +288,6 @@ impl LogDir {
         check_name(name).ok()?;
         fstatat(self.fd.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).ok().map(|s| file_id(&s))
     }
-
-    /// The identity of an open file, to compare with [`LogDir::id_of`].
-    pub fn id_of_open(file: &File) -> Option<FileId> {
-        fstat(file).ok().map(|s| file_id(&s))
-    }
 }
 
 fn refused(name: &str, why: &str) -> io::Error {
