@@ -110,17 +110,26 @@ fn racing_links_into_the_log_rollover_never_hands_a_root_file_to_the_task() {
     let original = "root:x:0:0:root:/root:/bin/bash\n";
     let (_keep, victim) = root_file(original, 0o644);
     let v = victim.display();
-    // One process plants links where `stdout` was (and where the rotated parts go) as fast as it
-    // can; another writes RACE_ROLLOVERS × 10 MiB, one rollover after another.
+    // Two processes keep replacing `stdout` (where the task can name it) by a link to the victim,
+    // atomically (symlink, then rename over the name), in a loop without forks; another writes
+    // RACE_ROLLOVERS × 10 MiB, one rollover after another.
     let command = format!(
-        r#"plant() {{ while :; do for d in "$CAPSTAN_SANDBOX" "$CAPSTAN_SANDBOX/../logs"; do
-  ln -sfn {v} "$d/stdout" 2>/dev/null; ln -sfn {v} "$d/stdout.1" 2>/dev/null; done; done; }}
-plant & p1=$!; plant & p2=$!
+        r#"python3 -c 'import os, sys
+d = os.environ["CAPSTAN_SANDBOX"]
+while True:
+    for x in (d, d + "/../logs"):
+        t = x + "/.plant"
+        try:
+            os.symlink(sys.argv[1], t); os.rename(t, x + "/stdout")
+        except OSError:
+            try: os.unlink(t)
+            except OSError: pass' {v} &
+p1=$!
 python3 -c 'import sys
 line = b"x" * 1023 + b"\n"
 for _ in range({RACE_ROLLOVERS}): sys.stdout.buffer.write(line * 10240)
 sys.stdout.flush()' || exit 1
-kill $p1 $p2; exit 0"#
+kill $p1; exit 0"#
     );
     let mut spec = job_spec("hostile/prod/race", "batch", 1, &command);
     spec["max_failures"] = json!(0);
