@@ -753,7 +753,10 @@ impl Agent {
         env.push(("CAPSTAN_JOB".into(), order.job.to_string()));
         env.push(("CAPSTAN_INSTANCE".into(), order.instance.to_string()));
         // The task's own directory in its sandbox (the rest of the sandbox is root's).
-        env.push(("CAPSTAN_SANDBOX".into(), capstan_containerizer::work_dir(&self.sandbox(task)).display().to_string()));
+        env.push((
+            "CAPSTAN_SANDBOX".into(),
+            capstan_containerizer::work_dir(&self.sandbox(task)).display().to_string(),
+        ));
         for (name, port) in &order.ports {
             env.push((capstan_model::TaskSpec::port_env_name(name), port.to_string()));
         }

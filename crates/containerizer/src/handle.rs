@@ -203,8 +203,7 @@ impl Containerizer {
                     v.clone_from(&work);
                 }
             }
-            write_json_atomic(&sandbox.join(LAUNCH_FILE), &spec)
-                .map_err(io_err(format!("rewriting {LAUNCH_FILE}")))?;
+            write_json_atomic(&sandbox.join(LAUNCH_FILE), &spec).map_err(io_err(format!("rewriting {LAUNCH_FILE}")))?;
         }
         self.spawn_supervisor(sandbox, spec.task_id)
     }

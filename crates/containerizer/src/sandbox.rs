@@ -275,11 +275,8 @@ impl LogDir {
         }
         // Back to blocking reads (O_NONBLOCK only kept a FIFO from blocking the open).
         let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).map_err(errno)?;
-        nix::fcntl::fcntl(
-            &fd,
-            nix::fcntl::FcntlArg::F_SETFL(OFlag::from_bits_retain(flags) & !OFlag::O_NONBLOCK),
-        )
-        .map_err(errno)?;
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(OFlag::from_bits_retain(flags) & !OFlag::O_NONBLOCK))
+            .map_err(errno)?;
         Ok(File::from(fd))
     }
 

@@ -32,13 +32,15 @@
 
 use crate::cgroups::{CgroupLimits, Hierarchies, TaskCgroup};
 use crate::logs::{LogPump, RotatingLog};
-use crate::sandbox::{open_dir_at, open_dir_nofollow, release_gid, LOGS_DIR, TMP_DIR, WORK_DIR};
 use crate::records::{
     now_ms, read_json, try_lock_sandbox, write_json_atomic, ExitRecord, KillRequest, LaunchSpec, ProcessIdentity,
     SupervisorConfig, Usage, EXIT_FILE, KILL_FILE, LAUNCH_FILE, LOCK_FILE, STDERR_FILE, STDOUT_FILE,
     SUPERVISOR_CONFIG_FILE, SUPERVISOR_FILE, TASK_FILE,
 };
+use crate::sandbox::{open_dir_at, open_dir_nofollow, release_gid, LOGS_DIR, TMP_DIR, WORK_DIR};
 use capstan_model::TaskExit;
+use nix::fcntl::OFlag;
+use nix::mount::MsFlags;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{self, SigHandler, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -48,8 +50,6 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use nix::fcntl::OFlag;
-use nix::mount::MsFlags;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -464,18 +464,7 @@ fn plan_child(sandbox: &Path, spec: &LaunchSpec, config: &SupervisorConfig) -> R
     env.push(("LOGNAME".into(), spec.user.clone()));
     let envp = env.into_iter().map(|(k, v)| cstring(format!("{k}={v}"))).collect::<Result<_, _>>()?;
 
-    let plan = ChildPlan {
-        argv,
-        envp,
-        work,
-        private_tmp,
-        uid: user.uid,
-        gid,
-        groups,
-        stdout,
-        stderr,
-        devnull,
-    };
+    let plan = ChildPlan { argv, envp, work, private_tmp, uid: user.uid, gid, groups, stdout, stderr, devnull };
     Ok((plan, output))
 }
 
@@ -533,7 +522,10 @@ fn exec_child(plan: &ChildPlan, go: OwnedFd, err: OwnedFd) -> ! {
             // Made by root inside the task's /tmp (so the task cannot remove them while mounted).
             let path = Path::new(std::ffi::OsStr::from_bytes(path.as_bytes()));
             if let Err(e) = std::fs::create_dir_all(path) {
-                fail("making the sandbox's path inside the private /tmp", nix::Error::from_raw(e.raw_os_error().unwrap_or(0)));
+                fail(
+                    "making the sandbox's path inside the private /tmp",
+                    nix::Error::from_raw(e.raw_os_error().unwrap_or(0)),
+                );
             }
             if let Err(e) = bind(&work, path) {
                 fail("mounting the sandbox's work directory inside the private /tmp", e);

@@ -66,12 +66,7 @@ async fn over_the_memory_limit_is_out_of_memory() {
     spec.mem_bytes = 64 << 20;
     let mut handle = c.launch(&sb.path, &spec).unwrap();
     let record = handle.wait().await;
-    assert_eq!(
-        record.exit,
-        TaskExit::OutOfMemory { limit_bytes: 64 << 20 },
-        "stderr: {}",
-        read(&sb.log("stderr"))
-    );
+    assert_eq!(record.exit, TaskExit::OutOfMemory { limit_bytes: 64 << 20 }, "stderr: {}", read(&sb.log("stderr")));
     assert!(record.exit.to_string().contains("64MiB"), "{}", record.exit);
     assert!(record.usage.mem_peak_bytes > 32 << 20, "{:?}", record.usage);
 }
@@ -232,9 +227,8 @@ async fn the_sandbox_is_roots_and_its_task_alone_enters_it_with_a_private_tmp() 
     let c = containerizer(false);
     let sb = sandbox();
     let marker = format!("capstan-private-tmp-{}", std::process::id());
-    let spec = spec(&format!(
-        "id -g; id -G; echo private > /tmp/{marker}; ls -A /tmp | grep -v '^[.]tmp'; cat /tmp/{marker}"
-    ));
+    let spec =
+        spec(&format!("id -g; id -G; echo private > /tmp/{marker}; ls -A /tmp | grep -v '^[.]tmp'; cat /tmp/{marker}"));
     // (The sandbox lies in a tempdir under /tmp here, so its own path shows in the private /tmp
     // too, as `.tmpXXXX`: its work directory is mounted there again. See supervisor.rs.)
     let mut handle = c.launch(&sb.path, &spec).unwrap();
