@@ -313,6 +313,25 @@ mod tests {
     }
 
     #[test]
+    fn records_are_never_read_or_written_through_a_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere.json");
+        let usage = Usage { cpu_usage_ns: 1, ..Usage::default() };
+        write_json_atomic(&elsewhere, &usage).unwrap();
+        assert_eq!(fs::metadata(&elsewhere).unwrap().permissions().mode() & 0o777, RECORD_MODE);
+        let link = dir.path().join("exit.json");
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let e = read_json::<Usage>(&link).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        // A link planted where the temporary file goes is replaced, not followed.
+        let planted = dir.path().join(format!("kill.json.tmp{}", std::process::id()));
+        std::os::unix::fs::symlink(&elsewhere, &planted).unwrap();
+        write_json_atomic(&dir.path().join("kill.json"), &Usage::default()).unwrap();
+        assert_eq!(read_json::<Usage>(&elsewhere).unwrap(), Some(usage), "the link's target is untouched");
+    }
+
+    #[test]
     fn atomic_json_round_trips_and_missing_is_none() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.json");

@@ -309,34 +309,58 @@ impl AsRawFd for LogDir {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_log_reader_refuses_links_and_strangers() {
-        let dir = tempfile::tempdir().unwrap();
-        let sandbox = dir.path().join("sb");
+    /// A sandbox in `dir`: of the current layout (root's, `logs/`) or the previous one (the task
+    /// user's, files in it). Returns the sandbox and its log directory.
+    fn fake_sandbox(dir: &Path, current: bool) -> (PathBuf, PathBuf) {
+        let sandbox = dir.join(if current { "current" } else { "previous" });
         std::fs::create_dir(&sandbox).unwrap();
         std::fs::write(sandbox.join(LAUNCH_FILE), "{}").unwrap();
+        let logs = if current { sandbox.join(LOGS_DIR) } else { sandbox.clone() };
+        if current {
+            std::fs::create_dir(&logs).unwrap();
+        }
+        std::fs::write(logs.join("stdout"), "out\n").unwrap();
+        if !current && nix::unistd::geteuid().is_root() {
+            // The previous layout: everything the task user's.
+            for p in [&sandbox, &logs.join("stdout")] {
+                nix::unistd::chown(p.as_path(), Some(Uid::from_raw(65534)), Some(Gid::from_raw(65534))).unwrap();
+            }
+        }
+        (sandbox, logs)
+    }
+
+    #[test]
+    fn a_log_reader_refuses_links_and_strangers_in_either_layout() {
+        let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("secret");
         std::fs::write(&secret, "secret").unwrap();
-        let me = nix::unistd::geteuid().as_raw();
-        if me == 0 {
-            // As root the sandbox is read as one of the current layout, which needs logs/.
-            std::fs::create_dir(sandbox.join(LOGS_DIR)).unwrap();
+        let root = nix::unistd::geteuid().is_root();
+        // Without root only the previous layout can be made (the sandbox is not root's).
+        let layouts: &[bool] = if root { &[true, false] } else { &[false] };
+        for &current in layouts {
+            let (sandbox, logs) = fake_sandbox(dir.path(), current);
+            std::os::unix::fs::symlink(&secret, logs.join("stderr")).unwrap();
+            std::fs::hard_link(&secret, logs.join("stdout.1")).unwrap();
+            nix::unistd::mkfifo(&logs.join("stdout.2"), Mode::from_bits_truncate(0o600)).unwrap();
+            let reader = LogDir::open(&sandbox).unwrap();
+            assert_eq!(io::read_to_string(reader.open_file("stdout").unwrap()).unwrap(), "out\n");
+            for name in ["stderr", "stdout.1", "stdout.2"] {
+                let e = reader.open_file(name).unwrap_err();
+                assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "current layout {current}, {name}: {e}");
+            }
+            assert_eq!(reader.open_file("stdout.3").unwrap_err().kind(), io::ErrorKind::NotFound);
+            assert_eq!(reader.open_file("../secret").unwrap_err().kind(), io::ErrorKind::InvalidInput);
+            assert!(reader.id_of("stdout").is_some() && reader.id_of("stdout.3").is_none());
         }
-        let logs = if me == 0 { sandbox.join(LOGS_DIR) } else { sandbox.clone() };
-        std::fs::write(logs.join("stdout"), "out\n").unwrap();
-        std::os::unix::fs::symlink(&secret, logs.join("stderr")).unwrap();
-        std::fs::hard_link(&secret, logs.join("stdout.1")).unwrap();
-        nix::unistd::mkfifo(&logs.join("stdout.2"), Mode::from_bits_truncate(0o600)).unwrap();
-        let reader = LogDir::open(&sandbox).unwrap();
-        assert_eq!(io::read_to_string(reader.open_file("stdout").unwrap()).unwrap(), "out\n");
-        for name in ["stderr", "stdout.1", "stdout.2"] {
-            let e = reader.open_file(name).unwrap_err();
-            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{name}: {e}");
+        if root {
+            // A file of root's in a sandbox of the previous layout is not the task's own.
+            let (sandbox, logs) = (dir.path().join("previous"), dir.path().join("previous"));
+            std::fs::write(logs.join("stderr.1"), "root's").unwrap();
+            let e = LogDir::open(&sandbox).unwrap().open_file("stderr.1").unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
         }
-        assert_eq!(reader.open_file("stdout.3").unwrap_err().kind(), io::ErrorKind::NotFound);
-        assert_eq!(reader.open_file("../secret").unwrap_err().kind(), io::ErrorKind::InvalidInput);
         // A link in place of the sandbox itself is not followed.
-        std::os::unix::fs::symlink(&sandbox, dir.path().join("link")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("previous"), dir.path().join("link")).unwrap();
         assert!(LogDir::open(&dir.path().join("link")).is_err());
     }
 

@@ -259,3 +259,47 @@ async fn the_sandbox_is_roots_and_its_task_alone_enters_it_with_a_private_tmp() 
     assert_eq!(mode(&sb.log("stdout")), (0o600, 0, 0));
     assert_eq!(mode(&sb.work()), (0o700, 65534, gid));
 }
+
+#[tokio::test]
+async fn running_tasks_never_share_a_group_and_an_ended_one_frees_its_own() {
+    if !privileged("running_tasks_never_share_a_group_and_an_ended_one_frees_its_own") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    // Sandboxes side by side, as under one agent's DATA/sandboxes.
+    let parent = sandbox();
+    std::fs::create_dir_all(&parent.path).unwrap();
+    let path = |name: &str| parent.path.join(name);
+    let group = |p: &std::path::Path| std::fs::metadata(p).unwrap().gid();
+    let c = containerizer(false);
+    let mut first = c.launch(&path("a"), &spec("sleep 1000")).unwrap();
+    let _second = c.launch(&path("b"), &spec("sleep 1000")).unwrap();
+    first.started().await.unwrap();
+    // A new containerizer knows nothing in memory, as an agent after a restart or kill -9: the
+    // groups held are read from the sandboxes themselves.
+    let restarted = containerizer(false);
+    let mut third = restarted.launch(&path("c"), &spec("sleep 1000")).unwrap();
+    third.started().await.unwrap();
+    let held = [group(&path("a")), group(&path("b")), group(&path("c"))];
+    for gid in held {
+        assert!((capstan_containerizer::SANDBOX_GID_FIRST..=capstan_containerizer::SANDBOX_GID_LAST).contains(&gid));
+    }
+    assert!(held[0] != held[1] && held[1] != held[2] && held[0] != held[2], "three live tasks, three groups: {held:?}");
+    // The first one ends: its sandbox goes back to group root and its id is free again.
+    first.kill().unwrap();
+    first.wait().await;
+    assert_eq!(group(&path("a")), 0);
+    let mut fourth = restarted.launch(&path("d"), &spec("sleep 1000")).unwrap();
+    fourth.started().await.unwrap();
+    assert_eq!(group(&path("d")), held[0].min(held[1]).min(held[2]), "the lowest free id is reused");
+    for h in [&third, &fourth] {
+        h.kill().unwrap();
+    }
+    third.wait().await;
+    fourth.wait().await;
+    let mut second = restarted.attach(&path("b")).unwrap();
+    if let Attached::Running(h) = &mut second {
+        h.kill().unwrap();
+        h.wait().await;
+    }
+}
