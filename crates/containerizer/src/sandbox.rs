@@ -191,13 +191,15 @@ pub(crate) fn allocate_gid(sandbox: &Path, range: &RangeInclusive<u32>) -> Resul
     }))
 }
 
-/// True when `sandbox` has the current layout: the directory is root's and holds a root-owned
-/// `logs/` (a sandbox of the previous layout belongs to the task's user and has no `logs/`).
+/// True when `sandbox` has the current layout: the directory is the agent's own (root's, or the
+/// agent's user when it is not root) and holds a `logs/` of the agent's too (a sandbox of the
+/// previous layout belongs to the task's user and has no `logs/`).
 pub fn has_current_layout(sandbox: &Path) -> bool {
+    let me = nix::unistd::geteuid().as_raw();
     let Ok(dir) = open_dir_nofollow(sandbox) else { return false };
     let Ok(stat) = fstat(&dir) else { return false };
-    stat.st_uid == 0
-        && open_dir_at(dir.as_fd(), LOGS_DIR).ok().and_then(|logs| fstat(&logs).ok()).is_some_and(|s| s.st_uid == 0)
+    stat.st_uid == me
+        && open_dir_at(dir.as_fd(), LOGS_DIR).ok().and_then(|logs| fstat(&logs).ok()).is_some_and(|s| s.st_uid == me)
 }
 
 /// The group id the task of `work` (a sandbox's [`WORK_DIR`]) runs with, if its sandbox has one:
@@ -228,16 +230,18 @@ fn file_id(stat: &FileStat) -> FileId {
 
 impl LogDir {
     /// `SANDBOX/logs/`, or — for a sandbox of the previous layout — `SANDBOX/` itself. Neither
-    /// is followed if it is a link. `NotFound` when there is no such sandbox.
+    /// is followed if it is a link. `NotFound` when there is no such sandbox. The current layout
+    /// is the one whose directories are the reader's own (root's, as the agent runs).
     pub fn open(sandbox: &Path) -> io::Result<LogDir> {
+        let me = nix::unistd::geteuid().as_raw();
         let dir = open_dir_nofollow(sandbox)?;
         let dir_stat = fstat(&dir).map_err(errno)?;
-        if dir_stat.st_uid == 0 {
+        if dir_stat.st_uid == me {
             match open_dir_at(dir.as_fd(), LOGS_DIR) {
                 Ok(logs) => {
                     let stat = fstat(&logs).map_err(errno)?;
-                    if stat.st_uid == 0 {
-                        return Ok(LogDir { fd: logs, owner: 0 });
+                    if stat.st_uid == me {
+                        return Ok(LogDir { fd: logs, owner: me });
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -245,7 +249,7 @@ impl LogDir {
             }
         }
         // Previous layout: the sandbox itself, whose files are its owner's.
-        if dir_stat.st_uid != 0 && std::fs::metadata(sandbox.join(LAUNCH_FILE)).is_err() {
+        if dir_stat.st_uid != me && std::fs::metadata(sandbox.join(LAUNCH_FILE)).is_err() {
             // Not a sandbox the agent launched: nothing to read.
             return Err(io::Error::new(io::ErrorKind::NotFound, "no launch in this sandbox"));
         }
@@ -335,9 +339,9 @@ mod tests {
         let secret = dir.path().join("secret");
         std::fs::write(&secret, "secret").unwrap();
         let root = nix::unistd::geteuid().is_root();
-        // Without root only the previous layout can be made (the sandbox is not root's).
-        let layouts: &[bool] = if root { &[true, false] } else { &[false] };
-        for &current in layouts {
+        // Without root the sandbox of the previous layout is the reader's own, so it reads as
+        // one of the current layout without `logs/`: the same files, the same checks.
+        for current in [true, false] {
             let (sandbox, logs) = fake_sandbox(dir.path(), current);
             std::os::unix::fs::symlink(&secret, logs.join("stderr")).unwrap();
             std::fs::hard_link(&secret, logs.join("stdout.1")).unwrap();
