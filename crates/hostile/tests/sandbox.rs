@@ -51,6 +51,15 @@ fn fetch(url: &str) -> Result<(u16, String), String> {
     client.get(url).send().map(body_of).map_err(|e| format!("GET {url}: {e}"))
 }
 
+/// Waits until the log of task `id` (through the master) contains `word`; returns it. (The task
+/// keeps running: an ended task's sandbox, logs included, is collected within a second here.)
+fn wait_log(c: &Cluster, id: &str, word: &str) -> String {
+    wait_until(SOON, &format!("task {id} logged `{word}`"), || {
+        let (status, body) = fetch(&format!("{}/v1/tasks/{id}/logs", c.url))?;
+        ensure(status == 200 && body.contains(word), (status, &body)).map(|()| body.clone())
+    })
+}
+
 /// A task's file as root sees it, whether the sandbox has the current layout (`work/`) or the
 /// previous one (everything in the sandbox itself): so that the test also runs on old code.
 fn task_file(c: &Cluster, id: &str, name: &str) -> Option<PathBuf> {
@@ -172,15 +181,11 @@ fn a_second_job_of_the_same_user_cannot_read_the_first_ones_sandbox() {
   "/proc/$A_PID/environ" "/proc/$A_PID/cwd/mine" "/proc/$A_PID/root$A/work/mine"; do
   echo "== $f"; cat "$f" 2>&1; done
 for d in "$A" "$A/work" "$A/logs" "/proc/$A_PID/cwd"; do echo "== ls $d"; ls -A "$d" 2>&1; done
-echo probed"#;
-    let mut b = job_spec("tenant-b/prod/probe", "batch", 1, probe);
-    b["max_failures"] = json!(0);
+echo probed; exec sleep 600"#;
+    let mut b = service("tenant-b/prod/probe", probe);
     b["task"]["env"] = json!({"A": a_sandbox.display().to_string(), "A_PID": a_pid.to_string()});
     let b_id = c.create_job(&b)[0].clone();
-    let b_task = c.wait_task_state(&b_id, "FINISHED", SOON);
-    let (status, seen) = fetch(&format!("{}/v1/tasks/{b_id}/logs", c.url)).expect("B's log");
-    assert_eq!(status, 200, "{seen}");
-    assert!(seen.contains("probed"), "the probe ran to its end: {seen} {b_task}");
+    let seen = wait_log(&c, &b_id, "probed");
     assert!(!seen.contains(&secret), "tenant B read tenant A's secret:\n{seen}");
     for name in ["launch.json", "exit.json", "supervisor.json", "logs", "work", "stdout", "mine"] {
         assert!(!seen.lines().any(|l| l.trim() == name), "tenant B listed `{name}` of A's sandbox:\n{seen}");
@@ -210,12 +215,10 @@ while [ ! -e "$CAPSTAN_SANDBOX/go" ]; do sleep 0.1; done"#
     a["max_failures"] = json!(0);
     let a_id = c.create_job(&a)[0].clone();
     wait_until(SOON, "A wrote into its /tmp", || ensure(task_file(&c, &a_id, "written").is_some(), &a_id));
-    let mut b = job_spec("tenant-b/prod/tmp", "batch", 1, &format!("cat /tmp/{marker} 2>&1; echo looked"));
-    b["max_failures"] = json!(0);
+    let b = service("tenant-b/prod/tmp", &format!("cat /tmp/{marker} 2>&1; echo looked; exec sleep 600"));
     let b_id = c.create_job(&b)[0].clone();
-    c.wait_task_state(&b_id, "FINISHED", SOON);
-    let (_, seen) = fetch(&format!("{}/v1/tasks/{b_id}/logs", c.url)).expect("B's log");
-    assert!(seen.contains("looked") && !seen.contains("from-a"), "B saw A's /tmp file: {seen}");
+    let seen = wait_log(&c, &b_id, "looked");
+    assert!(!seen.contains("from-a"), "B saw A's /tmp file: {seen}");
     assert!(!host_tmp.exists(), "A's /tmp file reached the host's /tmp");
     // It lives in A's sandbox (counted with its disk) and goes when the sandbox is collected.
     let in_sandbox = c.work(&a_id).join("tmp").join(&marker);
