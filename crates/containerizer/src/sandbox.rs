@@ -7,7 +7,8 @@
 //!   launch.json, …       root   0600  records shared by agent and supervisor (see crate::records)
 //!   logs/                root   0700  stdout, stderr, stdout.1 …: written by the supervisor only
 //!   work/                U:G    0700  the task's own: cwd, $HOME, $CAPSTAN_SANDBOX
-//!     tmp/               U:G    1777  the task's /tmp (bind-mounted in its own mount namespace)
+//!     tmp/               U:G    1777  the task's /tmp and /var/tmp (bind-mounted in its own
+//!                                     mount namespace, see crate::supervisor)
 //! ```
 //! `U` is the task's user; `G` a group id from [`SANDBOX_GID_FIRST`]..=[`SANDBOX_GID_LAST`]
 //! (systemd's DynamicUser range) that no other live sandbox of this agent holds. The task runs

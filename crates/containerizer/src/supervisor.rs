@@ -23,8 +23,8 @@
 //! racing a supervisor the crashed agent had just spawned.
 //!
 //! The task's process (see [`crate::sandbox`] for the layout): a mount namespace of its own, with
-//! every mount made private first (nothing propagates to the host) and `SANDBOX/work/tmp`
-//! bind-mounted on `/tmp`; working directory, `$HOME` and `$CAPSTAN_SANDBOX` `SANDBOX/work`;
+//! every mount made private first (nothing propagates to the host), `SANDBOX/work/tmp`
+//! bind-mounted on `/tmp` and `/var/tmp`, and a tmpfs of its own on `/dev/shm`; working directory, `$HOME` and `$CAPSTAN_SANDBOX` `SANDBOX/work`;
 //! primary group the sandbox's group (from `launch.json`), supplementary groups its user's and
 //! that one. Every directory is opened by the supervisor before the fork, without following
 //! links, and the child uses the descriptors. When the task has ended, the sandbox's group goes
@@ -517,6 +517,19 @@ fn exec_child(plan: &ChildPlan, go: OwnedFd, err: OwnedFd) -> ! {
         let work = open_checked(&private.work).unwrap_or_else(|(what, e)| fail(what, e));
         if let Err(e) = bind(&tmp, "/tmp") {
             fail("mounting the sandbox's tmp on /tmp", e);
+        }
+        // The other places every user may write files in: /var/tmp is the same directory, and
+        // /dev/shm a tmpfs of the task's own (its pages are charged to the task's memory cgroup).
+        if Path::new("/var/tmp").is_dir() {
+            if let Err(e) = bind(&tmp, "/var/tmp") {
+                fail("mounting the sandbox's tmp on /var/tmp", e);
+            }
+        }
+        if Path::new("/dev/shm").is_dir() {
+            let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+            if let Err(e) = nix::mount::mount(Some("tmpfs"), "/dev/shm", Some("tmpfs"), flags, Some("mode=1777")) {
+                fail("mounting a private /dev/shm", e);
+            }
         }
         if let Some(path) = &private.work_under_tmp {
             // Made by root inside the task's /tmp (so the task cannot remove them while mounted).

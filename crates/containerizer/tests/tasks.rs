@@ -227,8 +227,10 @@ async fn the_sandbox_is_roots_and_its_task_alone_enters_it_with_a_private_tmp() 
     let c = containerizer(false);
     let sb = sandbox();
     let marker = format!("capstan-private-tmp-{}", std::process::id());
-    let spec =
-        spec(&format!("id -g; id -G; echo private > /tmp/{marker}; ls -A /tmp | grep -v '^[.]tmp'; cat /tmp/{marker}"));
+    let spec = spec(&format!(
+        "id -g; id -G; echo private > /tmp/{marker}; ls -A /tmp | grep -v '^[.]tmp'; cat /tmp/{marker}; \
+             cat /var/tmp/{marker}; echo shm > /dev/shm/{marker}; ls -A /dev/shm"
+    ));
     // (The sandbox lies in a tempdir under /tmp here, so its own path shows in the private /tmp
     // too, as `.tmpXXXX`: its work directory is mounted there again. See supervisor.rs.)
     let mut handle = c.launch(&sb.path, &spec).unwrap();
@@ -245,8 +247,11 @@ async fn the_sandbox_is_roots_and_its_task_alone_enters_it_with_a_private_tmp() 
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], gid.to_string(), "the sandbox's group is the task's primary group: {out}");
     assert!(lines[1].split(' ').any(|g| g == gid.to_string()), "and a supplementary one: {out}");
-    assert_eq!(lines[2..], [marker.as_str(), "private"], "/tmp is the sandbox's alone: {out}");
-    assert!(!Path::new("/tmp").join(&marker).exists(), "nothing reached the host's /tmp");
+    let expected = [marker.as_str(), "private", "private", marker.as_str()];
+    assert_eq!(lines[2..], expected, "/tmp and /var/tmp are the sandbox's, /dev/shm the task's own: {out}");
+    for dir in ["/tmp", "/var/tmp", "/dev/shm"] {
+        assert!(!Path::new(dir).join(&marker).exists(), "nothing reached the host's {dir}");
+    }
     assert_eq!(read(&sb.work().join("tmp").join(&marker)), "private\n", "the task's /tmp is in its sandbox");
     let mode = |p: &Path| {
         let m = std::fs::symlink_metadata(p).unwrap();
