@@ -20,6 +20,9 @@ pub const IDENTITY_FORMAT_VERSION: u32 = 1;
 pub const IDENTITY_FILE: &str = "agent.json";
 pub const UPDATE_LOG_FILE: &str = "updates.log";
 pub const SANDBOXES_DIR: &str = "sandboxes";
+/// `DATA/sandboxes`: tasks pass through it to their own sandbox (each sandbox admits only its
+/// task's group, see `capstan_containerizer::sandbox`), but only root may list it.
+pub const SANDBOXES_DIR_MODE: u32 = 0o711;
 /// Written into a sandbox once the master acknowledged the task's end.
 pub const REPORTED_MARKER: &str = "reported";
 /// How long cleanup waits for a task's cgroup to empty.
@@ -163,8 +166,10 @@ pub fn write_master_epoch(data_dir: &Path, epoch: u64) -> io::Result<()> {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("json.tmp");
-    let mut f = fs::File::create(&tmp)?;
+    // Root's alone, like every file of the agent's.
+    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);
@@ -175,8 +180,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Reads a sandbox's record: never through a link, only a regular file (a sandbox of the previous
+/// layout belongs to its task's user).
 fn read_checked<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, CheckpointError> {
-    match fs::read(path) {
+    match capstan_containerizer::read_regular_file(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| CheckpointError::new(path, format!("damaged or from a newer format ({e})"))),
@@ -234,7 +241,7 @@ pub fn cleanup(data_dir: &Path, containerizer: &Containerizer) -> anyhow::Result
         // The supervisor first, so that it cannot record anything more; then the task's group and
         // whatever is left in its cgroup.
         for file in ["supervisor.json", "task.json"] {
-            let identity = fs::read(dir.join(file))
+            let identity = capstan_containerizer::read_regular_file(&dir.join(file))
                 .ok()
                 .and_then(|b| serde_json::from_slice::<ProcessIdentity>(&b).ok())
                 .filter(|p| p.is_alive());

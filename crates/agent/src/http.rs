@@ -2,6 +2,11 @@
 //! here). Following a log survives its rotation (`stdout` → `stdout.1`): the reader notices
 //! that the path names a new file, finishes the old one and reopens; `tail=N` reaches into
 //! `stdout.1` when `stdout` has fewer than N lines.
+//!
+//! The agent runs as root and the files lie in a task's sandbox, so every file is opened through
+//! the sandbox's log directory held open ([`LogDir`]: `logs/`, or the sandbox itself for one of
+//! the previous layout), never following a link, and only a regular file of the directory's
+//! owner with one link is read. A task cannot make this route read anything but its own output.
 
 use crate::Agent;
 use axum::body::{Body, Bytes};
@@ -10,10 +15,10 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use capstan_containerizer::LogDir;
 use capstan_model::TaskId;
 use serde::Deserialize;
 use std::io::SeekFrom;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -73,14 +78,19 @@ async fn tail_start(file: &mut tokio::fs::File, lines: u64) -> std::io::Result<(
     Ok((0, if len > 0 { seen + 1 } else { 0 }))
 }
 
-/// True when `path` no longer names the file `file` reads (rotated: another inode), or the file
+/// True when `name` no longer names the file `file` reads (rotated: another inode), or the file
 /// shrank below what was read (truncated).
-async fn replaced(file: &tokio::fs::File, path: &std::path::Path, read_bytes: u64) -> bool {
+async fn replaced(file: &tokio::fs::File, dir: &LogDir, name: &str, read_bytes: u64) -> bool {
     use std::os::unix::fs::MetadataExt;
-    match (file.metadata().await, tokio::fs::metadata(path).await) {
-        (Ok(open), Ok(now)) => (open.dev(), open.ino()) != (now.dev(), now.ino()) || now.len() < read_bytes,
+    match (file.metadata().await, dir.id_of(name)) {
+        (Ok(open), Some((dev, ino, len))) => (open.dev(), open.ino()) != (dev, ino) || len < read_bytes,
         _ => false,
     }
+}
+
+/// Opens `name` in `dir` (see [`LogDir::open_file`]) for async reads.
+fn open_log(dir: &LogDir, name: &str) -> std::io::Result<tokio::fs::File> {
+    dir.open_file(name).map(tokio::fs::File::from_std)
 }
 
 /// What a log response reads: optionally the end of the rotated file first, then the live file,
@@ -88,7 +98,9 @@ async fn replaced(file: &tokio::fs::File, path: &std::path::Path, read_bytes: u6
 struct LogReader {
     /// Whether the task still runs (following stops after it ended).
     running: Box<dyn Fn() -> bool + Send + Sync>,
-    path: PathBuf,
+    /// The directory of the log, held open, and the log's name in it.
+    dir: LogDir,
+    name: String,
     follow: bool,
     /// The end of `stream.1`, read before `file` (for `tail` beyond the live file's lines).
     rotated: Option<tokio::fs::File>,
@@ -134,7 +146,7 @@ impl LogReader {
             if self.draining {
                 // What was left of the old file is read: continue with the new one from its start.
                 self.draining = false;
-                match tokio::fs::File::open(&self.path).await {
+                match open_log(&self.dir, &self.name) {
                     Ok(f) => {
                         self.file = f;
                         self.read_bytes = 0;
@@ -146,7 +158,7 @@ impl LogReader {
                     }
                 }
             }
-            if replaced(&self.file, &self.path, self.read_bytes).await {
+            if replaced(&self.file, &self.dir, &self.name, self.read_bytes).await {
                 // One more read of the old file catches what was written to it before the rename.
                 self.draining = true;
                 continue;
@@ -172,21 +184,27 @@ async fn logs(State(agent): State<Arc<Agent>>, Path(task): Path<String>, Query(q
             return failure(StatusCode::BAD_REQUEST, "bad_request", format!("stream `{other}`: use stdout or stderr"))
         }
     };
-    let path = agent.sandbox(task).join(stream);
-    let mut file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return failure(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("task {task} has no {stream} on this agent (no sandbox, or it was collected)"),
-            )
+    let not_found = || {
+        failure(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("task {task} has no {stream} on this agent (no sandbox, or it was collected)"),
+        )
+    };
+    let sandbox = agent.sandbox(task);
+    let opened = LogDir::open(&sandbox).and_then(|dir| open_log(&dir, stream).map(|file| (dir, file)));
+    let (dir, mut file) = match opened {
+        Ok(opened) => opened,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return not_found(),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::warn!(%task, "log route: {e} (in {})", sandbox.display());
+            return failure(StatusCode::FORBIDDEN, "forbidden", format!("task {task}'s {stream}: {e}"));
         }
         Err(e) => {
             return failure(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
-                format!("cannot open {}: {e}", path.display()),
+                format!("cannot open {stream} of task {task} in {}: {e}", sandbox.display()),
             )
         }
     };
@@ -200,8 +218,7 @@ async fn logs(State(agent): State<Arc<Agent>>, Path(task): Path<String>, Query(q
             };
             if found < n {
                 // Fewer lines than asked: the rest comes from the end of the rotated file.
-                let older = agent.sandbox(task).join(format!("{stream}.1"));
-                if let Ok(mut old) = tokio::fs::File::open(&older).await {
+                if let Ok(mut old) = open_log(&dir, &format!("{stream}.1")) {
                     match tail_start(&mut old, n - found).await {
                         Ok((o, _)) => match old.seek(SeekFrom::Start(o)).await {
                             Ok(_) => rotated = Some(old),
@@ -220,7 +237,8 @@ async fn logs(State(agent): State<Arc<Agent>>, Path(task): Path<String>, Query(q
     }
     let reader = LogReader {
         running: Box::new(move || agent.is_running(task)),
-        path,
+        dir,
+        name: stream.to_owned(),
         follow: q.follow.unwrap_or(false),
         rotated,
         file,
@@ -240,14 +258,29 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
 
+    /// A sandbox of the current layout in `dir` (as root) or of the previous one, with its
+    /// `stdout` path.
+    fn sandbox(dir: &std::path::Path) -> std::path::PathBuf {
+        std::fs::write(dir.join("launch.json"), "{}").unwrap();
+        if nix::unistd::geteuid().is_root() {
+            std::fs::create_dir(dir.join("logs")).unwrap();
+            dir.join("logs").join("stdout")
+        } else {
+            dir.join("stdout")
+        }
+    }
+
     async fn reader(path: &std::path::Path, tail: Option<u64>, running: Arc<AtomicBool>) -> LogReader {
-        let mut file = tokio::fs::File::open(path).await.unwrap();
+        let sandbox = path.parent().unwrap();
+        let sandbox = if sandbox.ends_with("logs") { sandbox.parent().unwrap() } else { sandbox };
+        let dir = LogDir::open(sandbox).unwrap();
+        let mut file = open_log(&dir, "stdout").unwrap();
         let mut rotated = None;
         let mut start = 0;
         if let Some(n) = tail {
             let (offset, found) = tail_start(&mut file, n).await.unwrap();
             if found < n {
-                let mut old = tokio::fs::File::open(path.with_extension("1")).await.unwrap();
+                let mut old = open_log(&dir, "stdout.1").unwrap();
                 let (o, _) = tail_start(&mut old, n - found).await.unwrap();
                 old.seek(SeekFrom::Start(o)).await.unwrap();
                 rotated = Some(old);
@@ -257,7 +290,8 @@ mod tests {
         file.seek(SeekFrom::Start(start)).await.unwrap();
         LogReader {
             running: Box::new(move || running.load(Ordering::SeqCst)),
-            path: path.to_path_buf(),
+            dir,
+            name: "stdout".into(),
             follow: true,
             rotated,
             file,
@@ -278,7 +312,7 @@ mod tests {
     #[tokio::test]
     async fn tail_reaches_into_the_rotated_file() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("stdout");
+        let path = sandbox(dir.path());
         std::fs::write(path.with_extension("1"), "a\nb\nc\n").unwrap();
         std::fs::write(&path, "d\ne\n").unwrap();
         let stopped = Arc::new(AtomicBool::new(false));
@@ -290,7 +324,7 @@ mod tests {
     #[tokio::test]
     async fn following_survives_a_rotation() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("stdout");
+        let path = sandbox(dir.path());
         std::fs::write(&path, "one\n").unwrap();
         let running = Arc::new(AtomicBool::new(true));
         let follow = tokio::spawn(read_all(reader(&path, None, running.clone()).await));

@@ -293,6 +293,12 @@ fn open_checkpoint(config: &AgentConfig, containerizer: &Containerizer) -> anyho
     let updates = UpdateQueue::open(&log).map_err(CheckpointError::from)?;
     std::fs::create_dir_all(&sandboxes)
         .with_context(|| format!("cannot create the sandboxes directory {}", sandboxes.display()))?;
+    // Tasks pass through it to their own sandbox; nobody but root lists which tasks run here.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&sandboxes, std::fs::Permissions::from_mode(checkpoint::SANDBOXES_DIR_MODE))
+            .with_context(|| format!("cannot chmod the sandboxes directory {}", sandboxes.display()))?;
+    }
     checkpoint::check_sandboxes(&sandboxes)?;
     Ok((id, updates))
 }
@@ -521,7 +527,16 @@ impl Agent {
         for u in acked.iter().filter(|u| matches!(u.report, Report::Exited { .. })) {
             let sandbox = self.sandbox(u.task);
             if sandbox.is_dir() {
-                if let Err(e) = std::fs::write(sandbox.join(REPORTED_MARKER), b"") {
+                // Never through a link: a sandbox of the previous layout is the task user's.
+                use std::os::unix::fs::OpenOptionsExt;
+                let marked = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .custom_flags(nix::libc::O_NOFOLLOW)
+                    .open(sandbox.join(REPORTED_MARKER));
+                if let Err(e) = marked {
                     tracing::warn!(task = %u.task, "cannot mark the sandbox as reported: {e}");
                 }
             }
@@ -737,7 +752,11 @@ impl Agent {
         env.push(("CAPSTAN_TASK_ID".into(), task.to_string()));
         env.push(("CAPSTAN_JOB".into(), order.job.to_string()));
         env.push(("CAPSTAN_INSTANCE".into(), order.instance.to_string()));
-        env.push(("CAPSTAN_SANDBOX".into(), self.sandbox(task).display().to_string()));
+        // The task's own directory in its sandbox (the rest of the sandbox is root's).
+        env.push((
+            "CAPSTAN_SANDBOX".into(),
+            capstan_containerizer::work_dir(&self.sandbox(task)).display().to_string(),
+        ));
         for (name, port) in &order.ports {
             env.push((capstan_model::TaskSpec::port_env_name(name), port.to_string()));
         }
@@ -749,7 +768,7 @@ impl Agent {
         CheckTarget {
             host: std::net::Ipv4Addr::LOCALHOST.into(),
             ports: order.ports.clone(),
-            sandbox: self.sandbox(order.task),
+            sandbox: capstan_containerizer::work_dir(&self.sandbox(order.task)),
             user: order.spec.user.clone(),
             env: self.task_env(order),
             allow_root: self.config.allow_root_tasks,
@@ -839,6 +858,7 @@ impl Agent {
             kill_grace_ms: order.spec.kill_grace.0,
             log_max_bytes: 0,
             log_keep: 0,
+            sandbox_gid: None, // chosen by the containerizer
         };
         // In the task table before its first update: a heartbeat whose `as_of_seq` covers the
         // update lists the task.

@@ -121,7 +121,7 @@ async fn while_frozen_a_failed_health_check_keeps_its_task_until_unfrozen() {
     let pid = running.pid.expect("a pid");
     assert!(agent.is_frozen(), "the orders said frozen");
 
-    std::fs::remove_file(c.sandbox(task).join("ready")).unwrap();
+    std::fs::remove_file(capstan_containerizer::work_dir(&c.sandbox(task)).join("ready")).unwrap();
     c.wait_task(task, "is unhealthy", SOON, |t| t.health.as_deref() == Some("unhealthy")).await;
     // Several runs of two failed checks long: still running.
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -211,7 +211,7 @@ async fn a_health_check_marks_the_task_healthy_then_fails_it() {
     });
     let task = c.create_job(spec).await[0];
     c.wait_task(task, "is healthy", SOON, |t| t.health.as_deref() == Some("healthy")).await;
-    std::fs::remove_file(c.sandbox(task).join("ready")).unwrap();
+    std::fs::remove_file(capstan_containerizer::work_dir(&c.sandbox(task)).join("ready")).unwrap();
     let failed = c.wait_state(task, "FAILED", SOON).await;
     assert!(failed.reason.contains("failed health check"), "{}", failed.reason);
     assert!(matches!(failed.exit, Some(TaskExit::HealthCheckFailed { .. })), "{:?}", failed.exit);

@@ -151,9 +151,11 @@ fn agent_kill_9_keeps_its_tasks_and_reports_the_one_that_exited_while_it_was_dow
     }
 }
 
-/// What `Containerizer::launch` leaves in a sandbox when the agent dies after writing
+/// What `Containerizer::launch` of an agent of the *previous* sandbox layout (the sandbox owned
+/// by the task's user, 0750, no `logs/` or `work/`) leaves when the agent dies after writing
 /// `launch.json` (and the supervisor's config and log) but before the supervisor recorded itself:
-/// a copy of `template` (an earlier task's sandbox) for task `id` of `job`.
+/// a copy of `template` (an earlier task's sandbox) for task `id` of `job`. The restarted agent
+/// of this version lays the sandbox out anew before it runs the task (see `relaunch`).
 fn fabricate_interrupted_launch(template: &Path, sandbox: &Path, id: &str, job: &str, command: &str) {
     let mut launch: Value = serde_json::from_slice(&std::fs::read(template.join("launch.json")).unwrap()).unwrap();
     launch["task_id"] = json!(id);
@@ -214,7 +216,7 @@ fn a_launch_interrupted_by_an_agent_crash_runs_the_task_once_after_restart() {
     assert_eq!(t["state"], "FINISHED", "an interrupted launch is not a failure of the task: {t}");
     let tasks = c.tasks_of(key).unwrap();
     assert_eq!(tasks.len(), 1, "no retry: {}", summary(&tasks));
-    let ran = std::fs::read_to_string(c.sandbox(&id).join("ran")).unwrap_or_default();
+    let ran = std::fs::read_to_string(c.work(&id).join("ran")).unwrap_or_default();
     assert_eq!(ran, "ran\n", "the command ran exactly once");
 }
 
@@ -343,7 +345,8 @@ fn a_task_failing_its_http_health_check_is_killed_with_the_reason_and_replaced()
     privileged_or_skip!("a_task_failing_its_http_health_check_is_killed_with_the_reason_and_replaced");
     let c = Cluster::start_split();
     let key = "www/prod/checked";
-    let server = c.write_file("server.py", CHECKED_SERVER);
+    // In the job itself: a file of the test's directory (under /tmp) is out of the task's reach,
+    // as its /tmp is its own.
     // A whole cpu: with grace_period = "0s" the server must answer within 2 checks (about 200 ms)
     // of its start, and python3 needs about 80 ms of cpu to get there (at 0.05 cpus: 1.6 s).
     let job = c.write_file(
@@ -355,13 +358,16 @@ type = "service"
 instances = 1
 
 [task]
-command = "exec python3 {server}"
+command = 'exec python3 -c "$SERVER_PY"'
 user = "nobody"
 cpus = 1
 mem = "64MiB"
 disk = "32MiB"
 ports = ["http"]
 kill_grace = "1s"
+
+[task.env]
+SERVER_PY = '''{CHECKED_SERVER}'''
 
 [health_check]
 type = "http"
@@ -371,8 +377,7 @@ interval = "200ms"
 timeout = "200ms"
 grace_period = "0s"
 consecutive_failures = 2
-"#,
-            server = server.display()
+"#
         ),
     );
     c.capstan_ok(&["job", "create", job.to_str().unwrap()]);
@@ -391,7 +396,7 @@ consecutive_failures = 2
     let listed = c.capstan_ok(&["task", "list", "--job", key]);
     assert!(listed.lines().any(|l| l.contains(&id) && l.contains("healthy")), "task list shows it healthy:\n{listed}");
 
-    std::fs::write(c.sandbox(&id).join("fail"), "").expect("creating the fail file");
+    std::fs::write(c.work(&id).join("fail"), "").expect("creating the fail file");
     let failed = c.wait_task_state(&id, "FAILED", SOON);
     let why = reason(&failed);
     assert!(why.contains("failed health check"), "reason: {why:?} ({failed})");
@@ -655,7 +660,7 @@ fn task_logs_tail_follow_and_after_the_end() {
     c.create_job(&job_spec(key, "service", 1, "i=0; while :; do i=$((i+1)); echo \"tick $i\"; sleep 0.1; done"));
     let t = c.wait_running(key, 1, SOON).remove(0);
     let id = task_id(&t);
-    let stdout = c.sandbox(&id).join("stdout");
+    let stdout = c.log_file(&id, "stdout");
     let ticks_in_file = || std::fs::read_to_string(&stdout).unwrap_or_default().lines().count();
     wait_until(SOON, "the task wrote a few lines", || ensure(ticks_in_file() >= 3, ticks_in_file()));
     let mut follow = Command::new(CAPSTAN)

@@ -70,10 +70,11 @@ fn service_instances_run_as_nobody_on_their_own_ports_with_the_contract_environm
         assert_eq!(env.get("CAPSTAN_TASK_ID"), Some(&id), "env of {id}: {env:?}");
         assert_eq!(env.get("CAPSTAN_JOB").map(String::as_str), Some(JOB), "env of {id}: {env:?}");
         assert_eq!(env.get("CAPSTAN_INSTANCE"), Some(&t["instance"].to_string()), "env of {id}: {env:?}");
-        assert_eq!(env.get("CAPSTAN_SANDBOX"), Some(&sandbox.display().to_string()), "env of {id}: {env:?}");
+        assert_eq!(env.get("CAPSTAN_SANDBOX"), Some(&c.work(&id).display().to_string()), "env of {id}: {env:?}");
         assert_eq!(env.get("PORT_HTTP"), Some(&port.to_string()), "env of {id}: {env:?}");
-        assert!(sandbox.join("stdout").is_file(), "{} has no stdout file", sandbox.display());
-        assert!(sandbox.join("stderr").is_file(), "{} has no stderr file", sandbox.display());
+        for log in ["stdout", "stderr"] {
+            assert!(c.log_file(&id, log).is_file(), "{} has no {log} file in logs/", sandbox.display());
+        }
         assert_eq!(t["host"].as_str().map(str::is_empty), Some(false), "task has a host: {t}");
     }
 
@@ -606,7 +607,7 @@ fn the_task_user_can_use_its_sandbox_by_path() {
     privileged_or_skip!("the_task_user_can_use_its_sandbox_by_path");
     let c = DevCluster::start_with_private_parent(false);
     let (ids, t) = run_sandbox_probe(&c);
-    let stderr = std::fs::read_to_string(c.sandbox(&ids[0]).join("stderr")).unwrap_or_default();
+    let stderr = std::fs::read_to_string(c.log_file(&ids[0], "stderr")).unwrap_or_default();
     assert_eq!(t["state"], "FINISHED", "the task could not use $CAPSTAN_SANDBOX: {t}\nits stderr: {stderr}");
 }
 

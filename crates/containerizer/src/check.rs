@@ -69,10 +69,16 @@ pub async fn run_command_check(
     timeout: Duration,
     allow_root: bool,
 ) -> CheckOutcome {
-    let identity = match lookup(user, allow_root).await {
+    let mut identity = match lookup(user, allow_root).await {
         Ok(identity) => identity,
         Err(why) => return CheckOutcome::failed(format!("command not run: {why}")),
     };
+    // Only the task's own group enters its sandbox (see crate::sandbox): the check has it as the
+    // task does, as its primary group.
+    if let Some(gid) = crate::sandbox::task_gid_of_work_dir(cwd).filter(|_| identity.drop_privileges) {
+        identity.groups.push(gid);
+        identity.gid = gid;
+    }
     let Ok(cwd_c) = CString::new(cwd.as_os_str().as_bytes()) else {
         return CheckOutcome::failed("command not run: the sandbox path contains NUL".into());
     };

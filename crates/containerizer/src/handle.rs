@@ -7,13 +7,14 @@ use crate::records::{
     SupervisorConfig, Usage, EXIT_FILE, KILL_FILE, LAUNCH_FILE, LOCK_FILE, SUPERVISOR_CONFIG_FILE, SUPERVISOR_FILE,
     SUPERVISOR_LOG_FILE, TASK_FILE,
 };
+use crate::sandbox::{self, GidsExhausted, SANDBOX_GID_FIRST, SANDBOX_GID_LAST, WORK_DIR};
 use capstan_model::{TaskExit, TaskId};
 use nix::unistd::User;
 use std::ffi::OsString;
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -74,6 +75,8 @@ pub enum LaunchError {
          give the agent a --data-dir that task users can traverse (e.g. /var/lib/capstan/agent), or chmod o+x {blocker}"
     )]
     SandboxUnreachable { user: String, sandbox: PathBuf, blocker: PathBuf, mode: u32 },
+    #[error("{0}")]
+    GidsExhausted(GidsExhausted),
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
 }
@@ -96,6 +99,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> LaunchError {
 pub struct Containerizer {
     config: ContainerizerConfig,
     hierarchies: Hierarchies,
+    /// Held from choosing a sandbox's group id until the sandbox directory has it, so that two
+    /// launches of this agent never choose the same one.
+    allocating: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 /// What `attach` found.
@@ -128,7 +134,7 @@ impl Containerizer {
             return Err(ContainerizerError::Config("supervisor_cmd is empty".into()));
         }
         let hierarchies = Hierarchies::discover().map_err(ContainerizerError::Cgroups)?;
-        Ok(Containerizer { config, hierarchies })
+        Ok(Containerizer { config, hierarchies, allocating: Default::default() })
     }
 
     /// Legacy (v1), Hybrid (v1 used; an empty v2 tree exists) or Unified (v2).
@@ -146,25 +152,26 @@ impl Containerizer {
         self.task_cgroup(task_id).usage()
     }
 
-    /// Creates the sandbox (owned by the task user), writes `launch.json` and starts the
-    /// supervisor in its own session. Returns without waiting for the task; an unknown user or
-    /// a cgroup failure arrives later as `TaskExit::LaunchFailed` (see [`TaskHandle::started`]).
+    /// Lays out the sandbox (see [`crate::sandbox`]: root's, entered only by a group id chosen
+    /// here for this task), writes `launch.json` (with that group id) and starts the supervisor
+    /// in its own session. Returns without waiting for the task; an unknown user or a cgroup
+    /// failure arrives later as `TaskExit::LaunchFailed` (see [`TaskHandle::started`]).
     pub fn launch(&self, sandbox: &Path, spec: &LaunchSpec) -> Result<TaskHandle, LaunchError> {
         let user = self.check_user(spec)?;
-        fs::create_dir_all(sandbox).map_err(io_err(format!("creating sandbox {}", sandbox.display())))?;
+        if let Some(parent) = sandbox.parent() {
+            fs::create_dir_all(parent).map_err(io_err(format!("creating {}", parent.display())))?;
+        }
         if sandbox.join(SUPERVISOR_FILE).exists() || sandbox.join(EXIT_FILE).exists() {
             return Err(LaunchError::SandboxInUse(sandbox.to_path_buf()));
         }
         if let Some(user) = &user {
             check_reachable(sandbox, user)?;
-            nix::unistd::chown(sandbox, Some(user.uid), Some(user.gid))
-                .map_err(|e| LaunchError::Io { what: format!("chown {}", sandbox.display()), source: e.into() })?;
-            fs::set_permissions(sandbox, fs::Permissions::from_mode(0o750))
-                .map_err(io_err(format!("chmod {}", sandbox.display())))?;
         }
+        let sandbox_gid = self.prepare_sandbox(sandbox, user.as_ref())?;
+        let spec = LaunchSpec { sandbox_gid, ..spec.clone() };
         // The config first: a sandbox with launch.json always has it (see `relaunch`).
         self.write_supervisor_config(sandbox)?;
-        write_json_atomic(&sandbox.join(LAUNCH_FILE), spec).map_err(io_err(format!("writing {LAUNCH_FILE}")))?;
+        write_json_atomic(&sandbox.join(LAUNCH_FILE), &spec).map_err(io_err(format!("writing {LAUNCH_FILE}")))?;
         // An agent that dies from here until the supervisor has recorded itself leaves a sandbox
         // that `attach` finds `NotStarted` (or running, if the supervisor got that far).
         self.spawn_supervisor(sandbox, spec.task_id)
@@ -179,12 +186,55 @@ impl Containerizer {
         let spec: LaunchSpec = read_json(&sandbox.join(LAUNCH_FILE))
             .map_err(io_err(format!("reading {}", sandbox.join(LAUNCH_FILE).display())))?
             .ok_or_else(|| LaunchError::NotLaunched(sandbox.to_path_buf()))?;
-        self.check_user(&spec)?;
+        let user = self.check_user(&spec)?;
         // Written before launch.json by this version; a sandbox of an older one may lack it.
         if !sandbox.join(SUPERVISOR_CONFIG_FILE).exists() {
             self.write_supervisor_config(sandbox)?;
         }
+        if !sandbox::has_current_layout(sandbox) {
+            // Launched by an agent of the previous sandbox layout, and nothing ran: lay it out
+            // as this version does (the directory becomes root's before anything is made in it).
+            let sandbox_gid = self.prepare_sandbox(sandbox, user.as_ref())?;
+            let work = sandbox.join(WORK_DIR).display().to_string();
+            let old = sandbox.display().to_string();
+            let mut spec = LaunchSpec { sandbox_gid, ..spec.clone() };
+            for (k, v) in &mut spec.env {
+                if k == "CAPSTAN_SANDBOX" && *v == old {
+                    v.clone_from(&work);
+                }
+            }
+            write_json_atomic(&sandbox.join(LAUNCH_FILE), &spec).map_err(io_err(format!("rewriting {LAUNCH_FILE}")))?;
+        }
         self.spawn_supervisor(sandbox, spec.task_id)
+    }
+
+    /// Chooses the sandbox's group id (when the agent is root and the user exists) and lays the
+    /// sandbox out (see [`crate::sandbox`]); returns the group id.
+    fn prepare_sandbox(&self, sandbox: &Path, user: Option<&User>) -> Result<Option<u32>, LaunchError> {
+        let preparing = io_err(format!("preparing sandbox {}", sandbox.display()));
+        let owner = user.map(|u| (u.uid, u.gid));
+        if !nix::unistd::geteuid().is_root() || user.is_none() {
+            return sandbox::prepare(sandbox, owner, None).map(|()| None).map_err(preparing);
+        }
+        let _one_at_a_time = self.allocating.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let gid = match sandbox::allocate_gid(sandbox, &(SANDBOX_GID_FIRST..=SANDBOX_GID_LAST)) {
+            Ok(gid) => gid,
+            Err(e) => {
+                return Err(match e.into_inner().map(|inner| inner.downcast::<GidsExhausted>()) {
+                    Some(Ok(exhausted)) => LaunchError::GidsExhausted(*exhausted),
+                    Some(Err(other)) => LaunchError::Io {
+                        what: format!("choosing a group id for {}", sandbox.display()),
+                        source: io::Error::other(other),
+                    },
+                    None => LaunchError::Io {
+                        what: format!("choosing a group id for {}", sandbox.display()),
+                        source: io::Error::other("unknown error"),
+                    },
+                });
+            }
+        };
+        sandbox::prepare(sandbox, owner, Some(nix::unistd::Gid::from_raw(gid))).map_err(preparing)?;
+        Ok(Some(gid))
     }
 
     /// The task's user, if it exists; refuses root unless allowed.
@@ -209,6 +259,8 @@ impl Containerizer {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(sandbox.join(SUPERVISOR_LOG_FILE))
             .map_err(io_err(format!("opening {SUPERVISOR_LOG_FILE}")))?;
         let (events_read, events_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -322,6 +374,11 @@ fn supervisor_lost(sandbox: &Path, cgroup: &TaskCgroup, message: String) -> Exit
     let message =
         if left.is_empty() { message } else { format!("{message}; killed {} leftover task process(es)", left.len()) };
     let record = ExitRecord { exit: TaskExit::SupervisorLost { message }, usage, ended_at_ms: now_ms() };
+    if emptied {
+        if let Err(e) = sandbox::release_gid(sandbox) {
+            tracing::warn!(sandbox = %sandbox.display(), "cannot give the sandbox back to group root: {e}");
+        }
+    }
     if let Err(e) = write_json_atomic(&sandbox.join(EXIT_FILE), &record) {
         tracing::warn!(sandbox = %sandbox.display(), "cannot write {EXIT_FILE}: {e}");
     }

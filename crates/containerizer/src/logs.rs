@@ -13,53 +13,97 @@
 //! reopen the path from offset 0 — after first reading what is left of its old file, which is now
 //! `stdout.1`. A reader that keeps its descriptor would otherwise read a file that no longer grows.
 //!
+//! Where: the files live in the sandbox's root-only `logs/` directory (see [`crate::sandbox`]),
+//! which the supervisor holds open; every create, open, rename and unlink is relative to that
+//! descriptor with `O_NOFOLLOW` (a rename never follows a link), files are created mode 0600 and
+//! nothing is ever chowned. The task never has the files, only the write ends of its pipes.
+//!
 //! Architecture invariant: a live log file never exceeds `max_bytes` (a full disk drops output,
 //! it never blocks the task forever: the supervisor keeps reading the pipe).
 
-use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use nix::unistd::{Gid, Uid};
-use std::fs::{self, File, OpenOptions};
+use nix::fcntl::{fcntl, openat, renameat, FcntlArg, OFlag};
+use nix::sys::stat::{fstat, Mode, SFlag};
+use nix::unistd::{unlinkat, UnlinkatFlags};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Mode of a log file: root's alone (the task reads its output through the agent's API).
+const LOG_FILE_MODE: u32 = 0o600;
 
 /// One output stream's file, with its rotated predecessors next to it.
 #[derive(Debug)]
 pub(crate) struct RotatingLog {
-    path: PathBuf,
+    /// The directory of the files, held open.
+    dir: Arc<OwnedFd>,
+    /// The live file's name in `dir` (`stdout`).
+    name: String,
+    /// For messages only: where `dir` was when it was opened.
+    shown: PathBuf,
     file: File,
     size_bytes: u64,
     max_bytes: u64,
     keep: u32,
-    /// Owner of the files (the task's user, so it can read its own logs).
-    owner: Option<(Uid, Gid)>,
     /// Output lost to write errors since the last successful write (reported when it resumes).
     dropped_bytes: u64,
 }
 
-/// The `n`th rotated part of a log: `SANDBOX/stdout` → `SANDBOX/stdout.N` (1 is the newest).
+/// The `n`th rotated part of a log: `SANDBOX/logs/stdout` → `SANDBOX/logs/stdout.N` (1 is the
+/// newest).
 pub fn rotated_path(path: &Path, n: u32) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".{n}"));
     PathBuf::from(name)
 }
 
-fn open_append(path: &Path, owner: Option<(Uid, Gid)>) -> io::Result<File> {
-    let file = OpenOptions::new().create(true).append(true).mode(0o640).open(path)?;
-    if let Some((uid, gid)) = owner {
-        nix::unistd::fchown(&file, Some(uid), Some(gid)).map_err(io::Error::from)?;
+/// The `n`th rotated part's name: `stdout` → `stdout.N`.
+pub fn rotated_name(name: &str, n: u32) -> String {
+    format!("{name}.{n}")
+}
+
+/// Opens (creating) `name` in `dir` for appending: never through a link, and only a regular file.
+fn open_append(dir: BorrowedFd<'_>, name: &str) -> io::Result<File> {
+    let fd = openat(
+        dir,
+        name,
+        OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CREAT | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(LOG_FILE_MODE),
+    )?;
+    let stat = fstat(&fd)?;
+    if SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFREG {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{name} is not a regular file")));
     }
-    Ok(file)
+    let flags = OFlag::from_bits_retain(fcntl(&fd, FcntlArg::F_GETFL)?);
+    fcntl(&fd, FcntlArg::F_SETFL(flags & !OFlag::O_NONBLOCK))?;
+    Ok(File::from(fd))
+}
+
+fn ignore_missing(result: nix::Result<()>) -> io::Result<()> {
+    match result {
+        Ok(()) | Err(nix::Error::ENOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 impl RotatingLog {
-    /// Opens (creating) `path` for appending; `max_bytes` is at least 1.
-    pub fn open(path: &Path, max_bytes: u64, keep: u32, owner: Option<(Uid, Gid)>) -> io::Result<Self> {
+    /// Opens (creating) `name` in `dir` for appending; `max_bytes` is at least 1. `shown` is the
+    /// directory's path, for messages.
+    pub fn open(dir: Arc<OwnedFd>, shown: &Path, name: &str, max_bytes: u64, keep: u32) -> io::Result<Self> {
         assert!(max_bytes > 0, "a log of at most 0 bytes cannot hold anything");
-        let file = open_append(path, owner)?;
+        let file = open_append(dir.as_fd(), name)?;
         let size_bytes = file.metadata()?.len();
-        Ok(RotatingLog { path: path.to_path_buf(), file, size_bytes, max_bytes, keep, owner, dropped_bytes: 0 })
+        Ok(RotatingLog {
+            dir,
+            name: name.to_owned(),
+            shown: shown.join(name),
+            file,
+            size_bytes,
+            max_bytes,
+            keep,
+            dropped_bytes: 0,
+        })
     }
 
     /// Appends `data`, rotating as often as needed. Never fails: what cannot be written is
@@ -95,7 +139,7 @@ impl RotatingLog {
                 if self.dropped_bytes > 0 {
                     eprintln!(
                         "capstan supervisor: {}: writing again after dropping {} bytes",
-                        self.path.display(),
+                        self.shown.display(),
                         self.dropped_bytes
                     );
                     self.dropped_bytes = 0;
@@ -103,7 +147,7 @@ impl RotatingLog {
             }
             Err(e) => {
                 if self.dropped_bytes == 0 {
-                    eprintln!("capstan supervisor: {}: {e}; dropping output", self.path.display());
+                    eprintln!("capstan supervisor: {}: {e}; dropping output", self.shown.display());
                 }
                 self.dropped_bytes += chunk.len() as u64;
                 // A partial write may have grown the file; stay within the bound.
@@ -118,9 +162,9 @@ impl RotatingLog {
         match self.shift_and_reopen() {
             Ok(file) => self.file = file,
             Err(e) => {
-                eprintln!("capstan supervisor: rotating {}: {e}; truncating it instead", self.path.display());
+                eprintln!("capstan supervisor: rotating {}: {e}; truncating it instead", self.shown.display());
                 if let Err(e) = self.file.set_len(0) {
-                    eprintln!("capstan supervisor: truncating {}: {e}", self.path.display());
+                    eprintln!("capstan supervisor: truncating {}: {e}", self.shown.display());
                 }
             }
         }
@@ -128,25 +172,23 @@ impl RotatingLog {
     }
 
     fn shift_and_reopen(&self) -> io::Result<File> {
+        let dir = self.dir.as_fd();
         if self.keep == 0 {
-            fs::remove_file(&self.path)?;
+            ignore_missing(unlinkat(dir, self.name.as_str(), UnlinkatFlags::NoRemoveDir))?;
         } else {
             for n in (1..self.keep).rev() {
-                match fs::rename(rotated_path(&self.path, n), rotated_path(&self.path, n + 1)) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
+                let (from, to) = (rotated_name(&self.name, n), rotated_name(&self.name, n + 1));
+                ignore_missing(renameat(dir, from.as_str(), dir, to.as_str()))?;
             }
-            fs::rename(&self.path, rotated_path(&self.path, 1))?;
+            renameat(dir, self.name.as_str(), dir, rotated_name(&self.name, 1).as_str())?;
         }
-        open_append(&self.path, self.owner)
+        open_append(dir, &self.name)
     }
 
     /// Flushes the current file to disk (before `exit.json` is written).
     pub fn sync(&self) {
         if let Err(e) = self.file.sync_data() {
-            eprintln!("capstan supervisor: syncing {}: {e}", self.path.display());
+            eprintln!("capstan supervisor: syncing {}: {e}", self.shown.display());
         }
     }
 }
@@ -190,7 +232,7 @@ impl LogPump {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    eprintln!("capstan supervisor: reading the task's output for {}: {e}", self.log.path.display());
+                    eprintln!("capstan supervisor: reading the task's output for {}: {e}", self.log.shown.display());
                     self.pipe = None;
                     return;
                 }
@@ -208,15 +250,23 @@ impl LogPump {
 mod tests {
     use super::*;
 
+    use std::fs;
+
     fn read(path: &Path) -> String {
         fs::read_to_string(path).unwrap_or_else(|e| format!("<{e}>"))
+    }
+
+    fn open(path: &Path, max_bytes: u64, keep: u32) -> RotatingLog {
+        let dir = Arc::new(crate::sandbox::open_dir_nofollow(path.parent().unwrap()).unwrap());
+        let name = path.file_name().unwrap().to_str().unwrap();
+        RotatingLog::open(dir, path.parent().unwrap(), name, max_bytes, keep).unwrap()
     }
 
     #[test]
     fn rotation_cuts_after_whole_lines_and_keeps_n_files() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stdout");
-        let mut log = RotatingLog::open(&path, 10, 2, None).unwrap();
+        let mut log = open(&path, 10, 2);
         log.write(b"aaaa\nbbbb\ncccc\n");
         assert_eq!(read(&path), "cccc\n");
         assert_eq!(read(&rotated_path(&path, 1)), "aaaa\nbbbb\n");
@@ -238,7 +288,7 @@ mod tests {
     fn a_line_longer_than_the_file_is_cut_at_the_limit() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stderr");
-        let mut log = RotatingLog::open(&path, 4, 3, None).unwrap();
+        let mut log = open(&path, 4, 3);
         log.write(b"ab\n");
         log.write(b"0123456789\n");
         assert_eq!(read(&rotated_path(&path, 3)), "ab\n");
@@ -252,7 +302,7 @@ mod tests {
     fn keep_zero_discards_and_sizes_never_exceed_the_limit() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stdout");
-        let mut log = RotatingLog::open(&path, 100, 0, None).unwrap();
+        let mut log = open(&path, 100, 0);
         for i in 0..1000 {
             log.write(format!("line {i}\n").as_bytes());
             assert!(fs::metadata(&path).unwrap().len() <= 100);
@@ -266,7 +316,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stdout");
         let (read_end, write_end) = nix::unistd::pipe().unwrap();
-        let mut pump = LogPump::new(read_end, RotatingLog::open(&path, 1 << 20, 1, None).unwrap()).unwrap();
+        let mut pump = LogPump::new(read_end, open(&path, 1 << 20, 1)).unwrap();
         let mut writer = File::from(write_end);
         writer.write_all(b"one\ntwo\n").unwrap();
         let mut buf = [0u8; 4];
@@ -287,9 +337,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stdout");
         fs::write(&path, "12345678\n").unwrap();
-        let mut log = RotatingLog::open(&path, 10, 1, None).unwrap();
+        let mut log = open(&path, 10, 1);
         log.write(b"xy\n");
         assert_eq!(read(&rotated_path(&path, 1)), "12345678\n");
         assert_eq!(read(&path), "xy\n");
+    }
+
+    #[test]
+    fn links_planted_among_the_files_are_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "untouched\n").unwrap();
+        let logs = dir.path().join("logs");
+        fs::create_dir(&logs).unwrap();
+        let path = logs.join("stdout");
+        let mut log = open(&path, 10, 2);
+        log.write(b"aaaa\n");
+        // The live name and the rotated names replaced by links to the victim.
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        std::os::unix::fs::symlink(&victim, rotated_path(&path, 1)).unwrap();
+        std::os::unix::fs::symlink(&victim, rotated_path(&path, 2)).unwrap();
+        for _ in 0..5 {
+            log.write(b"bbbbbbbb\n");
+        }
+        assert_eq!(read(&victim), "untouched\n", "nothing was written through a link");
+        assert!(fs::symlink_metadata(&victim).unwrap().is_file());
     }
 }

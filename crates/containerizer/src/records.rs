@@ -1,7 +1,11 @@
 //! The files a supervisor and the agent share in a sandbox: launch spec, identities, exit record.
 //!
 //! Every file is JSON and written atomically (temporary file, fsync, rename, fsync of the
-//! directory), so a reader sees either the old state or the new one, never half a file.
+//! directory), so a reader sees either the old state or the new one, never half a file. Every
+//! file is root's alone (mode 0600; the spec holds the job's environment) in the root-owned
+//! sandbox directory (see [`crate::sandbox`]); none is created or read through a symbolic link,
+//! which also keeps sandboxes of the previous layout (owned by the task's user) from pointing the
+//! agent at another file.
 
 use capstan_model::{TaskExit, TaskId};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -68,6 +72,11 @@ pub struct LaunchSpec {
     /// [`DEFAULT_LOG_KEEP`]; at most [`MAX_LOG_KEEP`].
     #[serde(default)]
     pub log_keep: u32,
+    /// The group the task runs with (primary and supplementary), which alone may enter the
+    /// sandbox (see [`crate::sandbox`]); chosen by `Containerizer::launch`. `None` in a spec of
+    /// the previous sandbox layout, and when the agent is not root (then nothing is separated).
+    #[serde(default)]
+    pub sandbox_gid: Option<u32>,
 }
 
 impl LaunchSpec {
@@ -178,13 +187,26 @@ pub(crate) struct KillRequest {
     pub exit: Option<TaskExit>,
 }
 
+/// Mode of every record file: the launch spec holds the job's environment.
+pub(crate) const RECORD_MODE: u32 = 0o600;
+
 /// Writes `value` as JSON to `path` atomically: temporary file, fsync, rename, fsync directory.
+/// The temporary file is created new (`O_EXCL`, which never follows a link), mode 0600.
 pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
     let bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".tmp{}", std::process::id()));
     let tmp = std::path::PathBuf::from(tmp);
-    let mut file = fs::File::create(&tmp)?;
+    let create = || fs::OpenOptions::new().write(true).create_new(true).mode(RECORD_MODE).open(&tmp);
+    let mut file = match create() {
+        Ok(file) => file,
+        // Left by a crash of an earlier process with the same pid (or planted): replace it.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            fs::remove_file(&tmp)?;
+            create()?
+        }
+        Err(e) => return Err(e),
+    };
     file.write_all(&bytes)?;
     file.sync_all()?;
     drop(file);
@@ -195,9 +217,32 @@ pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> io::Res
     Ok(())
 }
 
-/// Reads a JSON file; `Ok(None)` when it does not exist.
+/// Reads a whole file that must be a regular file and not a symbolic link (a sandbox's records:
+/// one of the previous layout lies in a directory its task could write).
+pub fn read_regular_file(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::new(io::ErrorKind::InvalidData, format!("{} is a symbolic link", path.display()))
+            } else {
+                e
+            }
+        })?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} is not a regular file", path.display())));
+    }
+    let mut bytes = vec![];
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Reads a JSON file (see [`read_regular_file`]); `Ok(None)` when it does not exist.
 pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
-    match fs::read(path) {
+    match read_regular_file(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
@@ -216,7 +261,8 @@ pub(crate) fn try_lock_sandbox(sandbox: &Path) -> io::Result<Option<OwnedFd>> {
         .write(true)
         .create(true)
         .truncate(false)
-        .mode(0o600)
+        .mode(RECORD_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(sandbox.join(LOCK_FILE))?;
     let fd = OwnedFd::from(file);
     loop {
@@ -267,6 +313,25 @@ mod tests {
     }
 
     #[test]
+    fn records_are_never_read_or_written_through_a_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere.json");
+        let usage = Usage { cpu_usage_ns: 1, ..Usage::default() };
+        write_json_atomic(&elsewhere, &usage).unwrap();
+        assert_eq!(fs::metadata(&elsewhere).unwrap().permissions().mode() & 0o777, RECORD_MODE);
+        let link = dir.path().join("exit.json");
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let e = read_json::<Usage>(&link).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        // A link planted where the temporary file goes is replaced, not followed.
+        let planted = dir.path().join(format!("kill.json.tmp{}", std::process::id()));
+        std::os::unix::fs::symlink(&elsewhere, &planted).unwrap();
+        write_json_atomic(&dir.path().join("kill.json"), &Usage::default()).unwrap();
+        assert_eq!(read_json::<Usage>(&elsewhere).unwrap(), Some(usage), "the link's target is untouched");
+    }
+
+    #[test]
     fn atomic_json_round_trips_and_missing_is_none() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.json");
@@ -290,6 +355,7 @@ mod tests {
         assert_eq!((spec.log_max_bytes, spec.log_keep), (0, 0));
         assert_eq!(spec.log_max_bytes_effective(), DEFAULT_LOG_MAX_BYTES);
         assert_eq!(spec.log_keep_effective(), DEFAULT_LOG_KEEP);
+        assert_eq!(spec.sandbox_gid, None, "a spec of the previous sandbox layout");
         let spec = LaunchSpec { log_max_bytes: 5, log_keep: 1000, ..spec };
         assert_eq!((spec.log_max_bytes_effective(), spec.log_keep_effective()), (5, MAX_LOG_KEEP));
     }

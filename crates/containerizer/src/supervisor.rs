@@ -5,7 +5,7 @@
 //! Single-threaded on purpose (it forks): no tokio, no threads. One `poll` loop waits on a
 //! signalfd (SIGCHLD, SIGTERM, SIGINT are blocked and read from it, so there are no signal
 //! handlers) and on the task's stdout and stderr pipes, whose bytes go to `stdout` / `stderr` in
-//! the sandbox (see [`crate::logs`]). When the main process has exited, everything left in the
+//! the sandbox's root-only `logs/` (see [`crate::logs`]; the task never holds the files). When the main process has exited, everything left in the
 //! cgroup is killed; then the pipes, whose writers are all gone, are read to EOF, and only then is
 //! `exit.json` written — so the task's last words are in the files when the record appears. The
 //! pipes give back-pressure: a task that writes faster than the disk takes blocks in `write`
@@ -21,6 +21,14 @@
 //! that finds the lock taken, or `exit.json` already there, exits at once and runs nothing. So a
 //! relaunch after an agent crash (see `Containerizer::relaunch`) cannot run the task twice, even
 //! racing a supervisor the crashed agent had just spawned.
+//!
+//! The task's process (see [`crate::sandbox`] for the layout): a mount namespace of its own, with
+//! every mount made private first (nothing propagates to the host), `SANDBOX/work/tmp`
+//! bind-mounted on `/tmp` and `/var/tmp`, and a tmpfs of its own on `/dev/shm`; working directory, `$HOME` and `$CAPSTAN_SANDBOX` `SANDBOX/work`;
+//! primary group the sandbox's group (from `launch.json`), supplementary groups its user's and
+//! that one. Every directory is opened by the supervisor before the fork, without following
+//! links, and the child uses the descriptors. When the task has ended, the sandbox's group goes
+//! back to root (before `exit.json`), which frees the group id.
 
 use crate::cgroups::{CgroupLimits, Hierarchies, TaskCgroup};
 use crate::logs::{LogPump, RotatingLog};
@@ -29,7 +37,10 @@ use crate::records::{
     SupervisorConfig, Usage, EXIT_FILE, KILL_FILE, LAUNCH_FILE, LOCK_FILE, STDERR_FILE, STDOUT_FILE,
     SUPERVISOR_CONFIG_FILE, SUPERVISOR_FILE, TASK_FILE,
 };
+use crate::sandbox::{open_dir_at, open_dir_nofollow, release_gid, LOGS_DIR, TMP_DIR, WORK_DIR};
 use capstan_model::TaskExit;
+use nix::fcntl::OFlag;
+use nix::mount::MsFlags;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{self, SigHandler, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -41,6 +52,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long to wait for a cgroup to empty after SIGKILL before giving up on it.
@@ -149,6 +161,10 @@ pub fn supervise_main(sandbox: &Path) -> i32 {
             eprintln!("capstan supervisor: {e}");
         }
     }
+    // Every process of the task is gone: nobody needs the sandbox's group any more.
+    if let Err(e) = release_gid(sandbox) {
+        eprintln!("capstan supervisor: cannot give the sandbox back to group root (its group id stays taken): {e}");
+    }
     if let Err(e) = write_json_atomic(&sandbox.join(EXIT_FILE), &record) {
         eprintln!("capstan supervisor: cannot write {EXIT_FILE}: {e}");
         return 1;
@@ -177,7 +193,12 @@ fn notify(line: &str) {
 struct ChildPlan {
     argv: Vec<CString>,
     envp: Vec<CString>,
-    sandbox: CString,
+    /// `SANDBOX/work`, opened without following links: the task's working directory.
+    work: OwnedFd,
+    /// `SANDBOX/work/tmp`'s path and `(device, inode)`, when the task gets a private `/tmp` (the
+    /// agent is root). Opened again by path in the new mount namespace (a descriptor from the
+    /// old one cannot be bind-mounted there) and checked to be the same directory.
+    private_tmp: Option<PrivateTmp>,
     uid: Uid,
     gid: Gid,
     groups: Vec<Gid>,
@@ -185,6 +206,21 @@ struct ChildPlan {
     stdout: OwnedFd,
     stderr: OwnedFd,
     devnull: File,
+}
+
+/// What the child mounts for a private `/tmp`. Each directory is opened again by path in the new
+/// mount namespace (a descriptor from the old one cannot be bind-mounted there) and must be the
+/// very directory `(device, inode)` the supervisor checked before the fork.
+struct PrivateTmp {
+    /// `SANDBOX/work/tmp`, mounted on `/tmp`.
+    tmp: (CString, (u64, u64)),
+    /// `SANDBOX/work`, the working directory (entered again in the new namespace, or its path
+    /// would not resolve there).
+    work: (CString, (u64, u64)),
+    /// The real path of `SANDBOX/work` when it lies under `/tmp` (a data directory in `/tmp`, as
+    /// in tests): the work directory is mounted again at that path inside the new `/tmp`, so
+    /// that `$CAPSTAN_SANDBOX` and the working directory keep their names.
+    work_under_tmp: Option<CString>,
 }
 
 /// The task's stdout and stderr, from their pipes into the sandbox's log files.
@@ -340,19 +376,71 @@ fn plan_child(sandbox: &Path, spec: &LaunchSpec, config: &SupervisorConfig) -> R
         ));
     }
     let name = CString::new(spec.user.as_bytes()).map_err(|_| "user name contains NUL".to_owned())?;
-    let groups =
+    let mut groups =
         unistd::getgrouplist(&name, user.gid).map_err(|e| format!("supplementary groups of `{}`: {e}", spec.user))?;
+    // The sandbox's group: the task's primary group, and a supplementary one too, so that a
+    // set-group-id program it runs still enters its sandbox.
+    let gid = match spec.sandbox_gid {
+        Some(gid) => {
+            groups.push(Gid::from_raw(gid));
+            Gid::from_raw(gid)
+        }
+        None => user.gid,
+    };
 
-    // The files belong to the task's user (it may read its own logs); only the supervisor writes.
+    let opening = |what: &str| {
+        let shown = sandbox.join(what);
+        move |e: std::io::Error| {
+            format!(
+                "opening {}: {e} (a sandbox prepared by this version of the agent has it as a directory)",
+                shown.display()
+            )
+        }
+    };
+    let sandbox_dir = open_dir_nofollow(sandbox).map_err(opening(""))?;
+    let logs = Arc::new(open_dir_at(sandbox_dir.as_fd(), LOGS_DIR).map_err(opening(LOGS_DIR))?);
+    let work = open_dir_at(sandbox_dir.as_fd(), WORK_DIR).map_err(opening(WORK_DIR))?;
+    let private_tmp = match spec.sandbox_gid {
+        Some(_) => {
+            let tmp = open_dir_at(work.as_fd(), TMP_DIR).map_err(opening(&format!("{WORK_DIR}/{TMP_DIR}")))?;
+            let stat = nix::sys::stat::fstat(&tmp).map_err(|e| format!("stat of {WORK_DIR}/{TMP_DIR}: {e}"))?;
+            if stat.st_uid != user.uid.as_raw() {
+                return Err(format!(
+                    "{} is not the task user's directory (owner uid {}); not mounting it on /tmp",
+                    sandbox.join(WORK_DIR).join(TMP_DIR).display(),
+                    stat.st_uid
+                ));
+            }
+            let c_path = |p: &Path| {
+                CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| "the sandbox's path contains NUL".to_owned())
+            };
+            let work_path = sandbox.join(WORK_DIR);
+            let work_under_tmp = match std::fs::canonicalize(&work_path) {
+                Ok(real) if real.starts_with("/tmp") => Some(c_path(&real)?),
+                _ => None,
+            };
+            let work_stat =
+                nix::sys::stat::fstat(&work).map_err(|e| format!("stat of {}: {e}", work_path.display()))?;
+            Some(PrivateTmp {
+                tmp: (c_path(&work_path.join(TMP_DIR))?, (stat.st_dev, stat.st_ino)),
+                work: (c_path(&work_path)?, (work_stat.st_dev, work_stat.st_ino)),
+                work_under_tmp,
+            })
+        }
+        None => None,
+    };
+
+    // Only the supervisor has the files; the task has the write ends of the pipes.
+    let logs_path = sandbox.join(LOGS_DIR);
     let output_pipe = |file: &str| -> Result<(LogPump, OwnedFd), String> {
-        let path = sandbox.join(file);
         let log = RotatingLog::open(
-            &path,
+            logs.clone(),
+            &logs_path,
+            file,
             spec.log_max_bytes_effective(),
             spec.log_keep_effective(),
-            Some((user.uid, user.gid)),
         )
-        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        .map_err(|e| format!("opening {}: {e}", logs_path.join(file).display()))?;
         let (read_end, write_end) =
             unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe for {file}: {e}"))?;
         let pump = LogPump::new(read_end, log).map_err(|e| format!("pipe for {file}: {e}"))?;
@@ -365,28 +453,18 @@ fn plan_child(sandbox: &Path, spec: &LaunchSpec, config: &SupervisorConfig) -> R
 
     let cstring = |s: String| CString::new(s).map_err(|_| "command or environment contains NUL".to_owned());
     let argv = vec![cstring("/bin/sh".into())?, cstring("-c".into())?, cstring(spec.command.clone())?];
-    let sandbox_str = sandbox.to_string_lossy().into_owned();
+    let home = sandbox.join(WORK_DIR).to_string_lossy().into_owned();
     let mut env: Vec<(String, String)> =
         spec.env.iter().filter(|(k, _)| !matches!(k.as_str(), "HOME" | "USER" | "LOGNAME")).cloned().collect();
     if !env.iter().any(|(k, _)| k == "PATH") {
         env.push(("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()));
     }
-    env.push(("HOME".into(), sandbox_str.clone()));
+    env.push(("HOME".into(), home));
     env.push(("USER".into(), spec.user.clone()));
     env.push(("LOGNAME".into(), spec.user.clone()));
     let envp = env.into_iter().map(|(k, v)| cstring(format!("{k}={v}"))).collect::<Result<_, _>>()?;
 
-    let plan = ChildPlan {
-        argv,
-        envp,
-        sandbox: CString::new(sandbox.as_os_str().as_bytes()).map_err(|_| "sandbox path contains NUL")?,
-        uid: user.uid,
-        gid: user.gid,
-        groups,
-        stdout,
-        stderr,
-        devnull,
-    };
+    let plan = ChildPlan { argv, envp, work, private_tmp, uid: user.uid, gid, groups, stdout, stderr, devnull };
     Ok((plan, output))
 }
 
@@ -423,8 +501,60 @@ fn exec_child(plan: &ChildPlan, go: OwnedFd, err: OwnedFd) -> ! {
             fail("redirecting standard streams", nix::Error::last());
         }
     }
-    if let Err(e) = unistd::chdir(plan.sandbox.as_c_str()) {
-        fail("chdir to the sandbox", e);
+    let mut work_here = None;
+    if let Some(private) = &plan.private_tmp {
+        // A mount namespace of its own; private propagation first, so that the bind mount (and
+        // anything the task could mount) never reaches the host's namespace.
+        if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS) {
+            fail("unshare(CLONE_NEWNS) for a private /tmp", e);
+        }
+        let none: Option<&str> = None;
+        if let Err(e) = nix::mount::mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none) {
+            fail("making the task's mounts private", e);
+        }
+        // Both opened before /tmp is covered: the work directory may lie under it.
+        let tmp = open_checked(&private.tmp).unwrap_or_else(|(what, e)| fail(what, e));
+        let work = open_checked(&private.work).unwrap_or_else(|(what, e)| fail(what, e));
+        if let Err(e) = bind(&tmp, "/tmp") {
+            fail("mounting the sandbox's tmp on /tmp", e);
+        }
+        // The other places every user may write files in: /var/tmp is the same directory, and
+        // /dev/shm a tmpfs of the task's own (its pages are charged to the task's memory cgroup).
+        if Path::new("/var/tmp").is_dir() {
+            if let Err(e) = bind(&tmp, "/var/tmp") {
+                fail("mounting the sandbox's tmp on /var/tmp", e);
+            }
+        }
+        if Path::new("/dev/shm").is_dir() {
+            let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+            if let Err(e) = nix::mount::mount(Some("tmpfs"), "/dev/shm", Some("tmpfs"), flags, Some("mode=1777")) {
+                fail("mounting a private /dev/shm", e);
+            }
+        }
+        if let Some(path) = &private.work_under_tmp {
+            // Made by root inside the task's /tmp (so the task cannot remove them while mounted).
+            let path = Path::new(std::ffi::OsStr::from_bytes(path.as_bytes()));
+            if let Err(e) = std::fs::create_dir_all(path) {
+                fail(
+                    "making the sandbox's path inside the private /tmp",
+                    nix::Error::from_raw(e.raw_os_error().unwrap_or(0)),
+                );
+            }
+            if let Err(e) = bind(&work, path) {
+                fail("mounting the sandbox's work directory inside the private /tmp", e);
+            }
+            // Entered by its path, so that the working directory is the one mounted there.
+            if let Err(e) = unistd::chdir(path) {
+                fail("chdir to the sandbox's work directory", e);
+            }
+        } else {
+            work_here = Some(work);
+        }
+    }
+    if plan.private_tmp.is_none() || work_here.is_some() {
+        if let Err(e) = unistd::fchdir(work_here.as_ref().unwrap_or(&plan.work)) {
+            fail("chdir to the sandbox's work directory", e);
+        }
     }
     // Privileges go in this order; any failure ends the launch, never a fallback to root.
     if let Err(e) = unistd::setgroups(&plan.groups) {
@@ -441,6 +571,26 @@ fn exec_child(plan: &ChildPlan, go: OwnedFd, err: OwnedFd) -> ! {
     }
     let Err(e) = unistd::execve(&plan.argv[0], &plan.argv, &plan.envp);
     fail("exec /bin/sh", e)
+}
+
+/// In the child, in its new mount namespace: opens `path` (a directory, not a link) and checks it
+/// is the directory `(device, inode)` seen before the fork.
+fn open_checked((path, identity): &(CString, (u64, u64))) -> Result<OwnedFd, (&'static str, nix::Error)> {
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = nix::fcntl::open(path.as_c_str(), flags, nix::sys::stat::Mode::empty())
+        .map_err(|e| ("opening a sandbox directory to mount", e))?;
+    match nix::sys::stat::fstat(&fd) {
+        Ok(stat) if (stat.st_dev, stat.st_ino) == *identity => Ok(fd),
+        Ok(_) => Err(("a sandbox directory changed before it was mounted", nix::Error::EXDEV)),
+        Err(e) => Err(("stat of a sandbox directory to mount", e)),
+    }
+}
+
+/// Bind-mounts the directory held by `source` on `target`.
+fn bind(source: &OwnedFd, target: impl AsRef<Path>) -> nix::Result<()> {
+    let source = format!("/proc/self/fd/{}", source.as_raw_fd());
+    let none: Option<&str> = None;
+    nix::mount::mount(Some(source.as_str()), target.as_ref(), none, MsFlags::MS_BIND, none)
 }
 
 /// Reaps every exited child without blocking (we are their subreaper) and keeps the main

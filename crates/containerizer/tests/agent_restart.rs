@@ -51,7 +51,7 @@ async fn task_survives_kill_9_of_its_launcher_and_attach_stops_it() {
 
     assert!(alive(task_pid), "the task outlived its launcher");
     // Its supervisor still copies its output into the sandbox.
-    let stdout = sb.path.join("stdout");
+    let stdout = sb.log("stdout");
     let written = std::fs::metadata(&stdout).unwrap().len();
     assert!(eventually(Duration::from_secs(20), || std::fs::metadata(&stdout).unwrap().len() > written));
     let c = containerizer(false);

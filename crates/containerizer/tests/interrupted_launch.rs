@@ -71,7 +71,7 @@ async fn an_interrupted_launch_is_not_started_and_relaunch_runs_it_once() {
     handle.started().await.unwrap();
     let record = handle.wait().await;
     assert_eq!(record.exit, TaskExit::Exited { code: 3 });
-    assert_eq!(read(&sb.path.join("ran")), "ran\n", "the task ran once");
+    assert_eq!(read(&sb.work().join("ran")), "ran\n", "the task ran once");
     let Attached::Exited(again) = c.attach(&sb.path).unwrap() else { panic!("running after its end?") };
     assert_eq!(again, record);
 }
@@ -96,7 +96,7 @@ fn attach_waits_for_a_supervisor_that_holds_the_lock_and_is_not_started_once_it_
     assert!(t0.elapsed() >= Duration::from_millis(300), "attach waited while the lock was held");
     release.join().unwrap();
     assert!(!sb.path.join("exit.json").exists());
-    assert!(!sb.path.join("ran").exists());
+    assert!(!sb.work().join("ran").exists());
 }
 
 #[test]
@@ -112,7 +112,7 @@ fn of_supervisors_started_together_on_one_sandbox_exactly_one_runs_the_task() {
     let mut codes: Vec<i32> = supervisors.into_iter().map(|mut s| s.wait().unwrap().code().unwrap()).collect();
     codes.sort_unstable();
     assert_eq!(codes, [0, EXIT_SANDBOX_BUSY, EXIT_SANDBOX_BUSY, EXIT_SANDBOX_BUSY], "one ran it, three gave up");
-    assert_eq!(read(&sb.path.join("ran")), "ran\n", "the task ran once");
+    assert_eq!(read(&sb.work().join("ran")), "ran\n", "the task ran once");
     let record: ExitRecord = serde_json::from_str(&read(&sb.path.join("exit.json"))).unwrap();
     assert_eq!(record.exit, TaskExit::Exited { code: 0 });
 }
@@ -134,7 +134,7 @@ async fn two_relaunches_racing_run_the_task_once_and_both_handles_follow_it() {
     let record = first.wait().await;
     assert_eq!(record.exit, TaskExit::Exited { code: 4 });
     assert_eq!(second.wait().await, record);
-    assert_eq!(read(&sb.path.join("ran")), "ran\n", "the task ran once");
+    assert_eq!(read(&sb.work().join("ran")), "ran\n", "the task ran once");
 }
 
 #[tokio::test]
@@ -155,7 +155,7 @@ async fn a_supervisor_started_on_a_sandbox_with_an_exit_record_runs_nothing() {
     let mut handle = c.relaunch(&sb.path).unwrap();
     assert_eq!(handle.wait().await, record);
 
-    assert_eq!(read(&sb.path.join("ran")), "ran\n", "the task did not run again");
+    assert_eq!(read(&sb.work().join("ran")), "ran\n", "the task did not run again");
     assert_eq!(read(&sb.path.join("exit.json")), exit_json, "the record is untouched");
 }
 

@@ -44,9 +44,9 @@ async fn output_is_rotated_per_stream_at_the_limit_keeping_n_files() {
     spec.log_keep = 2;
     let mut handle = c.launch(&sb.path, &spec).unwrap();
     let record = handle.wait().await;
-    assert_eq!(record.exit, TaskExit::Exited { code: 0 }, "stderr: {}", read(&sb.path.join("stderr")));
+    assert_eq!(record.exit, TaskExit::Exited { code: 0 }, "stderr: {}", read(&sb.log("stderr")));
 
-    let out = sb.path.join("stdout");
+    let out = sb.log("stdout");
     let (out1, out2) = (rotated_path(&out, 1), rotated_path(&out, 2));
     for f in [&out, &out1, &out2] {
         assert!(size(f) <= MIB, "{} is {} bytes", f.display(), size(f));
@@ -60,9 +60,12 @@ async fn output_is_rotated_per_stream_at_the_limit_keeping_n_files() {
     assert!(kept.windows(2).all(|w| w[1] == w[0] + 1), "no line lost or repeated across rotations");
     // 11,397 lines fill a file: two full rotated files plus the rest, and the oldest part is gone.
     assert!(kept.len() > 2 * 11_000 && kept[0] > 1, "kept {} lines from line {}", kept.len(), kept[0]);
-    assert_eq!(std::fs::metadata(&out1).unwrap().uid(), 65534, "the files belong to the task's user");
+    for file in [&out, &out1, &out2] {
+        let meta = std::fs::symlink_metadata(file).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600), "{}: root's alone, never the task's", file.display());
+    }
 
-    let err = sb.path.join("stderr");
+    let err = sb.log("stderr");
     let err1 = rotated_path(&err, 1);
     assert!(size(&err) <= MIB && size(&err1) <= MIB);
     assert!(!rotated_path(&err, 2).exists(), "stderr rotated once, on its own size");
@@ -88,7 +91,7 @@ async fn the_last_line_is_in_the_file_when_exit_json_appears() {
         drop(c.launch(&sb.path, &spec).unwrap());
         let exit = sb.path.join("exit.json");
         assert!(eventually(SHORT, || exit.exists()), "round {round}: no exit.json");
-        let out = read(&sb.path.join("stdout"));
+        let out = read(&sb.log("stdout"));
         if chatter.is_empty() {
             let tail = &out[out.len().saturating_sub(30)..];
             assert!(out.ends_with("29999\n30000\nfinal words\n"), "round {round}: stdout ends {tail:?}");
@@ -96,7 +99,7 @@ async fn the_last_line_is_in_the_file_when_exit_json_appears() {
             // The chatter may come between any two writes, but each write is whole.
             assert!(out.contains("\nfinal words\n"), "round {round}: no final words after the chatter");
         }
-        assert_eq!(read(&sb.path.join("stderr")), "final error\n", "round {round}");
+        assert_eq!(read(&sb.log("stderr")), "final error\n", "round {round}");
     }
 }
 
@@ -114,7 +117,7 @@ async fn a_background_process_holding_the_pipes_does_not_delay_the_end() {
     assert_eq!(record.exit, TaskExit::Exited { code: 0 });
     // The supervisor gives up on open pipes only after 5 s; the cgroup kill closes them at once.
     assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
-    assert!(read(&sb.path.join("stdout")).contains("main is done\n"));
+    assert!(read(&sb.log("stdout")).contains("main is done\n"));
     assert!(c.task_cgroup(spec.task_id).procs().is_empty());
 }
 
@@ -131,7 +134,7 @@ async fn a_task_writing_as_fast_as_it_can_stays_bounded_and_killable() {
     spec.log_keep = 1;
     let mut handle = c.launch(&sb.path, &spec).unwrap();
     handle.started().await.unwrap();
-    let out = sb.path.join("stdout");
+    let out = sb.log("stdout");
     let out1 = rotated_path(&out, 1);
     // Several rotations under a writer that never pauses.
     assert!(eventually(SHORT, || out1.exists() && size(&out1) > 0), "stdout was rotated");
@@ -176,14 +179,14 @@ time.sleep(1000)
     let pids_dir = cg.controller_dir("pids").unwrap();
     let current = || read(&pids_dir.join("pids.current")).trim().parse::<u64>().unwrap_or(0);
     let mut most = 0;
-    let stdout = sb.path.join("stdout");
+    let stdout = sb.log("stdout");
     assert!(
         eventually(SHORT, || {
             most = most.max(current());
             read(&stdout).starts_with("started")
         }),
         "the burst ends: {}",
-        read(&sb.path.join("stderr"))
+        read(&sb.log("stderr"))
     );
     most = most.max(current());
     let report = read(&stdout);

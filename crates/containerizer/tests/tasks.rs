@@ -22,10 +22,11 @@ async fn task_runs_as_nobody_with_env_and_output_files() {
     let pid = handle.started().await.unwrap();
     assert!(pid > 0);
     let record = handle.wait().await;
-    assert_eq!(record.exit, TaskExit::Exited { code: 0 }, "stderr: {}", read(&sb.path.join("stderr")));
-    let p = sb.path.display();
-    assert_eq!(read(&sb.path.join("stdout")), format!("65534\ntask=hello home={p} user=nobody pwd={p}\n"));
-    assert_eq!(read(&sb.path.join("stderr")), "oops\n");
+    assert_eq!(record.exit, TaskExit::Exited { code: 0 }, "stderr: {}", read(&sb.log("stderr")));
+    let work = sb.work();
+    let p = work.display();
+    assert_eq!(read(&sb.log("stdout")), format!("65534\ntask=hello home={p} user=nobody pwd={p}\n"));
+    assert_eq!(read(&sb.log("stderr")), "oops\n");
     assert!(sb.path.join("exit.json").exists() && sb.path.join("task.json").exists());
     assert!(!c.task_cgroup(spec.task_id).controller_dir("memory").unwrap().exists(), "cgroup removed");
 }
@@ -65,12 +66,7 @@ async fn over_the_memory_limit_is_out_of_memory() {
     spec.mem_bytes = 64 << 20;
     let mut handle = c.launch(&sb.path, &spec).unwrap();
     let record = handle.wait().await;
-    assert_eq!(
-        record.exit,
-        TaskExit::OutOfMemory { limit_bytes: 64 << 20 },
-        "stderr: {}",
-        read(&sb.path.join("stderr"))
-    );
+    assert_eq!(record.exit, TaskExit::OutOfMemory { limit_bytes: 64 << 20 }, "stderr: {}", read(&sb.log("stderr")));
     assert!(record.exit.to_string().contains("64MiB"), "{}", record.exit);
     assert!(record.usage.mem_peak_bytes > 32 << 20, "{:?}", record.usage);
 }
@@ -200,7 +196,7 @@ async fn root_is_refused_unless_allowed() {
 
     let mut handle = containerizer(true).launch(&sb.path, &spec).unwrap();
     assert_eq!(handle.wait().await.exit, TaskExit::Exited { code: 0 });
-    assert_eq!(read(&sb.path.join("stdout")), "0\n");
+    assert_eq!(read(&sb.log("stdout")), "0\n");
 }
 
 #[tokio::test]
@@ -219,4 +215,96 @@ async fn an_unknown_user_fails_the_launch_with_its_name() {
         other => panic!("expected LaunchFailed, got {other:?}"),
     }
     assert_eq!(handle.wait().await, record);
+}
+
+#[tokio::test]
+async fn the_sandbox_is_roots_and_its_task_alone_enters_it_with_a_private_tmp() {
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
+    if !privileged("the_sandbox_is_roots_and_its_task_alone_enters_it_with_a_private_tmp") {
+        return;
+    }
+    let c = containerizer(false);
+    let sb = sandbox();
+    let marker = format!("capstan-private-tmp-{}", std::process::id());
+    let spec = spec(&format!(
+        "id -g; id -G; echo private > /tmp/{marker}; ls -A /tmp | grep -v '^[.]tmp'; cat /tmp/{marker}; \
+             cat /var/tmp/{marker}; echo shm > /dev/shm/{marker}; ls -A /dev/shm"
+    ));
+    // (The sandbox lies in a tempdir under /tmp here, so its own path shows in the private /tmp
+    // too, as `.tmpXXXX`: its work directory is mounted there again. See supervisor.rs.)
+    let mut handle = c.launch(&sb.path, &spec).unwrap();
+    let record = handle.wait().await;
+    assert_eq!(record.exit, TaskExit::Exited { code: 0 }, "stderr: {}", read(&sb.log("stderr")));
+    let launched = read(&sb.path.join("launch.json"));
+    let gid: u32 = launched
+        .split("\"sandbox_gid\": ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .unwrap_or_else(|| panic!("launch.json records the sandbox's group: {launched}"));
+    assert!((capstan_containerizer::SANDBOX_GID_FIRST..=capstan_containerizer::SANDBOX_GID_LAST).contains(&gid));
+    let out = read(&sb.log("stdout"));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], gid.to_string(), "the sandbox's group is the task's primary group: {out}");
+    assert!(lines[1].split(' ').any(|g| g == gid.to_string()), "and a supplementary one: {out}");
+    let expected = [marker.as_str(), "private", "private", marker.as_str()];
+    assert_eq!(lines[2..], expected, "/tmp and /var/tmp are the sandbox's, /dev/shm the task's own: {out}");
+    for dir in ["/tmp", "/var/tmp", "/dev/shm"] {
+        assert!(!Path::new(dir).join(&marker).exists(), "nothing reached the host's {dir}");
+    }
+    assert_eq!(read(&sb.work().join("tmp").join(&marker)), "private\n", "the task's /tmp is in its sandbox");
+    let mode = |p: &Path| {
+        let m = std::fs::symlink_metadata(p).unwrap();
+        (m.mode() & 0o7777, m.uid(), m.gid())
+    };
+    assert_eq!(mode(&sb.path), (0o710, 0, 0), "root's, and given back to group root once the task ended");
+    assert_eq!(mode(&sb.path.join("launch.json")), (0o600, 0, 0));
+    assert_eq!(mode(&sb.path.join("exit.json")), (0o600, 0, 0));
+    assert_eq!(mode(&sb.path.join("logs")), (0o700, 0, 0));
+    assert_eq!(mode(&sb.log("stdout")), (0o600, 0, 0));
+    assert_eq!(mode(&sb.work()), (0o700, 65534, gid));
+}
+
+#[tokio::test]
+async fn running_tasks_never_share_a_group_and_an_ended_one_frees_its_own() {
+    if !privileged("running_tasks_never_share_a_group_and_an_ended_one_frees_its_own") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    // Sandboxes side by side, as under one agent's DATA/sandboxes.
+    let parent = sandbox();
+    std::fs::create_dir_all(&parent.path).unwrap();
+    let path = |name: &str| parent.path.join(name);
+    let group = |p: &std::path::Path| std::fs::metadata(p).unwrap().gid();
+    let c = containerizer(false);
+    let mut first = c.launch(&path("a"), &spec("sleep 1000")).unwrap();
+    let _second = c.launch(&path("b"), &spec("sleep 1000")).unwrap();
+    first.started().await.unwrap();
+    // A new containerizer knows nothing in memory, as an agent after a restart or kill -9: the
+    // groups held are read from the sandboxes themselves.
+    let restarted = containerizer(false);
+    let mut third = restarted.launch(&path("c"), &spec("sleep 1000")).unwrap();
+    third.started().await.unwrap();
+    let held = [group(&path("a")), group(&path("b")), group(&path("c"))];
+    for gid in held {
+        assert!((capstan_containerizer::SANDBOX_GID_FIRST..=capstan_containerizer::SANDBOX_GID_LAST).contains(&gid));
+    }
+    assert!(held[0] != held[1] && held[1] != held[2] && held[0] != held[2], "three live tasks, three groups: {held:?}");
+    // The first one ends: its sandbox goes back to group root and its id is free again.
+    first.kill().unwrap();
+    first.wait().await;
+    assert_eq!(group(&path("a")), 0);
+    let mut fourth = restarted.launch(&path("d"), &spec("sleep 1000")).unwrap();
+    fourth.started().await.unwrap();
+    assert_eq!(group(&path("d")), held[0].min(held[1]).min(held[2]), "the lowest free id is reused");
+    for h in [&third, &fourth] {
+        h.kill().unwrap();
+    }
+    third.wait().await;
+    fourth.wait().await;
+    let mut second = restarted.attach(&path("b")).unwrap();
+    if let Attached::Running(h) = &mut second {
+        h.kill().unwrap();
+        h.wait().await;
+    }
 }

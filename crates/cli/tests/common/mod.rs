@@ -833,6 +833,16 @@ impl Cluster {
         self.sandboxes().join(task_id)
     }
 
+    /// The task's own directory in its sandbox (its cwd, `$HOME` and `$CAPSTAN_SANDBOX`).
+    pub fn work(&self, task_id: &str) -> PathBuf {
+        self.sandbox(task_id).join("work")
+    }
+
+    /// One of the task's log files (`stdout`, `stderr`, `stdout.1`, …), root's alone.
+    pub fn log_file(&self, task_id: &str, name: &str) -> PathBuf {
+        self.sandbox(task_id).join("logs").join(name)
+    }
+
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();

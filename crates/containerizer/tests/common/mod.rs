@@ -53,6 +53,18 @@ pub struct Sandbox {
     pub path: PathBuf,
 }
 
+impl Sandbox {
+    /// A log file of the task (`stdout`, `stderr`, `stdout.1`, …): in the root-only `logs/`.
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.path.join(capstan_containerizer::LOGS_DIR).join(name)
+    }
+
+    /// The task's own directory: its working directory and `$HOME`.
+    pub fn work(&self) -> PathBuf {
+        self.path.join(capstan_containerizer::WORK_DIR)
+    }
+}
+
 pub fn sandbox() -> Sandbox {
     use std::os::unix::fs::PermissionsExt;
     let parent = tempfile::tempdir().unwrap();
@@ -73,6 +85,7 @@ pub fn spec(command: &str) -> LaunchSpec {
         kill_grace_ms: 300,
         log_max_bytes: 0,
         log_keep: 0,
+        sandbox_gid: None,
     }
 }
 
