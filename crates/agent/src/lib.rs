@@ -703,7 +703,8 @@ impl Agent {
                     // first order.
                     l.disk_limit_bytes = order.spec.disk.0;
                     if l.health_check.is_none() {
-                        l.health_check = order.health_check.clone().map(|c| (c, self.check_target(&order)));
+                        l.health_check =
+                            order.health_check.clone().map(|c| (health::bounded(c), self.check_target(&order)));
                     }
                     (l.ended, l.stop.clone())
                 })
@@ -753,6 +754,7 @@ impl Agent {
             user: order.spec.user.clone(),
             env: self.task_env(order),
             allow_root: self.config.allow_root_tasks,
+            cgroup: self.containerizer.task_cgroup(order.task).dirs().into_iter().map(PathBuf::from).collect(),
         }
     }
 
@@ -847,7 +849,7 @@ impl Agent {
         match self.containerizer.launch(&sandbox, &spec) {
             Ok(handle) => {
                 self.watch(task, handle, stops);
-                if let Some(check) = order.health_check.clone() {
+                if let Some(check) = order.health_check.clone().map(health::bounded) {
                     let target = self.check_target(&order);
                     if let Some(l) = self.tasks.lock().get_mut(&task) {
                         l.health_check = Some((check, target));
@@ -1153,6 +1155,7 @@ mod tests {
             user: "nobody".into(),
             env: vec![],
             allow_root: false,
+            cgroup: vec![],
         };
         let task = TaskId(9);
         let mut stops = agent.track(task, 0);
