@@ -127,9 +127,8 @@ fn qcmd(cmd: u32, kind: u32) -> libc::c_int {
 fn quotactl_fd(fd: &fs::File, cmd: u32, id: u32, addr: *mut libc::c_void) -> std::io::Result<()> {
     // SAFETY: `addr` points to the struct `cmd` expects (or is null for commands without one),
     // and lives across the call; the descriptor is open.
-    let rc = unsafe {
-        libc::syscall(libc::SYS_quotactl_fd, fd.as_raw_fd(), qcmd(cmd, PRJQUOTA) as libc::c_uint, id, addr)
-    };
+    let rc =
+        unsafe { libc::syscall(libc::SYS_quotactl_fd, fd.as_raw_fd(), qcmd(cmd, PRJQUOTA) as libc::c_uint, id, addr) };
     if rc < 0 {
         Err(std::io::Error::last_os_error())
     } else {
@@ -203,9 +202,8 @@ impl ProjectQuotas {
                 break;
             }
         }
-        let id = chosen.ok_or_else(|| {
-            format!("no free project id for {} after {PROJECT_ID_PROBES_MAX} tries", dir.display())
-        })?;
+        let id = chosen
+            .ok_or_else(|| format!("no free project id for {} after {PROJECT_ID_PROBES_MAX} tries", dir.display()))?;
         let mut q = IfDqblk {
             bhardlimit: limit_bytes.div_ceil(QIF_DQBLKSIZE_BYTES),
             bsoftlimit: limit_bytes.div_ceil(QIF_DQBLKSIZE_BYTES),
