@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 fn measure(agent: &Agent, task: TaskId, at: Timestamp) -> TaskUsage {
     let u = agent.containerizer.read_usage(task);
-    let usage = TaskUsage {
+    TaskUsage {
         task,
         cpu_seconds: u.cpu_usage_ns as f64 / 1e9,
         throttled_seconds: u.throttled_ns as f64 / 1e9,
@@ -22,8 +22,7 @@ fn measure(agent: &Agent, task: TaskId, at: Timestamp) -> TaskUsage {
         mem_peak_bytes: u.mem_peak_bytes,
         disk_bytes: capstan_containerizer::disk_usage_bytes(&agent.sandbox(task)),
         at: capstan_api::rfc3339(at),
-    };
-    usage
+    }
 }
 
 /// Every `usage_interval`: measure every running task and send the measurements to the master.
