@@ -186,6 +186,9 @@ impl ProjectQuotas {
         let what = |e: std::io::Error, doing: &str| format!("{doing} {}: {e}", dir.display());
         let handle = fs::File::open(dir).map_err(|e| what(e, "opening"))?;
         let mut attr = get_xattr(&handle).map_err(|e| what(e, "reading project attributes of"))?;
+        if !fs::metadata(dir).map_err(|e| what(e, "reading"))?.is_dir() {
+            return Err(format!("{} is not a directory", dir.display()));
+        }
         let start = (task_id % u64::from(PROJECT_ID_SPAN)) as u32;
         let mut chosen = None;
         for probe in 0..PROJECT_ID_PROBES_MAX {
@@ -212,14 +215,34 @@ impl ProjectQuotas {
         };
         quotactl_fd(&self.root, Q_SETQUOTA, id, (&mut q as *mut IfDqblk).cast())
             .map_err(|e| what(e, "setting the project quota for"))?;
-        attr.projid = id;
-        attr.xflags |= FS_XFLAG_PROJINHERIT;
-        // SAFETY: FS_IOC_FSSETXATTR reads exactly one `struct fsxattr`.
-        if unsafe { libc::ioctl(handle.as_raw_fd(), FS_IOC_FSSETXATTR as _, &attr as *const FsXattr) } < 0 {
-            return Err(what(std::io::Error::last_os_error(), "setting the project id of"));
-        }
+        set_project(&handle, &mut attr, id).map_err(|e| what(e, "setting the project id of"))?;
         Ok(id)
     }
+}
+
+/// Sets `dir`'s project id to `id` with the inherit flag (`FS_IOC_FSSETXATTR`), keeping its other
+/// attributes. Works on a file system with project ids (ext4 with `-O project`, xfs) whether or
+/// not quotas are on; used by [`ProjectQuotas::limit`].
+pub fn set_project_id(dir: &Path, id: u32) -> std::io::Result<()> {
+    let handle = fs::File::open(dir)?;
+    let mut attr = get_xattr(&handle)?;
+    set_project(&handle, &mut attr, id)
+}
+
+/// `dir`'s project id, and whether new entries below it inherit it (`FS_IOC_FSGETXATTR`).
+pub fn project_id(dir: &Path) -> std::io::Result<(u32, bool)> {
+    let attr = get_xattr(&fs::File::open(dir)?)?;
+    Ok((attr.projid, attr.xflags & FS_XFLAG_PROJINHERIT != 0))
+}
+
+fn set_project(handle: &fs::File, attr: &mut FsXattr, id: u32) -> std::io::Result<()> {
+    attr.projid = id;
+    attr.xflags |= FS_XFLAG_PROJINHERIT;
+    // SAFETY: FS_IOC_FSSETXATTR reads exactly one `struct fsxattr`.
+    if unsafe { libc::ioctl(handle.as_raw_fd(), FS_IOC_FSSETXATTR as _, attr as *const FsXattr) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

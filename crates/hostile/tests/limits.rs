@@ -186,12 +186,12 @@ impl Drop for Volume {
     }
 }
 
-/// An ext4 image with project quotas (`mkfs.ext4 -O quota,project`) on a loop device, mounted
-/// with `prjquota` at `at`; `Err` says why this host cannot (no mkfs.ext4, or a kernel built
-/// without quota support refuses the mount).
+/// A file system with project quotas on a loop device, mounted with `prjquota` at `at`: xfs, or
+/// else ext4 made with `mkfs.ext4 -O quota,project`. `Err` says why this host cannot (no mkfs,
+/// or a kernel built without quota support refuses the mount).
 fn prjquota_volume(at: &Path) -> Result<Volume, String> {
     let image_dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let image = image_dir.path().join("sandboxes.ext4");
+    let image = image_dir.path().join("sandboxes.img");
     let run = |cmd: &mut Command| -> Result<(), String> {
         let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
         if out.status.success() {
@@ -200,14 +200,25 @@ fn prjquota_volume(at: &Path) -> Result<Volume, String> {
             Err(format!("{cmd:?}: {}", text(&out.stderr).trim()))
         }
     };
-    std::fs::File::create(&image).and_then(|f| f.set_len(256 << 20)).map_err(|e| e.to_string())?;
-    run(Command::new("mkfs.ext4").args(["-q", "-F", "-O", "quota,project"]).arg(&image))?;
     std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
-    run(Command::new("mount").args(["-o", "loop,prjquota"]).arg(&image).arg(at))?;
-    let volume = Volume { mount: at.to_path_buf(), _image_dir: image_dir };
-    // The agent reads every entry of its sandboxes directory as a task's.
-    let _ = std::fs::remove_dir(at.join("lost+found"));
-    Ok(volume)
+    let mut refused = Vec::new();
+    for mkfs in [&["mkfs.xfs", "-q", "-f"][..], &["mkfs.ext4", "-q", "-F", "-O", "quota,project"][..]] {
+        // xfs wants at least 300 MiB; the image is sparse.
+        let made = std::fs::File::create(&image)
+            .and_then(|f| f.set_len(320 << 20))
+            .map_err(|e| e.to_string())
+            .and_then(|()| run(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&image)))
+            .and_then(|()| run(Command::new("mount").args(["-o", "loop,prjquota"]).arg(&image).arg(at)));
+        match made {
+            Ok(()) => {
+                // The agent reads every entry of its sandboxes directory as a task's.
+                let _ = std::fs::remove_dir(at.join("lost+found"));
+                return Ok(Volume { mount: at.to_path_buf(), _image_dir: image_dir });
+            }
+            Err(why) => refused.push(why),
+        }
+    }
+    Err(refused.join("; "))
 }
 
 #[test]
@@ -222,7 +233,8 @@ fn disk_writes_stop_at_the_limit_on_a_file_system_with_project_quotas() {
         Err(why) => {
             // A kernel without CONFIG_QUOTA/CONFIG_QFMT_V2 (or XFS_QUOTA) cannot run this; CI
             // hosts that must run it set CAPSTAN_REQUIRE_PROJECT_QUOTA=1.
-            let message = format!("SKIPPED the project quota test: this host cannot mount ext4 with prjquota: {why}");
+            let message =
+                format!("SKIPPED the project quota test: this host cannot mount xfs or ext4 with prjquota: {why}");
             if std::env::var("CAPSTAN_REQUIRE_PROJECT_QUOTA").as_deref() == Ok("1") {
                 panic!("{message}, and CAPSTAN_REQUIRE_PROJECT_QUOTA=1 forbids skipping");
             }
