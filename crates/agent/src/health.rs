@@ -27,13 +27,20 @@
 //!   refused", "the answer is not HTTP: …") rather than a client library's error chain.
 //! - `tcp`: a connection to the named port is accepted.
 //! - `command`: `/bin/sh -c COMMAND` in the sandbox as the task's user with the task's
-//!   environment exits with 0 (run by the containerizer, the only crate that spawns:
-//!   [`capstan_containerizer::check::run_command_check`]).
+//!   environment, inside the task's cgroup, exits with 0 (run by the containerizer, the only
+//!   crate that spawns: [`capstan_containerizer::check::run_command_check`]).
+//!
+//! The agent passes every spec from its orders through [`bounded`] first: checks run at most once
+//! per [`HEALTH_CHECK_INTERVAL_MIN_MS`] and each is bounded by [`HEALTH_CHECK_TIMEOUT_MAX_MS`].
+//! The job decoder refuses specs outside these limits; `bounded` also holds them for jobs stored
+//! before the limits existed. ([`spawn`] itself follows the spec it is given, so that its tests
+//! can be quick.)
 //!
 //! Architecture invariant: this module only observes; killing the task on `Unhealthy` is the
 //! caller's decision (`TaskExit::HealthCheckFailed { reason }` with the event's reason).
 
 use capstan_containerizer::check::run_command_check;
+use capstan_model::decode::{HEALTH_CHECK_INTERVAL_MIN_MS, HEALTH_CHECK_TIMEOUT_MAX_MS};
 use capstan_model::spec::{HealthCheckSpec, HealthCheckType};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -58,6 +65,9 @@ pub struct CheckTarget {
     pub env: Vec<(String, String)>,
     /// Whether the agent allows root tasks (a command check as root is refused otherwise).
     pub allow_root: bool,
+    /// The task's cgroup directories (one per v1 hierarchy, or the v2 one): command checks run
+    /// inside them, so they count against the task's limits and die with it.
+    pub cgroup: Vec<PathBuf>,
 }
 
 /// A change of a task's health, as seen by its checker.
@@ -68,6 +78,15 @@ pub enum HealthEvent {
     /// `consecutive_failures` checks in a row failed after the grace period. `reason` is meant
     /// for people and for `TaskExit::HealthCheckFailed`.
     Unhealthy { reason: String },
+}
+
+/// `spec` with its interval raised to at least [`HEALTH_CHECK_INTERVAL_MIN_MS`] and its timeout
+/// lowered to at most [`HEALTH_CHECK_TIMEOUT_MAX_MS`] and the interval (a spec the decoder
+/// accepted today is returned as it is).
+pub fn bounded(mut spec: HealthCheckSpec) -> HealthCheckSpec {
+    spec.interval.0 = spec.interval.0.max(HEALTH_CHECK_INTERVAL_MIN_MS);
+    spec.timeout.0 = spec.timeout.0.min(HEALTH_CHECK_TIMEOUT_MAX_MS).min(spec.interval.0);
+    spec
 }
 
 /// The longest HTTP status line read before giving up on the answer.
@@ -174,9 +193,16 @@ pub async fn check_once(spec: &HealthCheckSpec, target: &CheckTarget) -> Result<
             let Some(command) = spec.command.as_deref() else {
                 return Err("command check without a command".into());
             };
-            let outcome =
-                run_command_check(command, &target.user, &target.sandbox, &target.env, timeout, target.allow_root)
-                    .await;
+            let outcome = run_command_check(
+                command,
+                &target.user,
+                &target.sandbox,
+                &target.env,
+                timeout,
+                target.allow_root,
+                &target.cgroup,
+            )
+            .await;
             // The containerizer's detail starts with "command "; name the command there.
             let rest = outcome.detail.strip_prefix("command ").unwrap_or(&outcome.detail);
             let message = format!("command {command:?} {rest}");
@@ -278,6 +304,27 @@ fn describe_io(e: &std::io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn specs_from_before_the_limits_are_bounded() {
+        use capstan_model::DurationMs;
+        let spec = HealthCheckSpec {
+            check_type: HealthCheckType::Command,
+            port: None,
+            path: None,
+            command: Some("true".into()),
+            interval: DurationMs(1),
+            timeout: DurationMs(1),
+            grace_period: DurationMs(0),
+            consecutive_failures: 1,
+        };
+        let b = bounded(spec.clone());
+        assert_eq!((b.interval, b.timeout), (DurationMs(HEALTH_CHECK_INTERVAL_MIN_MS), DurationMs(1)));
+        let long = bounded(HealthCheckSpec { interval: DurationMs(600_000), timeout: DurationMs(600_000), ..spec });
+        assert_eq!((long.interval, long.timeout), (DurationMs(600_000), DurationMs(HEALTH_CHECK_TIMEOUT_MAX_MS)));
+        let fine = bounded(HealthCheckSpec { interval: DurationMs(5_000), timeout: DurationMs(2_000), ..long });
+        assert_eq!((fine.interval, fine.timeout), (DurationMs(5_000), DurationMs(2_000)));
+    }
 
     #[test]
     fn status_lines() {

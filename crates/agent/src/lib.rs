@@ -47,6 +47,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use updates::UpdateQueue;
 
+/// The agent attribute that says how disk limits are enforced here: `project_quota` (the file
+/// system refuses writes past the limit) or `check_and_kill` (measured every
+/// [`AgentConfig::disk_check_interval`], the task killed when over). Jobs may constrain on it.
+pub const DISK_ENFORCEMENT_ATTRIBUTE: &str = "disk_enforcement";
+
+/// Default period of the disk check-and-kill fallback.
+pub const DISK_CHECK_INTERVAL_DEFAULT_MS: u64 = 1_000;
+
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     /// `http://host:port[,…]` of the master(s).
@@ -65,8 +73,11 @@ pub struct AgentConfig {
     pub supervisor_cmd: Option<Vec<std::ffi::OsString>>,
     /// What to do with the tasks and files found in the data directory.
     pub recover: RecoverMode,
-    /// How often running tasks are measured (usage to the master, disk quota).
+    /// How often running tasks are measured (usage to the master).
     pub usage_interval: Duration,
+    /// How often the sandboxes of running tasks without a project quota are measured against
+    /// their disk limit (the check-and-kill fallback).
+    pub disk_check_interval: Duration,
     /// How often ended sandboxes are considered for removal.
     pub gc_interval: Duration,
     /// Sandboxes of ended (and reported) tasks older than this are removed.
@@ -80,6 +91,7 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     pub const DEFAULT_USAGE_INTERVAL: Duration = Duration::from_secs(5);
+    pub const DEFAULT_DISK_CHECK_INTERVAL: Duration = Duration::from_millis(DISK_CHECK_INTERVAL_DEFAULT_MS);
     pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(60);
     pub const DEFAULT_SANDBOX_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
     pub const DEFAULT_SANDBOX_MIN_FREE_PERCENT: f64 = 10.0;
@@ -99,6 +111,7 @@ impl AgentConfig {
             supervisor_cmd: None,
             recover: RecoverMode::Reattach,
             usage_interval: Self::DEFAULT_USAGE_INTERVAL,
+            disk_check_interval: Self::DEFAULT_DISK_CHECK_INTERVAL,
             gc_interval: Self::DEFAULT_GC_INTERVAL,
             sandbox_max_age: Self::DEFAULT_SANDBOX_MAX_AGE,
             sandbox_min_free_percent: Self::DEFAULT_SANDBOX_MIN_FREE_PERCENT,
@@ -126,6 +139,9 @@ struct Local {
     ended_at_ms: u64,
     /// The task's disk reservation (0: not known yet, or none).
     disk_limit_bytes: u64,
+    /// The file system's project quota holds the sandbox to `disk_limit_bytes` (writes past it
+    /// fail), so the agent's check-and-kill leaves the task alone.
+    disk_quota_enforced: bool,
     /// The task process runs (its supervisor reported it started).
     started: bool,
     /// The job's health check and what it checks, once known (from the launch order, or from the
@@ -150,6 +166,7 @@ impl Local {
             reported: false,
             ended_at_ms: 0,
             disk_limit_bytes,
+            disk_quota_enforced: false,
             started: false,
             health_check: None,
             checker: None,
@@ -237,6 +254,9 @@ pub struct Agent {
     registrations: AtomicU64,
     /// The agent's loops (for [`AgentHandle::stop`]).
     loops: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Project quotas of the sandboxes' file system, when it has them (detected at start): the
+    /// disk limit is then enforced by the kernel; otherwise by the check-and-kill in `usage`.
+    quotas: Option<capstan_containerizer::ProjectQuotas>,
 }
 
 pub struct AgentHandle {
@@ -322,6 +342,23 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<AgentHandle> {
     let containerizer = Containerizer::new(cz)?;
     let (id, updates) = open_checkpoint(&config, &containerizer)?;
     let sandboxes = config.data_dir.join(SANDBOXES_DIR);
+    let quotas = match capstan_containerizer::ProjectQuotas::detect(&sandboxes) {
+        Ok(quotas) => {
+            tracing::info!(
+                "disk limits enforced by project quotas on the file system of {} (writes past a task's disk fail)",
+                sandboxes.display()
+            );
+            Some(quotas)
+        }
+        Err(why) => {
+            tracing::warn!(
+                "disk limits enforced by check-and-kill every {:?} (a task may write past its disk until the next \
+                 check): no project quotas: {why}",
+                config.disk_check_interval
+            );
+            None
+        }
+    };
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
         .with_context(|| format!("cannot listen on {}", config.bind))?;
@@ -333,8 +370,14 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<AgentHandle> {
     });
     let mut attributes = config.attributes.clone();
     attributes.entry("hostname".into()).or_insert_with(|| hostname.clone());
+    attributes.insert(
+        DISK_ENFORCEMENT_ATTRIBUTE.into(),
+        if quotas.is_some() { "project_quota" } else { "check_and_kill" }.into(),
+    );
     let info = AgentInfo { id, hostname, address, capacity, attributes, version: env!("CARGO_PKG_VERSION").into() };
-    let agent = Arc::new(Agent::new(config, info, containerizer, sandboxes, updates));
+    let mut agent = Agent::new(config, info, containerizer, sandboxes, updates);
+    agent.quotas = quotas;
+    let agent = Arc::new(agent);
     agent.recover()?;
     let router = http::router(agent.clone());
     let mut loops = vec![tokio::spawn(async move {
@@ -351,6 +394,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<AgentHandle> {
             tokio::spawn(a.clone().send_updates()),
             tokio::spawn(heartbeat::heartbeat_loop(a.clone())),
             tokio::spawn(usage::usage_loop(a.clone())),
+            tokio::spawn(usage::disk_loop(a.clone())),
             tokio::spawn(gc::gc_loop(a.clone())),
         ];
         a.loops.lock().extend(started.iter().map(JoinHandle::abort_handle));
@@ -386,6 +430,7 @@ impl Agent {
             registering: tokio::sync::Mutex::new(()),
             registrations: AtomicU64::new(0),
             loops: Mutex::new(Vec::new()),
+            quotas: None,
             config,
         }
     }
@@ -436,6 +481,17 @@ impl Agent {
     /// Running tasks and their disk reservations.
     pub(crate) fn running_tasks(&self) -> Vec<(TaskId, u64)> {
         self.tasks.lock().iter().filter(|(_, l)| !l.ended).map(|(id, l)| (*id, l.disk_limit_bytes)).collect()
+    }
+
+    /// Running tasks whose disk limit the agent enforces itself (no project quota holds them),
+    /// with their limits.
+    pub(crate) fn disk_checked_tasks(&self) -> Vec<(TaskId, u64)> {
+        self.tasks
+            .lock()
+            .iter()
+            .filter(|(_, l)| !l.ended && l.disk_limit_bytes > 0 && !l.disk_quota_enforced)
+            .map(|(id, l)| (*id, l.disk_limit_bytes))
+            .collect()
     }
 
     /// Ended tasks whose end the master has, with when they ended.
@@ -718,7 +774,8 @@ impl Agent {
                     // first order.
                     l.disk_limit_bytes = order.spec.disk.0;
                     if l.health_check.is_none() {
-                        l.health_check = order.health_check.clone().map(|c| (c, self.check_target(&order)));
+                        l.health_check =
+                            order.health_check.clone().map(|c| (health::bounded(c), self.check_target(&order)));
                     }
                     (l.ended, l.stop.clone())
                 })
@@ -772,6 +829,7 @@ impl Agent {
             user: order.spec.user.clone(),
             env: self.task_env(order),
             allow_root: self.config.allow_root_tasks,
+            cgroup: self.containerizer.task_cgroup(order.task).dirs().into_iter().map(PathBuf::from).collect(),
         }
     }
 
@@ -863,11 +921,16 @@ impl Agent {
         // In the task table before its first update: a heartbeat whose `as_of_seq` covers the
         // update lists the task.
         let stops = self.track(task, order.spec.disk.0);
+        if self.limit_disk(task, &sandbox, order.spec.disk.0) {
+            if let Some(l) = self.tasks.lock().get_mut(&task) {
+                l.disk_quota_enforced = true;
+            }
+        }
         self.updates.push(task, Report::Starting);
         match self.containerizer.launch(&sandbox, &spec) {
             Ok(handle) => {
                 self.watch(task, handle, stops);
-                if let Some(check) = order.health_check.clone() {
+                if let Some(check) = order.health_check.clone().map(health::bounded) {
                     let target = self.check_target(&order);
                     if let Some(l) = self.tasks.lock().get_mut(&task) {
                         l.health_check = Some((check, target));
@@ -880,6 +943,29 @@ impl Agent {
                 tracing::warn!(%task, "launch failed: {e}");
                 self.tasks.lock().insert(task, Local::ended(updates::now().0, false));
                 self.updates.push(task, Report::Exited { exit: TaskExit::LaunchFailed { message: e.to_string() } });
+            }
+        }
+    }
+
+    /// Where the file system has project quotas: creates the task's sandbox directory (before the
+    /// containerizer fills it, so that everything below it counts) and holds it to `disk_bytes`.
+    /// False (said in the log) when the check-and-kill must enforce the limit instead.
+    fn limit_disk(&self, task: TaskId, sandbox: &std::path::Path, disk_bytes: u64) -> bool {
+        let Some(quotas) = &self.quotas else { return false };
+        if disk_bytes == 0 {
+            return false;
+        }
+        let limited = std::fs::create_dir_all(sandbox)
+            .map_err(|e| format!("creating {}: {e}", sandbox.display()))
+            .and_then(|()| quotas.limit(sandbox, task.0, disk_bytes));
+        match limited {
+            Ok(project) => {
+                tracing::debug!(%task, project, "sandbox held to {disk_bytes} bytes by its project quota");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(%task, "no project quota for the sandbox, check-and-kill instead: {e}");
+                false
             }
         }
     }
@@ -1173,6 +1259,7 @@ mod tests {
             user: "nobody".into(),
             env: vec![],
             allow_root: false,
+            cgroup: vec![],
         };
         let task = TaskId(9);
         let mut stops = agent.track(task, 0);

@@ -1,21 +1,19 @@
 //! Resource usage of running tasks: measured every `usage_interval` from their cgroups and
-//! sandboxes, sent to the master (newest wins, nothing durable), and the disk quota: a task whose
-//! sandbox grew past its `disk` is stopped as `TaskExit::OverDisk`.
+//! sandboxes and sent to the master (newest wins, nothing durable); and the disk limit's
+//! check-and-kill fallback (`disk_loop`): every `disk_check_interval`, a task whose sandbox grew
+//! past its `disk` is stopped as `TaskExit::OverDisk` ("over disk quota: sandbox used X of its Y
+//! limit"). Tasks whose sandbox a project quota holds are left to the kernel (see
+//! `capstan_containerizer::ProjectQuotas`). The fallback acts after the fact: a task can write
+//! about (its write rate × the interval) past its limit before it is stopped.
 
 use crate::{Agent, Stop};
 use capstan_api::{TaskUsage, UsageReport};
 use capstan_model::{TaskExit, TaskId, Timestamp};
 use std::sync::Arc;
 
-/// What one measurement found.
-struct Measured {
-    usage: TaskUsage,
-    disk_limit_bytes: u64,
-}
-
-fn measure(agent: &Agent, task: TaskId, disk_limit_bytes: u64, at: Timestamp) -> Measured {
+fn measure(agent: &Agent, task: TaskId, at: Timestamp) -> TaskUsage {
     let u = agent.containerizer.read_usage(task);
-    let usage = TaskUsage {
+    TaskUsage {
         task,
         cpu_seconds: u.cpu_usage_ns as f64 / 1e9,
         throttled_seconds: u.throttled_ns as f64 / 1e9,
@@ -24,12 +22,10 @@ fn measure(agent: &Agent, task: TaskId, disk_limit_bytes: u64, at: Timestamp) ->
         mem_peak_bytes: u.mem_peak_bytes,
         disk_bytes: capstan_containerizer::disk_usage_bytes(&agent.sandbox(task)),
         at: capstan_api::rfc3339(at),
-    };
-    Measured { usage, disk_limit_bytes }
+    }
 }
 
-/// Every `usage_interval`: measure every running task, stop those over their disk quota, and
-/// send the measurements to the master.
+/// Every `usage_interval`: measure every running task and send the measurements to the master.
 pub(crate) async fn usage_loop(agent: Arc<Agent>) {
     let mut tick = tokio::time::interval(agent.config.usage_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -43,7 +39,7 @@ pub(crate) async fn usage_loop(agent: Arc<Agent>) {
         let a = agent.clone();
         let measured = match tokio::task::spawn_blocking(move || {
             let at = crate::updates::now();
-            running.into_iter().map(|(task, limit)| measure(&a, task, limit, at)).collect::<Vec<_>>()
+            running.into_iter().map(|(task, _)| measure(&a, task, at)).collect::<Vec<_>>()
         })
         .await
         {
@@ -53,18 +49,7 @@ pub(crate) async fn usage_loop(agent: Arc<Agent>) {
                 continue;
             }
         };
-        for m in &measured {
-            let used = m.usage.disk_bytes;
-            if m.disk_limit_bytes > 0 && used > m.disk_limit_bytes {
-                let task = m.usage.task;
-                tracing::warn!(%task, "sandbox uses {used} bytes, over its disk limit of {}; stopping it", m.disk_limit_bytes);
-                agent.stop_task(
-                    task,
-                    Stop::Because(TaskExit::OverDisk { limit_bytes: m.disk_limit_bytes, used_bytes: used }),
-                );
-            }
-        }
-        let report = UsageReport { agent: agent.id, tasks: measured.into_iter().map(|m| m.usage).collect() };
+        let report = UsageReport { agent: agent.id, tasks: measured };
         match agent.client.send_usage(&report).await {
             Ok(_) => {
                 if failing {
@@ -78,6 +63,42 @@ pub(crate) async fn usage_loop(agent: Arc<Agent>) {
                 }
                 failing = true;
             }
+        }
+    }
+}
+
+/// Every `disk_check_interval`: measure the sandbox of every running task that no project quota
+/// holds, and stop those over their disk limit.
+pub(crate) async fn disk_loop(agent: Arc<Agent>) {
+    let mut tick = tokio::time::interval(agent.config.disk_check_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let checked = agent.disk_checked_tasks();
+        if checked.is_empty() {
+            continue;
+        }
+        let a = agent.clone();
+        let over = match tokio::task::spawn_blocking(move || {
+            checked
+                .into_iter()
+                .filter_map(|(task, limit)| {
+                    let used = capstan_containerizer::disk_usage_bytes(&a.sandbox(task));
+                    (used > limit).then_some((task, limit, used))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        {
+            Ok(over) => over,
+            Err(e) => {
+                tracing::error!("measuring sandboxes for their disk limits failed: {e}");
+                continue;
+            }
+        };
+        for (task, limit_bytes, used_bytes) in over {
+            tracing::warn!(%task, "sandbox uses {used_bytes} bytes, over its disk limit of {limit_bytes}; stopping it");
+            agent.stop_task(task, Stop::Because(TaskExit::OverDisk { limit_bytes, used_bytes }));
         }
     }
 }

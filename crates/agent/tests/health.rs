@@ -50,6 +50,7 @@ fn target(port: u16) -> CheckTarget {
         user: "nobody".into(),
         env: Vec::new(),
         allow_root: false,
+        cgroup: Vec::new(),
     }
 }
 

@@ -111,8 +111,8 @@ async fn while_frozen_a_failed_health_check_keeps_its_task_until_unfrozen() {
     spec["health_check"] = serde_json::json!({
         "type": "command",
         "command": "test -f ready",
-        "interval": "200ms",
-        "timeout": "200ms",
+        "interval": "1s",
+        "timeout": "500ms",
         "grace_period": "0s",
         "consecutive_failures": 2,
     });

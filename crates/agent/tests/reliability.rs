@@ -204,8 +204,8 @@ async fn a_health_check_marks_the_task_healthy_then_fails_it() {
     spec["health_check"] = serde_json::json!({
         "type": "command",
         "command": "test -f ready",
-        "interval": "200ms",
-        "timeout": "200ms",
+        "interval": "1s",
+        "timeout": "500ms",
         "grace_period": "0s",
         "consecutive_failures": 2,
     });

@@ -175,9 +175,13 @@ struct AgentFlags {
     /// sandboxes aside to DATA/sandboxes.cleanup-<time>/, reset the update log and start clean.
     #[arg(long, default_value = "reattach")]
     recover: capstan_agent::RecoverMode,
-    /// How often running tasks are measured (usage sent to the master, disk quota enforced).
+    /// How often running tasks are measured (usage sent to the master).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     usage_interval: std::time::Duration,
+    /// Where the sandboxes' file system has no project quotas: how often each task's sandbox is
+    /// measured against its disk limit (a task over it is killed).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    disk_check_interval: std::time::Duration,
     /// How often sandboxes of ended tasks are considered for removal.
     #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
     sandbox_gc_interval: std::time::Duration,
@@ -200,6 +204,7 @@ impl AgentFlags {
         c.cgroup_root = self.cgroup_root;
         c.recover = self.recover;
         c.usage_interval = self.usage_interval;
+        c.disk_check_interval = self.disk_check_interval;
         c.gc_interval = self.sandbox_gc_interval;
         c.sandbox_max_age = self.sandbox_max_age;
         c.sandbox_min_free_percent = self.sandbox_min_free;

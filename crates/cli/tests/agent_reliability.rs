@@ -373,8 +373,8 @@ SERVER_PY = '''{CHECKED_SERVER}'''
 type = "http"
 port = "http"
 path = "/health"
-interval = "200ms"
-timeout = "200ms"
+interval = "1s"
+timeout = "500ms"
 grace_period = "0s"
 consecutive_failures = 2
 "#

@@ -49,8 +49,8 @@ GREETING = "{greeting}"
 type = "http"
 port = "http"
 path = "{health_path}"
-interval = "300ms"
-timeout = "300ms"
+interval = "1s"
+timeout = "500ms"
 grace_period = "4s"
 consecutive_failures = 2
 

@@ -1,5 +1,5 @@
-//! Command health checks: runs `/bin/sh -c COMMAND` as the task's user in its sandbox, with a
-//! timeout, and says in words how it went. The agent's health checker (`capstan-agent`'s
+//! Command health checks: runs `/bin/sh -c COMMAND` as the task's user in its sandbox and in its
+//! cgroup, with a timeout, and says in words how it went. The agent's health checker (`capstan-agent`'s
 //! `health` module) calls [`run_command_check`]; it lives here because this crate is the only
 //! place in Capstan that spawns processes.
 //!
@@ -11,16 +11,28 @@
 //! Root (uid 0) is refused unless `allow_root`. When the agent itself is not root and the user is
 //! the agent's own user, there is nothing to drop and the command runs as is.
 //!
+//! **Limits.** Before it drops privileges, the child joins the task's own cgroup in every
+//! hierarchy the task is in (each v1 controller's directory, or the one v2 directory), by writing
+//! `0` (this process) to each `cgroup.procs`. So the check's memory, processes and CPU count
+//! against the task's limits (a check that allocates past the task's memory limit is OOM-killed
+//! like the task would be), and the check dies with the task: the supervisor's cgroup kill at
+//! the task's end catches whatever a check left behind, `setsid -f` children included. A check
+//! that cannot join (the task ended, its cgroup is gone) does not run: it never runs unconfined.
+//!
 //! Whatever the outcome, the whole process group gets SIGKILL once the shell has exited or the
-//! timeout passed, so a check leaves nothing behind; the shell is always reaped. If the future is
+//! timeout passed; the shell is always reaped. The shell is a child subreaper
+//! (`PR_SET_CHILD_SUBREAPER`, kept across exec), so a descendant that left the group with
+//! `setsid` is re-parented to it and stays its descendant while it lives: on a timeout, every
+//! descendant found in the task's cgroup is killed before the shell is. If the future is
 //! dropped (the checker was stopped) the group is killed too, and tokio reaps the shell.
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::{Gid, Pid, Uid, User};
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -31,6 +43,14 @@ pub const OUTPUT_KEPT_BYTES: usize = 512;
 /// How long to wait for the output pipes to close once the process group is dead (a process
 /// that escaped the group with `setsid` may hold them open).
 const OUTPUT_DRAIN: Duration = Duration::from_millis(200);
+
+/// Rounds of "find the shell's descendants in the cgroup, SIGKILL them" on a timeout; a round
+/// finds the processes forked while the previous one killed (they are re-parented to the shell).
+const DESCENDANT_KILL_ROUNDS_MAX: usize = 16;
+
+/// Parent links followed from a process up to the shell before giving up (deeper trees are
+/// caught by the cgroup kill at the task's end).
+const ANCESTRY_DEPTH_MAX: usize = 64;
 
 /// How a command check went.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,9 +78,12 @@ struct Identity {
     drop_privileges: bool,
 }
 
-/// Runs `/bin/sh -c command` as `user` in `cwd` with exactly `env` (see the module doc), waits at
-/// most `timeout`, and reports whether it exited with 0. Never panics and never returns an error:
-/// every problem (unknown user, root refused, spawn failure, timeout) is a failed outcome.
+/// Runs `/bin/sh -c command` as `user` in `cwd` with exactly `env` (see the module doc), inside
+/// the cgroup directories `cgroup` (the task's: [`crate::TaskCgroup::dirs`]), waits at most
+/// `timeout`, and reports whether it exited with 0. Never panics and never returns an error:
+/// every problem (unknown user, root refused, cgroup gone, spawn failure, timeout) is a failed
+/// outcome. `cgroup` empty means no cgroup to join: only tests that have no task pass that; the
+/// agent always passes the task's.
 pub async fn run_command_check(
     command: &str,
     user: &str,
@@ -68,6 +91,7 @@ pub async fn run_command_check(
     env: &[(String, String)],
     timeout: Duration,
     allow_root: bool,
+    cgroup: &[PathBuf],
 ) -> CheckOutcome {
     let mut identity = match lookup(user, allow_root).await {
         Ok(identity) => identity,
@@ -81,6 +105,10 @@ pub async fn run_command_check(
     }
     let Ok(cwd_c) = CString::new(cwd.as_os_str().as_bytes()) else {
         return CheckOutcome::failed("command not run: the sandbox path contains NUL".into());
+    };
+    let join = match cgroup_procs_files(cgroup) {
+        Ok(join) => join,
+        Err(why) => return CheckOutcome::failed(format!("command not run: {why}")),
     };
 
     let mut cmd = tokio::process::Command::new("/bin/sh");
@@ -101,10 +129,19 @@ pub async fn run_command_check(
     }
     let Identity { uid, gid, groups, drop_privileges } = identity;
     let groups: Vec<libc::gid_t> = groups.iter().map(|g| g.as_raw()).collect();
-    // SAFETY: the closure only makes raw syscalls (setgroups, setgid, setuid, getuid, geteuid,
-    // getgid, chdir) on data prepared before the fork; it allocates nothing and takes no locks.
+    // SAFETY: the closure only makes raw syscalls (open, write, close, prctl, setgroups, setgid,
+    // setuid, getuid, geteuid, getgid, chdir) on data prepared before the fork; it allocates
+    // nothing and takes no locks.
     unsafe {
         cmd.pre_exec(move || {
+            // First, while still root: into the task's cgroup, or not at all.
+            for file in &join {
+                join_cgroup(file)?;
+            }
+            // Orphans of the check are re-parented to the shell (see the module doc).
+            if libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             if drop_privileges {
                 // In this order, each checked: a failure aborts the spawn, never a fallback to root.
                 if libc::setgroups(groups.len() as _, groups.as_ptr()) != 0
@@ -145,6 +182,8 @@ pub async fn run_command_check(
             status
         }
         Err(_) => {
+            // The shell still lives, so whatever it started is still its descendant.
+            kill_descendants(pid as i32, cgroup);
             group.kill();
             let _ = child.wait().await;
             group.armed = false;
@@ -174,6 +213,103 @@ pub async fn run_command_check(
         }
         (None, None) => CheckOutcome::failed(format!("command ended with {status}")),
     }
+}
+
+/// The `cgroup.procs` file of every directory of the task's cgroup that exists (a v1 hierarchy
+/// the task's cgroup was not created in has none), as C strings for the child. Err when `dirs`
+/// names directories but none exists: the task's cgroup is gone.
+fn cgroup_procs_files(dirs: &[PathBuf]) -> Result<Vec<CString>, String> {
+    let existing: Vec<&PathBuf> = dirs.iter().filter(|d| d.is_dir()).collect();
+    if existing.is_empty() && !dirs.is_empty() {
+        return Err(format!(
+            "the task's cgroup ({}) is gone: the task has ended",
+            dirs.first().map(|d| d.display().to_string()).unwrap_or_default()
+        ));
+    }
+    existing
+        .into_iter()
+        .map(|d| {
+            CString::new(d.join("cgroup.procs").as_os_str().as_bytes())
+                .map_err(|_| format!("the cgroup path {} contains NUL", d.display()))
+        })
+        .collect()
+}
+
+/// Moves the calling process into the cgroup of `procs_file` (`cgroup.procs`); writing `0`
+/// means "the writer", on v1 and v2 alike. Runs in the forked child: raw syscalls only.
+fn join_cgroup(procs_file: &CString) -> std::io::Result<()> {
+    // SAFETY: a NUL-terminated path; the descriptor is ours and closed on every path.
+    unsafe {
+        let fd = libc::open(procs_file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+        let error = std::io::Error::last_os_error();
+        libc::close(fd);
+        if written != 1 {
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+/// SIGKILLs every process in the cgroup directories `cgroup` that descends from `shell` (not
+/// the shell itself), in rounds until a round finds none (at most
+/// [`DESCENDANT_KILL_ROUNDS_MAX`]).
+fn kill_descendants(shell: i32, cgroup: &[PathBuf]) {
+    for _ in 0..DESCENDANT_KILL_ROUNDS_MAX {
+        let found = descendants_in(shell, cgroup);
+        if found.is_empty() {
+            return;
+        }
+        for pid in found {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// The processes in `cgroup` whose chain of parents reaches `ancestor`.
+fn descendants_in(ancestor: i32, cgroup: &[PathBuf]) -> Vec<i32> {
+    let mut members: Vec<i32> = cgroup
+        .iter()
+        .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+        .flat_map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect::<Vec<i32>>())
+        .collect();
+    members.sort_unstable();
+    members.dedup();
+    let parents: HashMap<i32, i32> = members.iter().filter_map(|&p| parent_of(p).map(|pp| (p, pp))).collect();
+    members
+        .into_iter()
+        .filter(|&pid| {
+            let mut at = pid;
+            for _ in 0..ANCESTRY_DEPTH_MAX {
+                let parent = match parents.get(&at) {
+                    Some(&parent) => parent,
+                    // Not in the cgroup (the shell is, but its parent, the agent, is not).
+                    None => match parent_of(at) {
+                        Some(parent) => parent,
+                        None => return false,
+                    },
+                };
+                if parent == ancestor {
+                    return pid != ancestor;
+                }
+                if parent <= 1 {
+                    return false;
+                }
+                at = parent;
+            }
+            false
+        })
+        .collect()
+}
+
+/// The parent pid of `pid` from `/proc/PID/stat` (the field after the `)` that ends the name).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Looks up `user` (NSS may block, so on the blocking pool) and decides whether to drop.

@@ -22,7 +22,7 @@ pub mod sandbox;
 mod supervisor;
 
 pub use cgroups::{CgroupLimits, CgroupMode, TaskCgroup};
-pub use disk::{disk_usage_bytes, DISK_USAGE_MAX_DEPTH};
+pub use disk::{disk_usage_bytes, project_id, set_project_id, ProjectQuotas, DISK_USAGE_MAX_DEPTH};
 pub use handle::{
     AttachError, Attached, Containerizer, ContainerizerConfig, ContainerizerError, LaunchError, TaskHandle,
 };

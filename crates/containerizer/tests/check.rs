@@ -40,7 +40,7 @@ fn sandbox() -> Sandbox {
 const SECOND: Duration = Duration::from_secs(1);
 
 async fn as_root(command: &str, dir: &Path, timeout: Duration) -> CheckOutcome {
-    run_command_check(command, "root", dir, &[], timeout, true).await
+    run_command_check(command, "root", dir, &[], timeout, true, &[]).await
 }
 
 /// True once `pid` is gone (or a zombie nobody reaped yet: dead all the same).
@@ -68,10 +68,10 @@ async fn test_f_ready_fails_then_passes_once_the_file_exists() {
         return;
     }
     let sb = sandbox();
-    let before = run_command_check("test -f ready", "nobody", &sb.path, &[], SECOND, false).await;
+    let before = run_command_check("test -f ready", "nobody", &sb.path, &[], SECOND, false, &[]).await;
     assert_eq!(before, CheckOutcome { ok: false, detail: "command exited with code 1".into() });
     std::fs::write(sb.path.join("ready"), b"").unwrap();
-    let after = run_command_check("test -f ready", "nobody", &sb.path, &[], SECOND, false).await;
+    let after = run_command_check("test -f ready", "nobody", &sb.path, &[], SECOND, false, &[]).await;
     assert_eq!(after, CheckOutcome { ok: true, detail: "command exited with code 0".into() });
 }
 
@@ -89,6 +89,7 @@ async fn runs_as_the_user_in_the_sandbox_with_the_task_env() {
         &env,
         SECOND,
         false,
+        &[],
     )
     .await;
     let dir = sb.path.display();
@@ -188,7 +189,7 @@ async fn a_dropped_check_kills_its_process_group() {
 async fn root_is_refused_unless_allowed() {
     // No privileges needed: the refusal comes before anything runs.
     let sb = sandbox();
-    let out = run_command_check("true", "root", &sb.path, &[], SECOND, false).await;
+    let out = run_command_check("true", "root", &sb.path, &[], SECOND, false, &[]).await;
     assert!(!out.ok);
     assert!(out.detail.starts_with("command not run: refusing to run it as \"root\" (uid 0)"), "{}", out.detail);
 }
@@ -196,7 +197,7 @@ async fn root_is_refused_unless_allowed() {
 #[tokio::test]
 async fn an_unknown_user_is_a_failed_check() {
     let sb = sandbox();
-    let out = run_command_check("true", "no-such-user-capstan", &sb.path, &[], SECOND, false).await;
+    let out = run_command_check("true", "no-such-user-capstan", &sb.path, &[], SECOND, false, &[]).await;
     assert_eq!(
         out,
         CheckOutcome {
@@ -213,7 +214,7 @@ async fn a_sandbox_the_user_cannot_enter_is_a_failed_check_not_a_root_run() {
     }
     let sb = sandbox();
     std::fs::set_permissions(&sb.path, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let out = run_command_check("true", "nobody", &sb.path, &[], SECOND, false).await;
+    let out = run_command_check("true", "nobody", &sb.path, &[], SECOND, false, &[]).await;
     assert!(!out.ok);
     assert!(out.detail.starts_with("command not run as \"nobody\" in "), "{}", out.detail);
     assert!(out.detail.contains("Permission denied"), "{}", out.detail);
@@ -224,6 +225,130 @@ async fn runs_as_the_agents_own_user_without_privileges_to_drop() {
     // Root or not: as the agent's own user. Without root this is the path with nothing to drop.
     let me = nix::unistd::User::from_uid(nix::unistd::geteuid()).unwrap().expect("the test's own user");
     let sb = sandbox();
-    let out = run_command_check("id -u >&2; exit 9", &me.name, &sb.path, &[], SECOND, true).await;
+    let out = run_command_check("id -u >&2; exit 9", &me.name, &sb.path, &[], SECOND, true, &[]).await;
     assert_eq!(out, CheckOutcome { ok: false, detail: format!("command exited with code 9: {}", me.uid) });
+}
+
+/// A real task cgroup (memory limit `mem_bytes`) holding one `sleep` that plays the task;
+/// killed and removed when dropped.
+struct TaskGroup {
+    cgroup: capstan_containerizer::TaskCgroup,
+    task: std::process::Child,
+}
+
+impl TaskGroup {
+    fn new(id: u64, mem_bytes: u64) -> TaskGroup {
+        let hierarchies = capstan_containerizer::cgroups::Hierarchies::discover().unwrap();
+        let cgroup = hierarchies.task_cgroup("capstan-check-test", capstan_model::TaskId(id));
+        let task = std::process::Command::new("sleep").arg("600").spawn().unwrap();
+        cgroup.setup(task.id(), &capstan_containerizer::CgroupLimits::new(0, mem_bytes, Some(64))).unwrap();
+        TaskGroup { cgroup, task }
+    }
+
+    fn dirs(&self) -> Vec<PathBuf> {
+        self.cgroup.dirs().into_iter().map(PathBuf::from).collect()
+    }
+}
+
+impl Drop for TaskGroup {
+    fn drop(&mut self) {
+        let _ = self.task.kill();
+        let _ = self.task.wait();
+        self.cgroup.kill_all(3 * SECOND, &mut || {});
+        let _ = self.cgroup.remove();
+    }
+}
+
+#[tokio::test]
+async fn a_check_runs_inside_the_tasks_cgroup_and_its_memory_counts_against_the_task() {
+    if !privileged("a_check_runs_inside_the_tasks_cgroup_and_its_memory_counts_against_the_task") {
+        return;
+    }
+    let sb = sandbox();
+    let group = TaskGroup::new(0x7e57_0001, 32 << 20);
+    let memory = group.cgroup.controller_dir("memory").unwrap();
+    let rel = group.cgroup.rel.display().to_string();
+    let where_ = run_command_check(
+        "grep -E ':memory:|^0::' /proc/self/cgroup; exit 3",
+        "nobody",
+        &sb.path,
+        &[],
+        5 * SECOND,
+        false,
+        &group.dirs(),
+    )
+    .await;
+    assert!(where_.detail.ends_with(&format!("/{rel}")), "the check ran in {:?}, not in {rel}", where_.detail);
+
+    // 256 MiB written (not only reserved) against the task's 32 MiB: the kernel kills the check.
+    let hog = "exec python3 -c \"b = b'x' * (256 << 20); print(len(b))\"";
+    let out = run_command_check(hog, "nobody", &sb.path, &[], 30 * SECOND, false, &group.dirs()).await;
+    assert_eq!(out, CheckOutcome { ok: false, detail: "command was killed by SIGKILL".into() });
+    let oom = std::fs::read_to_string(memory.join("memory.oom_control"))
+        .or_else(|_| std::fs::read_to_string(memory.join("memory.events")))
+        .unwrap();
+    assert!(oom.lines().any(|l| l.starts_with("oom_kill ") && l != "oom_kill 0"), "no OOM kill counted: {oom}");
+    assert!(!is_dead(group.task.id()), "the task itself, the smaller process, is spared");
+}
+
+#[tokio::test]
+async fn a_timed_out_check_kills_what_it_started_with_setsid() {
+    if !privileged("a_timed_out_check_kills_what_it_started_with_setsid") {
+        return;
+    }
+    let sb = sandbox();
+    let group = TaskGroup::new(0x7e57_0002, 64 << 20);
+    let out = as_root_in(
+        "setsid -f sh -c 'echo $$ > escaped.pid; exec sleep 600'; sleep 600",
+        &sb.path,
+        2 * SECOND,
+        &group.dirs(),
+    )
+    .await;
+    assert_eq!(out.detail, "command timed out after 2s");
+    let escaped: u32 = std::fs::read_to_string(sb.path.join("escaped.pid")).unwrap().trim().parse().unwrap();
+    assert!(wait_dead(escaped), "the setsid'd sleep {escaped} outlived its timed-out check");
+    assert_eq!(group.cgroup.procs(), vec![group.task.id() as i32], "only the task is left in its cgroup");
+}
+
+#[tokio::test]
+async fn what_a_passing_check_left_with_setsid_is_in_the_tasks_cgroup_and_dies_with_it() {
+    if !privileged("what_a_passing_check_left_with_setsid_is_in_the_tasks_cgroup_and_dies_with_it") {
+        return;
+    }
+    let sb = sandbox();
+    let group = TaskGroup::new(0x7e57_0003, 64 << 20);
+    let out =
+        as_root_in("setsid -f sh -c 'echo $$ > escaped.pid; exec sleep 600'", &sb.path, 5 * SECOND, &group.dirs())
+            .await;
+    assert!(out.ok, "{out:?}");
+    let until = Instant::now() + 3 * SECOND;
+    let escaped: u32 = loop {
+        if let Some(pid) = std::fs::read_to_string(sb.path.join("escaped.pid")).ok().and_then(|s| s.trim().parse().ok())
+        {
+            break pid;
+        }
+        assert!(Instant::now() < until, "the setsid'd sleep never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(group.cgroup.procs().contains(&(escaped as i32)), "the escaped sleep is counted in the task's cgroup");
+    // The task's end: the supervisor's cgroup kill.
+    assert!(group.cgroup.kill_all(3 * SECOND, &mut || {}));
+    assert!(wait_dead(escaped), "the setsid'd sleep {escaped} outlived its task");
+}
+
+#[tokio::test]
+async fn a_check_whose_task_cgroup_is_gone_does_not_run() {
+    if !privileged("a_check_whose_task_cgroup_is_gone_does_not_run") {
+        return;
+    }
+    let sb = sandbox();
+    let gone = vec![PathBuf::from("/sys/fs/cgroup/memory/capstan-check-test/no-such-task")];
+    let out = as_root_in("touch ran", &sb.path, SECOND, &gone).await;
+    assert!(!out.ok && out.detail.starts_with("command not run: the task's cgroup"), "{out:?}");
+    assert!(!sb.path.join("ran").exists(), "the command ran outside its task's cgroup");
+}
+
+async fn as_root_in(command: &str, dir: &Path, timeout: Duration, cgroup: &[PathBuf]) -> CheckOutcome {
+    run_command_check(command, "root", dir, &[], timeout, true, cgroup).await
 }

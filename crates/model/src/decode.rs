@@ -68,6 +68,14 @@ pub const PORTS_MAX: usize = 64;
 pub const COMMAND_LEN_MAX: usize = 64 * 1024;
 pub const ENV_MAX: usize = 1024;
 pub const MEM_MIN: u64 = 4 * MIB;
+/// Health checks run at most once a second: a command check is a process the agent starts, so a
+/// job must not be able to make it start hundreds a second.
+pub const HEALTH_CHECK_INTERVAL_MIN_MS: u64 = 1_000;
+pub const HEALTH_CHECK_INTERVAL_MAX_MS: u64 = 3_600_000;
+/// A check's timeout: at least this, at most [`HEALTH_CHECK_TIMEOUT_MAX_MS`] and never above the
+/// interval (checks never overlap).
+pub const HEALTH_CHECK_TIMEOUT_MIN_MS: u64 = 100;
+pub const HEALTH_CHECK_TIMEOUT_MAX_MS: u64 = 60_000;
 
 /// Parses and validates a job file.
 pub fn parse_toml(text: &str, policy: &ValidationPolicy) -> Result<JobSpec, Problems> {
@@ -763,6 +771,9 @@ impl Cx {
         })
     }
 
+    /// `[health_check]`; its interval and timeout within [`HEALTH_CHECK_INTERVAL_MIN_MS`] …
+    /// [`HEALTH_CHECK_INTERVAL_MAX_MS`] and [`HEALTH_CHECK_TIMEOUT_MIN_MS`] … the smaller of
+    /// [`HEALTH_CHECK_TIMEOUT_MAX_MS`] and the interval.
     fn health_check(&mut self, v: &Value, task: Option<&TaskSpec>) -> Option<HealthCheckSpec> {
         const KNOWN: &[&str] =
             &["type", "port", "path", "command", "interval", "timeout", "grace_period", "consecutive_failures"];
@@ -817,12 +828,27 @@ impl Cx {
                 self.err("health_check.path", format!("\"{path}\" must start with /"), None);
             }
         }
-        if let (Some(i), Some(t)) = (interval, timeout) {
-            if i.0 == 0 {
-                self.err("health_check.interval", "must be longer than 0s", None);
+        if let Some(i) = interval {
+            if !(HEALTH_CHECK_INTERVAL_MIN_MS..=HEALTH_CHECK_INTERVAL_MAX_MS).contains(&i.0) {
+                self.err(
+                    "health_check.interval",
+                    format!("{i} is out of range: a check runs at most once a second and at least once an hour"),
+                    Some(format!(
+                        "use {} to {}",
+                        DurationMs(HEALTH_CHECK_INTERVAL_MIN_MS),
+                        DurationMs(HEALTH_CHECK_INTERVAL_MAX_MS)
+                    )),
+                );
             }
-            if t.0 == 0 || t > i {
-                self.err("health_check.timeout", format!("{t} must be above 0s and at most the interval ({i})"), None);
+        }
+        if let Some(t) = timeout {
+            let max = interval.map_or(HEALTH_CHECK_TIMEOUT_MAX_MS, |i| i.0.min(HEALTH_CHECK_TIMEOUT_MAX_MS));
+            if !(HEALTH_CHECK_TIMEOUT_MIN_MS..=max).contains(&t.0) {
+                self.err(
+                    "health_check.timeout",
+                    format!("{t} is out of range: it must be at most the interval and at most a minute"),
+                    Some(format!("use {} to {}", DurationMs(HEALTH_CHECK_TIMEOUT_MIN_MS), DurationMs(max))),
+                );
             }
         }
         Some(HealthCheckSpec {

@@ -140,6 +140,32 @@ fn bad_job_files() {
             append("[health_check]\ntype = \"http\"\nport = \"http\"\nintervl = \"5s\"\nbogus = 1"),
             &[("health_check.intervl", "did you mean `interval`"), ("health_check.bogus", "unknown key")],
         ),
+        // --- health check timing: at most one check a second, each bounded
+        (
+            "check interval of 1 ms",
+            append("[health_check]\ntype = \"command\"\ncommand = \"true\"\ninterval = \"1ms\"\ntimeout = \"1ms\""),
+            &[("health_check.interval", "use 1s to 1h"), ("health_check.timeout", "use 100ms to 1ms")],
+        ),
+        (
+            "check interval above an hour",
+            append("[health_check]\ntype = \"command\"\ncommand = \"true\"\ninterval = \"2h\""),
+            &[("health_check.interval", "out of range")],
+        ),
+        (
+            "check timeout above a minute",
+            append("[health_check]\ntype = \"command\"\ncommand = \"true\"\ninterval = \"10m\"\ntimeout = \"5m\""),
+            &[("health_check.timeout", "use 100ms to 1m")],
+        ),
+        (
+            "check timeout above the interval",
+            append("[health_check]\ntype = \"command\"\ncommand = \"true\"\ninterval = \"2s\"\ntimeout = \"3s\""),
+            &[("health_check.timeout", "at most the interval")],
+        ),
+        (
+            "check timeout of 0s",
+            append("[health_check]\ntype = \"command\"\ncommand = \"true\"\ntimeout = \"0s\""),
+            &[("health_check.timeout", "use 100ms to 5s")],
+        ),
         // --- sizes
         ("decimal unit", edit("mem", "mem = \"12GB\""), &[("task.mem", "GiB")]),
         ("size without a unit", edit("mem", "mem = \"12\""), &[("task.mem", "no unit")]),

@@ -128,6 +128,7 @@ impl Cluster {
             cgroup_root: self.cgroup_root.clone(),
             supervisor_cmd: Some(vec![SUPERVISOR.into()]),
             usage_interval: Duration::from_millis(200),
+            disk_check_interval: Duration::from_millis(200),
             ..AgentConfig::new(self.master.url(), &self.agent_dir)
         }
     }
