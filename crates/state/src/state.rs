@@ -515,7 +515,8 @@ impl ClusterState {
                 .get(&t.job)
                 .is_some_and(|j| j.killed.is_none() && matches!(j.spec.job_type, JobType::Service | JobType::System));
         self.step(task, &Event::Kill { by: by.to_string() }, at, out);
-        let t = self.tasks.get_mut(&task).expect("task exists");
+        // Gone when it was the last live task of a killed job (forgotten with the job).
+        let Some(t) = self.tasks.get_mut(&task) else { return };
         if restart {
             t.restart_when_stopped = true;
             if t.state.is_terminal() {
