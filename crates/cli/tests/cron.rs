@@ -362,3 +362,26 @@ fn a_batch_job_is_complete_when_all_instances_exit_0_and_says_how_long_it_took()
     let status = c.capstan_ok(&["job", "status", failing]);
     assert!(status.contains("an instance failed for good"), "{status}");
 }
+
+/// Finished batch jobs are not kept forever: after `--batch-retention` the job and its tasks are
+/// forgotten (404), while a job still running stays.
+#[test]
+fn a_finished_batch_job_is_forgotten_after_its_retention() {
+    privileged_or_skip!("a_finished_batch_job_is_forgotten_after_its_retention");
+    let c = DevCluster::start_with("", &["--batch-retention", "2s"]);
+    let key = "batch/test/old";
+    let tasks = c.create_job(&job_spec(key, "batch", 2, "true"));
+    wait_until(SOON, "the job is finished", || match c.job(key)? {
+        Some(j) if j["status"] == "finished" => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    c.create_job(&job_spec("batch/test/long", "batch", 1, "exec sleep 600"));
+    wait_until(SOON, "the finished job is forgotten after its retention", || match c.job(key)? {
+        None => Ok(()),
+        Some(j) => Err(format!("{}", j["status"])),
+    });
+    for t in &tasks {
+        assert_eq!(c.task(t).unwrap(), None, "task {t} is forgotten with its job");
+    }
+    assert!(c.job("batch/test/long").unwrap().is_some(), "a batch job still running stays");
+}
