@@ -85,9 +85,8 @@ impl Master {
     /// Must be answered in time: a late answer fails the test, naming what was asked.
     fn must(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
         let asked = Instant::now();
-        self.call(method, path, body).unwrap_or_else(|e| {
-            panic!("no answer within {ANSWER_DEADLINE:?} (after {:?}): {e}", asked.elapsed())
-        })
+        self.call(method, path, body)
+            .unwrap_or_else(|e| panic!("no answer within {ANSWER_DEADLINE:?} (after {:?}): {e}", asked.elapsed()))
     }
 
     /// SIGTERM, then the process must be gone within [`EXIT_DEADLINE`].

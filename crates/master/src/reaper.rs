@@ -130,8 +130,12 @@ pub async fn run(core: Arc<Core>, config: JobSettings) {
         let work = find_work(&core, config.batch_retention, now().0);
         for (job, by, mut from) in work.kills {
             loop {
-                let command =
-                    Command::KillJobSlice { job: job.clone(), by: by.clone(), from_instance: from, instances_max: KILL_SLICE_INSTANCES };
+                let command = Command::KillJobSlice {
+                    job: job.clone(),
+                    by: by.clone(),
+                    from_instance: from,
+                    instances_max: KILL_SLICE_INSTANCES,
+                };
                 match core.submit(command).await {
                     Ok(applied) => {
                         core.kills.record(&job, &applied);
@@ -150,7 +154,10 @@ pub async fn run(core: Arc<Core>, config: JobSettings) {
         }
         for job in work.forgets {
             loop {
-                match core.submit(Command::ForgetJobSlice { job: job.clone(), instances_max: FORGET_SLICE_INSTANCES }).await {
+                match core
+                    .submit(Command::ForgetJobSlice { job: job.clone(), instances_max: FORGET_SLICE_INSTANCES })
+                    .await
+                {
                     Ok(applied) if applied.job_forgotten => {
                         tracing::info!(job = %job, "job forgotten");
                         break;

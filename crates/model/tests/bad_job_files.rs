@@ -241,7 +241,11 @@ fn bad_job_files() {
         (
             "cron every second",
             edit("type", "type = \"cron\"\ncron = \"* * * * * *\""),
-            &[("cron", "runs 1s after the run before it"), ("cron", "at least 1m apart"), ("cron", "--cron-interval-min")],
+            &[
+                ("cron", "runs 1s after the run before it"),
+                ("cron", "at least 1m apart"),
+                ("cron", "--cron-interval-min"),
+            ],
         ),
         (
             "cron twice a minute, once an hour",

@@ -58,7 +58,11 @@ impl Big {
             let placements = chunk
                 .iter()
                 .enumerate()
-                .map(|(i, t)| Placement { task: *t, agent: AgentId(((n * 1_000 + i) as u64 % AGENTS) + 1), ports: vec![] })
+                .map(|(i, t)| Placement {
+                    task: *t,
+                    agent: AgentId(((n * 1_000 + i) as u64 % AGENTS) + 1),
+                    ports: vec![],
+                })
                 .collect();
             let (applied, u) = self.apply(Command::Place { placements });
             assert_eq!(applied.placements_refused, 0);
@@ -192,17 +196,12 @@ fn killing_the_largest_cron_run_is_linear() {
     let mut b = Big::new();
     let key = Big::key("big/prod/cron");
     let n = u64::from(INSTANCES_MAX);
-    let mut spec = JobShape { job_type: JobType::Cron, ports: 0, ..JobShape::batch(INSTANCES_MAX, 0) }
-        .spec("big/prod/cron");
+    let mut spec =
+        JobShape { job_type: JobType::Cron, ports: 0, ..JobShape::batch(INSTANCES_MAX, 0) }.spec("big/prod/cron");
     spec.cron = Some("0 0 * * *".into());
     b.apply(Command::CreateJob { spec, seed: 11 });
-    let (started, run_units) = b.apply(Command::StartCronRun {
-        job: key.clone(),
-        scheduled_at: None,
-        missed: 0,
-        seed: 12,
-        by: "test".into(),
-    });
+    let (started, run_units) =
+        b.apply(Command::StartCronRun { job: key.clone(), scheduled_at: None, missed: 0, seed: 12, by: "test".into() });
     let tasks = started.created.clone();
     assert_eq!(tasks.len() as u64, n);
     within_bound("start the run", run_units, n);
