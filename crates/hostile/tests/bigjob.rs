@@ -14,10 +14,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Instances of the large job: as many as a debug build on two shared cores creates in a few
-/// seconds. Before the fix, the kill of a cron run this size visited about n²/2 = 800 million
-/// tasks in one command.
-const INSTANCES: u32 = 40_000;
+/// Instances of the large job: the largest allowed (`INSTANCES_MAX`). Before the fix, the kill
+/// of a cron run this size visited about n²/2 = 5 billion tasks in one command.
+const INSTANCES: u32 = capstan_model::decode::INSTANCES_MAX;
 /// Every request must be answered within this, or the test fails (the old master answered
 /// nothing for minutes while it applied the kill).
 const ANSWER_DEADLINE: Duration = Duration::from_secs(5);
