@@ -61,11 +61,18 @@ async fn launch(count: u32, addr: Option<String>) -> anyhow::Result<()> {
             let dir = tempfile::tempdir()?;
             // Tasks run as nobody and must reach their sandboxes under this directory.
             std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-            let dev = crate::start_dev(dir.path(), "127.0.0.1:0".parse()?, false, Default::default(), |c| {
-                c.resources = Some("ports=40000-40999".into());
-                c.cgroup_root = format!("capstan-bench-{}", std::process::id());
-                Ok(())
-            })
+            let dev = crate::start_dev(
+                dir.path(),
+                "127.0.0.1:0".parse()?,
+                false,
+                Default::default(),
+                Default::default(),
+                |c| {
+                    c.resources = Some("ports=40000-40999".into());
+                    c.cgroup_root = format!("capstan-bench-{}", std::process::id());
+                    Ok(())
+                },
+            )
             .await?;
             let url = dev.url();
             _private = Some((dir, dev));

@@ -98,9 +98,40 @@ struct DevArgs {
     allow_root_tasks: bool,
     #[command(flatten)]
     agent: AgentFlags,
+    #[command(flatten)]
+    jobs: JobFlags,
     // Last: its help heading applies to the flags after it.
     #[command(flatten)]
     liveness: LivenessFlags,
+}
+
+/// How long jobs live and how often cron jobs may run (`capstan master` and `capstan dev`); the
+/// defaults are `JobSettings::default()`'s (a unit test holds them equal).
+#[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Jobs (master)")]
+struct JobFlags {
+    /// A finished batch job (its tasks and their history) is forgotten this long after it
+    /// finished.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    batch_retention: Duration,
+    /// Cron schedules whose runs come closer than this are refused at submission.
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+    cron_interval_min: Duration,
+}
+
+impl JobFlags {
+    fn settings(&self) -> anyhow::Result<capstan_master::reaper::JobSettings> {
+        if self.cron_interval_min < Duration::from_secs(1) {
+            bail!(
+                "--cron-interval-min {}: must be at least 1s (cron fire times are whole seconds)",
+                humantime::format_duration(self.cron_interval_min)
+            );
+        }
+        Ok(capstan_master::reaper::JobSettings {
+            batch_retention: self.batch_retention,
+            cron_interval_min: self.cron_interval_min,
+        })
+    }
 }
 
 /// How the master judges whether agents are alive and how carefully it replaces the tasks of
@@ -252,6 +283,8 @@ struct MasterArgs {
     etcd_timeout: std::time::Duration,
     #[command(flatten)]
     backup: backup::BackupFlags,
+    #[command(flatten)]
+    jobs: JobFlags,
 }
 
 #[derive(Args)]
@@ -387,11 +420,19 @@ pub fn main() {
         std::process::exit(capstan_containerizer::supervise_main(sandbox));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    if let Err(e) = runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // A daemon told to stop (SIGTERM, Ctrl-C) exits now: work still under way on the runtime (a
+    // blocking load of the state, a request waiting for the writer) does not hold it. Everything
+    // acknowledged is in the store already, and a command cut short was not acknowledged.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
+
+/// How long a stopping process lets the work still on its runtime finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 async fn wait_for_shutdown() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
@@ -407,7 +448,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let liveness = a.liveness.config()?;
             init_tracing();
             let data_dir = a.data_dir.unwrap_or_else(default_data_dir);
-            let dev = start_dev(&data_dir, a.bind, a.allow_root_tasks, liveness, |c| a.agent.apply(c)).await?;
+            let jobs = a.jobs.settings()?;
+            let dev = start_dev(&data_dir, a.bind, a.allow_root_tasks, liveness, jobs, |c| a.agent.apply(c)).await?;
             println!("capstan dev cluster serving at {} (data in {})", dev.url(), data_dir.display());
             println!("try: capstan job create examples/hello.toml && capstan task list");
             wait_for_shutdown().await;
@@ -419,6 +461,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Master(a) => {
             let liveness = a.liveness.config()?;
             let backup = a.backup.schedule()?;
+            let jobs = a.jobs.settings()?;
             init_tracing();
             let m = capstan_master::start(capstan_master::MasterConfig {
                 bind: a.bind,
@@ -432,6 +475,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     etcd_timeout: a.etcd_timeout,
                 },
                 backup,
+                jobs,
             })
             .await?;
             println!("capstan master serving at {}", m.url());
@@ -491,6 +535,7 @@ pub async fn start_dev(
     bind: SocketAddr,
     allow_root_tasks: bool,
     liveness: LivenessConfig,
+    jobs: capstan_master::reaper::JobSettings,
     agent: impl FnOnce(&mut capstan_agent::AgentConfig) -> anyhow::Result<()>,
 ) -> anyhow::Result<Dev> {
     let master = capstan_master::start(capstan_master::MasterConfig {
@@ -501,6 +546,7 @@ pub async fn start_dev(
         liveness,
         ha: Default::default(),
         backup: Default::default(),
+        jobs,
     })
     .await?;
     let mut config = capstan_agent::AgentConfig {
@@ -534,7 +580,7 @@ pub(crate) async fn mutate<T>(
 pub(crate) fn read_job_file(file: &std::path::Path) -> anyhow::Result<capstan_model::JobSpec> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     // The master applies its own policy (root or not); here only the file itself is checked.
-    let policy = capstan_model::ValidationPolicy { allow_root: true };
+    let policy = capstan_model::ValidationPolicy { allow_root: true, ..Default::default() };
     let parse = if file.extension().is_some_and(|e| e == "json") {
         capstan_model::parse_json
     } else {
@@ -661,6 +707,19 @@ mod tests {
         let cli = Cli::try_parse_from(["capstan", "dev"]).unwrap();
         let Cmd::Dev(d) = cli.command else { panic!("parsed as another command") };
         assert_eq!(d.liveness.config().unwrap(), LivenessConfig::default());
+    }
+
+    #[test]
+    fn job_flags_default_to_the_masters_defaults() {
+        let want = capstan_master::reaper::JobSettings::default();
+        let cli = Cli::try_parse_from(["capstan", "master", "--data-dir", "/nonexistent"]).unwrap();
+        let Cmd::Master(m) = cli.command else { panic!("parsed as another command") };
+        let got = m.jobs.settings().unwrap();
+        assert_eq!((got.batch_retention, got.cron_interval_min), (want.batch_retention, want.cron_interval_min));
+        let cli = Cli::try_parse_from(["capstan", "dev", "--cron-interval-min", "500ms"]).unwrap();
+        let Cmd::Dev(d) = cli.command else { panic!("parsed as another command") };
+        let refused = d.jobs.settings().unwrap_err().to_string();
+        assert!(refused.contains("--cron-interval-min 500ms: must be at least 1s"), "{refused}");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! The every-minute scenarios (`* * * * *`, a command that outlives the minute) wait for real
 //! minute boundaries: KILL_EXISTING and CANCEL_NEW run side by side in one test, each on its own
 //! cluster, so the pair takes about two minutes of wall time (at most 2m10s). The other tests use
-//! the six-field form with seconds to stay short.
+//! the six-field form with seconds to stay short, on masters started with
+//! `--cron-interval-min 1s` ([`SECONDS_ALLOWED`]); by default runs must be a minute apart, and a
+//! schedule every second is refused (tested below).
 
 mod common;
 
@@ -21,6 +23,9 @@ macro_rules! privileged_or_skip {
         }
     };
 }
+
+/// The master flags that let the tests' schedules fire seconds apart.
+const SECONDS_ALLOWED: [&str; 2] = ["--cron-interval-min", "1s"];
 
 fn cron_job(key: &str, cron: &str, policy: &str, instances: u32, command: &str) -> Value {
     let mut spec = job_spec(key, "cron", instances, command);
@@ -249,7 +254,10 @@ fn job_start_runs_one_now_under_the_collision_policy() {
 fn a_master_restart_across_fire_times_runs_the_missed_run_once() {
     privileged_or_skip!("a_master_restart_across_fire_times_runs_the_missed_run_once");
     const EVERY_MS: u64 = 3_000;
-    let mut c = Cluster::start_split();
+    let mut c = Cluster::start_split_opts(SplitOptions {
+        master_flags: SECONDS_ALLOWED.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    });
     let key = "ops/test/missed";
     c.create_job(&cron_job(key, "*/3 * * * * *", "KILL_EXISTING", 1, "true"));
     let before = wait_until(SOON, "a scheduled run", || {
@@ -295,7 +303,7 @@ fn a_master_restart_across_fire_times_runs_the_missed_run_once() {
 #[test]
 fn while_frozen_kill_existing_skips_the_new_run() {
     privileged_or_skip!("while_frozen_kill_existing_skips_the_new_run");
-    let c = DevCluster::start();
+    let c = DevCluster::start_with("", &SECONDS_ALLOWED);
     let key = "ops/test/frozen";
     c.create_job(&cron_job(key, "*/2 * * * * *", "KILL_EXISTING", 1, "exec sleep 600"));
     let task = wait_until(SOON, "run 1 runs", || {
@@ -353,4 +361,27 @@ fn a_batch_job_is_complete_when_all_instances_exit_0_and_says_how_long_it_took()
     assert!(job["duration_ms"].is_u64(), "{job}");
     let status = c.capstan_ok(&["job", "status", failing]);
     assert!(status.contains("an instance failed for good"), "{status}");
+}
+
+/// Finished batch jobs are not kept forever: after `--batch-retention` the job and its tasks are
+/// forgotten (404), while a job still running stays.
+#[test]
+fn a_finished_batch_job_is_forgotten_after_its_retention() {
+    privileged_or_skip!("a_finished_batch_job_is_forgotten_after_its_retention");
+    let c = DevCluster::start_with("", &["--batch-retention", "2s"]);
+    let key = "batch/test/old";
+    let tasks = c.create_job(&job_spec(key, "batch", 2, "true"));
+    wait_until(SOON, "the job is finished", || match c.job(key)? {
+        Some(j) if j["status"] == "finished" => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    c.create_job(&job_spec("batch/test/long", "batch", 1, "exec sleep 600"));
+    wait_until(SOON, "the finished job is forgotten after its retention", || match c.job(key)? {
+        None => Ok(()),
+        Some(j) => Err(format!("{}", j["status"])),
+    });
+    for t in &tasks {
+        assert_eq!(c.task(t).unwrap(), None, "task {t} is forgotten with its job");
+    }
+    assert!(c.job("batch/test/long").unwrap().is_some(), "a batch job still running stays");
 }

@@ -79,6 +79,8 @@ pub struct Core {
     /// Why the term must end (a failed write, a restore); the leadership loop waits on `term_over`.
     end_reason: Mutex<Option<String>>,
     pub term_over: Notify,
+    /// How far this term's kills of large jobs got (`crate::reaper`).
+    pub kills: crate::reaper::Kills,
 }
 
 pub fn now() -> Timestamp {
@@ -167,6 +169,7 @@ impl Core {
             closed: AtomicBool::new(false),
             end_reason: Mutex::new(None),
             term_over: Notify::new(),
+            kills: Default::default(),
         });
         let writer = core.clone();
         std::thread::Builder::new()

@@ -274,8 +274,9 @@ async fn kill_job(
     Path((role, env, name)): Path<(String, String, String)>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let key = parse_job_key(&role, &env, &name)?;
-    app.core.submit(Command::KillJob { job: key.clone(), by: "job killed by user request".into() }).await?;
-    let gone = !app.core.state.read().jobs.contains_key(&key);
+    // The job is killed and its first slice of tasks stopped, durably; the reaper stops the rest.
+    let applied = crate::reaper::kill_job(&app.core, &key, "job killed by user request").await?;
+    let gone = applied.job_forgotten;
     Ok(Json(serde_json::json!({"job": key, "status": if gone { "killed" } else { "killing" }})))
 }
 

@@ -14,6 +14,7 @@ pub mod http;
 pub mod leader;
 pub mod liveness;
 pub mod metrics;
+pub mod reaper;
 pub mod scheduler;
 pub mod standby;
 pub mod updater;
@@ -38,6 +39,8 @@ pub struct MasterConfig {
     pub ha: leader::HaConfig,
     /// Periodic backups (off without a directory).
     pub backup: backup::BackupSchedule,
+    /// Batch job retention, cron interval minimum.
+    pub jobs: reaper::JobSettings,
 }
 
 impl MasterConfig {
@@ -51,6 +54,7 @@ impl MasterConfig {
             liveness: Default::default(),
             ha: Default::default(),
             backup: Default::default(),
+            jobs: Default::default(),
         }
     }
 }
@@ -157,7 +161,10 @@ pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
     });
     let solo = opened.etcd.is_none();
     let shared = Arc::new(Shared {
-        policy: Arc::new(ValidationPolicy { allow_root: config.allow_root_tasks }),
+        policy: Arc::new(ValidationPolicy {
+            allow_root: config.allow_root_tasks,
+            cron_interval_min_ms: config.jobs.cron_interval_min.as_millis() as u64,
+        }),
         config,
         front: front.clone(),
         store: opened.store,
@@ -300,6 +307,7 @@ async fn begin_term(shared: &Arc<Shared>, standby: Option<standby::Standby>) -> 
         tokio::spawn(cron::run(core.clone(), events.clone())),
         tokio::spawn(drain::run(core.clone(), events.clone())),
         tokio::spawn(updater::run(core.clone(), events)),
+        tokio::spawn(reaper::run(core.clone(), shared.config.jobs.clone())),
         // Only the leader backs up: the loop lives as long as the term.
         tokio::spawn(backup::run(core.clone(), shared.config.backup.clone(), Arc::new(|| true))),
     ];

@@ -590,7 +590,7 @@ mod tests {
         // One task per agent, with replace_after 1 s.
         let spec: capstan_model::JobSpec = capstan_model::parse_toml(
             "job = \"a/b/c\"\ninstances = 4\nreplace_after = \"1s\"\n[task]\ncommand = \"x\"\nuser = \"nobody\"\ncpus = 0.1\nmem = \"8MiB\"\ndisk = \"1MiB\"\n",
-            &capstan_model::ValidationPolicy { allow_root: false },
+            &capstan_model::ValidationPolicy::default(),
         )
         .unwrap();
         let created = s.apply(&Stamped { at: now(), command: Command::CreateJob { spec, seed: 1 } }).unwrap().created;

@@ -31,6 +31,7 @@ async fn master() -> (tempfile::TempDir, capstan_master::MasterHandle) {
         liveness: Default::default(),
         ha: Default::default(),
         backup: Default::default(),
+        jobs: Default::default(),
     })
     .await
     .unwrap();
@@ -104,7 +105,7 @@ async fn slow_readers_of_large_lists_are_bounded() {
             &format!(
                 "job = \"big/prod/j{i}\"\ninstances = 10000\n[task]\ncommand = \"sleep 1\"\nuser = \"nobody\"\ncpus = 64\nmem = \"1GiB\"\ndisk = \"1GiB\"\n"
             ),
-            &capstan_model::ValidationPolicy { allow_root: false },
+            &capstan_model::ValidationPolicy::default(),
         )
         .unwrap();
         master.core().submit(capstan_state::Command::CreateJob { spec, seed: i }).await.unwrap();

@@ -21,6 +21,14 @@ pub const DEFAULT_TIMEZONE: &str = "UTC";
 /// the count is reported as this number ("at least").
 pub const FIRES_COUNTED_MAX: u32 = 10_000;
 
+/// The shortest time between two runs of a cron job, unless the operator sets another
+/// (`capstan master --cron-interval-min`): a schedule that fires more often is refused at
+/// submission. One minute: the standard five-field cron's own granularity.
+pub const CRON_INTERVAL_MIN_DEFAULT_MS: u64 = 60_000;
+
+/// Fire times looked at to find a schedule's shortest interval (from 2000-01-01 in its zone).
+pub const INTERVAL_SAMPLE_FIRES: u32 = 256;
+
 /// A parsed, checked schedule.
 #[derive(Clone, Debug)]
 pub struct CronSchedule {
@@ -133,6 +141,23 @@ impl CronSchedule {
         Some(due)
     }
 
+    /// The shortest time between two consecutive fire times among the first
+    /// [`INTERVAL_SAMPLE_FIRES`] from a fixed time (2000-01-01T00:00:00Z), so that the same
+    /// schedule always gives the same answer; `None` if it fires at most once in that span. A
+    /// schedule whose runs come closer only later than that (a leap-day special, say) is not
+    /// seen: the check is for mistakes and abuse such as `* * * * * *`, not a proof.
+    pub fn interval_min_ms(&self) -> Option<u64> {
+        let mut prev = self.next_after(Timestamp(946_684_800_000))?;
+        let mut min: Option<u64> = None;
+        for _ in 1..INTERVAL_SAMPLE_FIRES {
+            let Some(next) = self.next_after(prev) else { break };
+            let gap = next.0.saturating_sub(prev.0);
+            min = Some(min.map_or(gap, |m| m.min(gap)));
+            prev = next;
+        }
+        min
+    }
+
     /// The schedule in words (`At every 5th minute`).
     pub fn describe(&self) -> String {
         self.cron.describe()
@@ -190,6 +215,18 @@ mod tests {
         let every_second = CronSchedule::parse("* * * * * *", None).unwrap();
         let far = every_second.due(JAN_1, JAN_1.plus_ms(86_400_000)).unwrap();
         assert_eq!(far, Due { count: FIRES_COUNTED_MAX, latest: JAN_1.plus_ms(86_400_000) });
+    }
+
+    #[test]
+    fn the_shortest_interval_of_a_schedule() {
+        let of = |e: &str| CronSchedule::parse(e, None).unwrap().interval_min_ms();
+        assert_eq!(of("* * * * * *"), Some(1_000));
+        assert_eq!(of("*/10 * * * * *"), Some(10_000));
+        assert_eq!(of("* * * * *"), Some(MINUTE));
+        assert_eq!(of("0 * * * * *"), Some(MINUTE), "six fields, once a minute");
+        assert_eq!(of("0,1 * * * *"), Some(MINUTE), "the closest two runs, not the average");
+        assert_eq!(of("0,30 9 * * * *"), Some(30_000), "seconds apart once an hour");
+        assert_eq!(of("@daily"), Some(24 * 60 * MINUTE));
     }
 
     #[test]

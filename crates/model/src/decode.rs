@@ -52,10 +52,19 @@ impl fmt::Display for Problems {
 impl std::error::Error for Problems {}
 
 /// What the operator allows; the master passes its settings here.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ValidationPolicy {
     /// Tasks may run as root (the operator said so explicitly).
     pub allow_root: bool,
+    /// Cron schedules whose runs come closer than this are refused
+    /// (default [`crate::cron::CRON_INTERVAL_MIN_DEFAULT_MS`]).
+    pub cron_interval_min_ms: u64,
+}
+
+impl Default for ValidationPolicy {
+    fn default() -> Self {
+        ValidationPolicy { allow_root: false, cron_interval_min_ms: crate::cron::CRON_INTERVAL_MIN_DEFAULT_MS }
+    }
 }
 
 pub const INSTANCES_MAX: u32 = 100_000;
@@ -76,6 +85,11 @@ pub const HEALTH_CHECK_INTERVAL_MAX_MS: u64 = 3_600_000;
 /// interval (checks never overlap).
 pub const HEALTH_CHECK_TIMEOUT_MIN_MS: u64 = 100;
 pub const HEALTH_CHECK_TIMEOUT_MAX_MS: u64 = 60_000;
+
+/// A duration in milliseconds as people write it: `1s`, `10s`, `1m`, `1h 30m`, `500ms`.
+fn words_ms(ms: u64) -> String {
+    humantime::format_duration(std::time::Duration::from_millis(ms)).to_string()
+}
 
 /// Parses and validates a job file.
 pub fn parse_toml(text: &str, policy: &ValidationPolicy) -> Result<JobSpec, Problems> {
@@ -440,7 +454,7 @@ impl Cx {
             }
         }
         if is_cron {
-            self.cron_schedule(cron.as_deref(), cron_timezone.as_deref());
+            self.cron_schedule(cron.as_deref(), cron_timezone.as_deref(), policy.cron_interval_min_ms);
         }
         let replace_after = self.get(&o, "replace_after").and_then(|v| match v {
             Value::String(s) if s == "never" => Some(ReplaceAfter::Never),
@@ -543,7 +557,7 @@ impl Cx {
     }
 
     /// A cron job's schedule: the expression is required and must parse, the time zone must exist.
-    fn cron_schedule(&mut self, cron: Option<&str>, timezone: Option<&str>) {
+    fn cron_schedule(&mut self, cron: Option<&str>, timezone: Option<&str>, interval_min_ms: u64) {
         let Some(expr) = cron else {
             self.err(
                 "cron",
@@ -559,9 +573,29 @@ impl Cx {
             }
             return;
         };
-        if let Err(problems) = crate::cron::CronSchedule::parse(expr, timezone) {
-            for p in problems {
-                self.err(p.field, p.message, Some(p.hint));
+        match crate::cron::CronSchedule::parse(expr, timezone) {
+            Err(problems) => {
+                for p in problems {
+                    self.err(p.field, p.message, Some(p.hint));
+                }
+            }
+            Ok(schedule) => {
+                if let Some(every) = schedule.interval_min_ms().filter(|ms| *ms < interval_min_ms) {
+                    self.err(
+                        "cron",
+                        format!(
+                            "\"{expr}\" runs {} after the run before it; runs of a cron job must be at least {} apart",
+                            words_ms(every),
+                            words_ms(interval_min_ms)
+                        ),
+                        Some(format!(
+                            "choose a schedule whose runs are at least {} apart, e.g. \"* * * * *\" (every minute); \
+                             a job that must run more often is a service; the cluster's operator sets the \
+                             minimum with `capstan master --cron-interval-min`",
+                            words_ms(interval_min_ms)
+                        )),
+                    );
+                }
             }
         }
     }

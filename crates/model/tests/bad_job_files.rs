@@ -96,7 +96,7 @@ fn cron_jobs_take_five_fields_six_with_seconds_a_time_zone_and_a_policy() {
     use capstan_model::spec::{CronCollisionPolicy, JobType};
     for (cron, tz, policy) in [
         ("*/5 * * * *", None, None),
-        ("*/10 * * * * *", Some("Europe/Paris"), Some("CANCEL_NEW")),
+        ("30 */10 * * * *", Some("Europe/Paris"), Some("CANCEL_NEW")),
         ("@hourly", Some("UTC"), Some("KILL_EXISTING")),
         ("0 9 * * MON-FRI", Some("America/New_York"), None),
     ] {
@@ -265,6 +265,20 @@ fn bad_job_files() {
         ),
         ("cron that never fires", edit("type", "type = \"cron\"\ncron = \"0 0 30 2 *\""), &[("cron", "never fires")]),
         (
+            "cron every second",
+            edit("type", "type = \"cron\"\ncron = \"* * * * * *\""),
+            &[
+                ("cron", "runs 1s after the run before it"),
+                ("cron", "at least 1m apart"),
+                ("cron", "--cron-interval-min"),
+            ],
+        ),
+        (
+            "cron twice a minute, once an hour",
+            edit("type", "type = \"cron\"\ncron = \"0,30 0 * * * *\""),
+            &[("cron", "runs 30s after")],
+        ),
+        (
             "unknown cron time zone",
             edit("type", "type = \"cron\"\ncron = \"* * * * *\"\ncron_timezone = \"Europe/Pariss\""),
             &[("cron_timezone", "not a time zone"), ("cron_timezone", "IANA")],
@@ -360,7 +374,7 @@ CAPSTAN_JOB = "x"
 fn root_is_allowed_only_by_policy() {
     let input = edit("user", "user = \"root\"");
     assert!(parse_toml(&input, &ValidationPolicy::default()).is_err());
-    let spec = parse_toml(&input, &ValidationPolicy { allow_root: true }).unwrap();
+    let spec = parse_toml(&input, &ValidationPolicy { allow_root: true, ..Default::default() }).unwrap();
     assert_eq!(spec.task.user, "root");
 }
 
@@ -525,4 +539,15 @@ fn an_update_table_is_accepted_with_its_defaults() {
     assert!(u.rollback_on_failure && !u.auto_promote);
     let json = serde_json::to_string(&spec).unwrap();
     assert_eq!(parse_json(&json, &policy).unwrap(), spec, "{json}");
+}
+
+/// The operator may allow closer runs (`capstan master --cron-interval-min`), or ask for fewer.
+#[test]
+fn the_cron_interval_minimum_is_the_operators() {
+    let every_2s = edit("type", "type = \"cron\"\ncron = \"*/2 * * * * *\"");
+    let lenient = ValidationPolicy { cron_interval_min_ms: 1_000, ..Default::default() };
+    assert!(parse_toml(&every_2s, &lenient).is_ok());
+    let strict = ValidationPolicy { cron_interval_min_ms: 3_600_000, ..Default::default() };
+    let every_5m = edit("type", "type = \"cron\"\ncron = \"*/5 * * * *\"");
+    check_with(parse_toml(&every_5m, &strict), &every_5m, &[("cron", "at least 1h apart")]);
 }

@@ -198,7 +198,7 @@ proptest! {
 
     #[test]
     fn random_documents_never_panic(doc in toml_document(), allow_root in any::<bool>()) {
-        let policy = ValidationPolicy { allow_root };
+        let policy = ValidationPolicy { allow_root, ..Default::default() };
         if let Ok(text) = toml::to_string(&doc) {
             check(parse_toml(&text, &policy));
         }

@@ -161,6 +161,12 @@ pub fn plan(state: &ClusterState, now: Timestamp, seed: u64, limit: usize) -> Pl
             continue;
         }
         let Some(job) = state.jobs.get(&task.job) else { continue };
+        if job.killed.is_some() {
+            // Being killed in slices: its pending tasks are about to stop, never placed (apply
+            // refuses them too). Skip the rest of the job in one step.
+            cursor = std::ops::Bound::Excluded((neg_priority, job_ord, u64::MAX, TaskId(u64::MAX)));
+            continue;
+        }
         searched += 1;
         // The task's own version: during a rolling update, a job runs two.
         let spec = job.spec_for(task.job_version);

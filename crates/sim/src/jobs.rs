@@ -118,7 +118,7 @@ mod tests {
 
     #[test]
     fn specs_are_valid_job_bodies() {
-        let policy = capstan_model::ValidationPolicy { allow_root: false };
+        let policy = capstan_model::ValidationPolicy::default();
         let plain = job_spec(&mix(1000, 2, false), 1);
         capstan_model::parse_json(&plain.to_string(), &policy).expect("a valid job");
         assert!(plain.get("constraint").is_none());

@@ -6,7 +6,10 @@
 //!
 //! Versions: 1 and 2 never left development (refused). 3: the first released format. 4: the
 //! snapshot gained `ClusterState::restored` and `ClusterState::epoch`; commands gained
-//! `BeginTerm` (a new last variant, so every version-3 command reads unchanged as version 4). Tests: `tests/migrate.rs`, against the
+//! `BeginTerm` (a new last variant, so every version-3 command reads unchanged as version 4). 5:
+//! commands gained `KillJobSlice` and `ForgetJobSlice` (new last variants: every version-4 command
+//! reads unchanged); snapshots did not change (version 5 is 4, so that a master that cannot read
+//! the newer commands of a log does not read its snapshot either). Tests: `tests/migrate.rs`, against the
 //! committed encodings in `tests/fixtures/vN/`.
 
 use crate::command::Stamped;
@@ -14,9 +17,9 @@ use crate::state::ClusterState;
 use serde::{Deserialize, Serialize};
 
 /// Version of the encoding of logged commands.
-pub const COMMAND_FORMAT_VERSION: u16 = 4;
+pub const COMMAND_FORMAT_VERSION: u16 = 5;
 /// Version of the encoding of snapshots.
-pub const SNAPSHOT_FORMAT_VERSION: u16 = 4;
+pub const SNAPSHOT_FORMAT_VERSION: u16 = 5;
 /// The oldest format version a released Capstan wrote; lower numbers never left development.
 pub const FIRST_RELEASED_FORMAT_VERSION: u16 = 3;
 
@@ -73,8 +76,8 @@ pub fn encode_command(c: &Stamped) -> Vec<u8> {
 
 pub fn decode_command(bytes: &[u8]) -> Result<Stamped, CodecError> {
     match split_version(COMMAND, COMMAND_FORMAT_VERSION, bytes)? {
-        // No command type changed from 3 to 4.
-        (3 | 4, rest) => body(COMMAND, rest),
+        // Each version only added variants at the end: older commands read unchanged.
+        (3..=5, rest) => body(COMMAND, rest),
         (found, _) => Err(CodecError::Unknown { what: COMMAND, found }),
     }
 }
@@ -91,7 +94,8 @@ pub fn snapshot_version(bytes: &[u8]) -> Option<u16> {
 pub fn decode_snapshot(bytes: &[u8]) -> Result<ClusterState, CodecError> {
     let mut state = match split_version(SNAPSHOT, SNAPSHOT_FORMAT_VERSION, bytes)? {
         (3, rest) => v3::ClusterState::into_v4(body(SNAPSHOT, rest)?),
-        (4, rest) => body(SNAPSHOT, rest)?,
+        // 5 only says that the log may hold version-5 commands: the state is encoded as in 4.
+        (4 | 5, rest) => body(SNAPSHOT, rest)?,
         (found, _) => return Err(CodecError::Unknown { what: SNAPSHOT, found }),
     };
     state.rebuild_derived();

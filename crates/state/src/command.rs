@@ -32,7 +32,8 @@ pub enum Command {
     SetFreeze { freeze: Option<Freeze> },
     /// A new job; its tasks get ids derived from `seed`.
     CreateJob { spec: JobSpec, seed: u64 },
-    /// Stop every task of the job; the job disappears once they all ended.
+    /// Stop every task of the job in one command; the job disappears once they all ended (see
+    /// `KillJobSlice`, which masters send now: a kill of a large job in bounded steps).
     KillJob { job: JobKey, by: String },
     /// Stop one task; a service instance gets a fresh task (a restart), a batch instance ends.
     KillTask { task: TaskId, by: String },
@@ -77,6 +78,19 @@ pub enum Command {
     /// A master became the leader: its term's epoch, greater than every earlier one. The first
     /// command of every term; a master whose `BeginTerm` is not durable does not lead.
     BeginTerm { epoch: u64 },
+    /// Stop the next slice of a job's tasks: marks the job killed (its tasks are no longer
+    /// replaced or placed) and stops the current task of at most `instances_max` instances, those
+    /// from `from_instance` on. A kill of a large job is many of these, each its own durable step,
+    /// so the writer serves other commands between slices: `DELETE /v1/jobs/…` sends the first,
+    /// the master's reaper loop the next ones (from `Applied::kill_next`) until none is left, also
+    /// after a restart or a failover (from instance 0 again; tasks already stopping are skipped).
+    /// Added in format 5; masters before it sent `KillJob`, which stops every task at once.
+    KillJobSlice { job: JobKey, by: String, from_instance: u32, instances_max: u32 },
+    /// Forget the ended tasks of at most `instances_max` instances of a job that is over (killed,
+    /// or a finished batch job, with no live task), and the job itself with the last of them.
+    /// Sent by the master's reaper loop (killed jobs at once, finished batch jobs after their
+    /// retention period). Added in format 5.
+    ForgetJobSlice { job: JobKey, instances_max: u32 },
 }
 
 impl Command {
@@ -106,6 +120,8 @@ impl Command {
             Command::UpdateStep { .. } => "update_step",
             Command::UpdateControl { .. } => "update_control",
             Command::BeginTerm { .. } => "begin_term",
+            Command::KillJobSlice { .. } => "kill_job_slice",
+            Command::ForgetJobSlice { .. } => "forget_job_slice",
         }
     }
 }

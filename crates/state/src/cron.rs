@@ -22,6 +22,8 @@ use serde::{Deserialize, Serialize};
 
 /// Runs remembered per cron job (started, skipped or waiting); older ones are forgotten.
 pub const CRON_RUNS_KEPT: usize = 20;
+/// Failed instances a failed run's reason names; the others are counted ("and N more").
+pub const FAILED_INSTANCES_NAMED_MAX: usize = 20;
 
 /// The cron part of a job: primary state, serialized with the job.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -307,12 +309,18 @@ impl ClusterState {
         if j.spec.job_type != JobType::Cron {
             return;
         }
-        let live = j.current.values().any(|id| self.tasks.get(id).is_some_and(|t| !t.state.is_terminal()));
-        if live {
+        // Counted, not scanned (a scan of the run per ended task was quadratic): every live task
+        // of the job, so a run ends only when nothing of it is left, a copy stopping beside its
+        // replacement included.
+        if j.live_tasks > 0 {
             return;
         }
         let all_ok = j.done.len() as u32 == j.spec.instances && j.done.values().all(|ok| *ok);
-        let failed: Vec<u32> = j.done.iter().filter(|(_, ok)| !**ok).map(|(i, _)| *i).collect();
+        // Once per run; the reason names the first few (it is shown on every read of the job).
+        crate::work::add(j.done.len() as u64);
+        let failed_count = j.done.values().filter(|ok| !**ok).count();
+        let failed: Vec<u32> =
+            j.done.iter().filter(|(_, ok)| !**ok).map(|(i, _)| *i).take(FAILED_INSTANCES_NAMED_MAX).collect();
         let job_killed = j.killed.clone();
         let j = self.jobs.get_mut(job).expect("exists");
         let Some(cron) = j.cron.as_mut() else { return };
@@ -327,8 +335,12 @@ impl ClusterState {
                         None => (
                             CronRunResult::Failed,
                             format!(
-                                "instance(s) {} failed",
-                                failed.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+                                "instance(s) {}{} failed",
+                                failed.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", "),
+                                match failed_count - failed.len() {
+                                    0 => String::new(),
+                                    more => format!(" and {more} more"),
+                                }
                             ),
                         ),
                     };

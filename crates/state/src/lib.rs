@@ -9,6 +9,7 @@ pub mod cron;
 pub mod drain;
 pub mod state;
 pub mod updates;
+pub mod work;
 
 pub use agent::{Agent, AgentInfo, Liveness, Stray};
 pub use codec::{decode_command, decode_snapshot, encode_command, encode_snapshot, CodecError};

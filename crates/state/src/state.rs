@@ -16,6 +16,13 @@ pub use system::{agent_matches, DROPPED_INSTANCES_KEPT_MAX};
 pub const TASK_EVENTS_MAX: usize = 12;
 /// Ended tasks kept per instance, for `task list` and debugging; older ones are forgotten.
 pub const ENDED_TASKS_PER_INSTANCE_MAX: usize = 4;
+/// Instances a `KillJobSlice` stops at most: a kill of a large job is one durable step per slice,
+/// each short enough that the writer, the API and agents are served between them.
+pub const KILL_SLICE_INSTANCES: u32 = 1_000;
+/// Instances whose tasks one `ForgetJobSlice` forgets at most (each keeps at most
+/// `ENDED_TASKS_PER_INSTANCE_MAX` + 1 tasks). A killed job with no more instances than this is
+/// forgotten at once, by the command that ended its last task.
+pub const FORGET_SLICE_INSTANCES: u32 = 1_000;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Job {
@@ -54,6 +61,15 @@ pub struct Job {
     /// reaches 0, without rescanning its tasks (a scan per ended task was quadratic).
     #[serde(skip)]
     pub live_tasks: u32,
+}
+
+impl Job {
+    /// Nothing of the job runs or will run again: it was killed, or it is a finished batch job,
+    /// and none of its tasks is live. Only such a job may be forgotten.
+    pub fn is_over(&self) -> bool {
+        self.live_tasks == 0
+            && (self.killed.is_some() || (self.spec.job_type == JobType::Batch && self.finished_at.is_some()))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,6 +244,11 @@ pub struct Applied {
     pub taken_back: Vec<TaskId>,
     /// What a StartCronRun did.
     pub cron: Option<crate::cron::CronStarted>,
+    /// KillJobSlice: the instance the next slice starts from; `None` when this one reached the
+    /// job's last instance (or the job is gone).
+    pub kill_next: Option<u32>,
+    /// KillJob, KillJobSlice, ForgetJobSlice: the job is forgotten (nothing of it is left).
+    pub job_forgotten: bool,
     /// Tasks stopped to move off draining agents (DrainMoves).
     pub moved: Vec<TaskId>,
     /// The id of the window scheduled (ScheduleMaintenance).
@@ -302,8 +323,15 @@ impl ClusterState {
                 }
             }
             Command::CreateJob { spec, seed } => {
-                if self.jobs.contains_key(&spec.job) {
-                    return Err(Rejection::JobExists(spec.job.clone()));
+                if let Some(old) = self.jobs.get(&spec.job) {
+                    // A killed job with no live task is gone for its users; only its forgetting
+                    // (in slices) is not done yet. A new job under its key finishes it now.
+                    if !(old.killed.is_some() && old.is_over()) {
+                        return Err(Rejection::JobExists(spec.job.clone()));
+                    }
+                }
+                if self.jobs.get(&spec.job).is_some_and(|old| old.killed.is_some() && old.is_over()) {
+                    self.forget_instances(&spec.job, u32::MAX);
                 }
                 if spec.production {
                     let instances = match spec.job_type {
@@ -356,10 +384,51 @@ impl ClusterState {
                     j.killed = Some(by.clone());
                 }
                 let ids: Vec<TaskId> = j.current.values().copied().collect();
+                crate::work::add(ids.len() as u64);
                 for id in ids {
                     self.step(id, &Event::Kill { by: by.clone() }, at, &mut out);
                 }
                 self.forget_job_if_over(job);
+                out.job_forgotten = !self.jobs.contains_key(job);
+            }
+            Command::KillJobSlice { job, by, from_instance, instances_max } => {
+                self.refuse_if_frozen()?;
+                if *instances_max == 0 {
+                    return Err(Rejection::Invalid("a kill slice must stop at least one instance".into()));
+                }
+                let j = self.jobs.get_mut(job).ok_or_else(|| Rejection::NoSuchJob(job.clone()))?;
+                if j.killed.is_none() {
+                    j.killed = Some(by.clone());
+                }
+                let mut range = j.current.range(from_instance..);
+                let ids: Vec<TaskId> = range.by_ref().take(*instances_max as usize).map(|(_, id)| *id).collect();
+                out.kill_next = range.next().map(|(i, _)| *i);
+                crate::work::add(ids.len() as u64);
+                for id in ids {
+                    self.step(id, &Event::Kill { by: by.clone() }, at, &mut out);
+                }
+                self.forget_job_if_over(job);
+                if !self.jobs.contains_key(job) {
+                    out.kill_next = None;
+                    out.job_forgotten = true;
+                }
+            }
+            Command::ForgetJobSlice { job, instances_max } => {
+                if *instances_max == 0 {
+                    return Err(Rejection::Invalid("a forget slice must forget at least one instance".into()));
+                }
+                let j = self.jobs.get(job).ok_or_else(|| Rejection::NoSuchJob(job.clone()))?;
+                if !j.is_over() {
+                    return Err(Rejection::Conflict(format!(
+                        "job {job} cannot be forgotten: {}",
+                        if j.live_tasks > 0 {
+                            format!("{} of its tasks have not ended", j.live_tasks)
+                        } else {
+                            "it was not killed and is not a finished batch job".to_string()
+                        }
+                    )));
+                }
+                out.job_forgotten = self.forget_instances(job, *instances_max);
             }
             Command::KillTask { task, by } => {
                 self.refuse_if_frozen()?;
@@ -446,7 +515,8 @@ impl ClusterState {
                 .get(&t.job)
                 .is_some_and(|j| j.killed.is_none() && matches!(j.spec.job_type, JobType::Service | JobType::System));
         self.step(task, &Event::Kill { by: by.to_string() }, at, out);
-        let t = self.tasks.get_mut(&task).expect("task exists");
+        // Gone when it was the last live task of a killed job (forgotten with the job).
+        let Some(t) = self.tasks.get_mut(&task) else { return };
         if restart {
             t.restart_when_stopped = true;
             if t.state.is_terminal() {
@@ -720,7 +790,9 @@ impl ClusterState {
     }
 
     pub(crate) fn fresh_id(&self, mut candidate: u64) -> TaskId {
+        crate::work::add(1);
         while self.tasks.contains_key(&TaskId(candidate)) {
+            crate::work::add(1);
             candidate = derive_id(candidate);
         }
         TaskId(candidate)
@@ -776,6 +848,7 @@ impl ClusterState {
         };
         j.live_tasks += 1;
         let (priority, ord) = (j.spec.priority, j.ord);
+        crate::work::add(1 + forgotten.len() as u64);
         for old in forgotten {
             if let Some(t) = self.tasks.remove(&old) {
                 self.counts[state_index(t.state)] -= 1;
@@ -801,6 +874,10 @@ impl ClusterState {
         let Some(job) = self.jobs.get(&task.job) else {
             return false;
         };
+        // A job being killed in slices may still have pending tasks: they are stopped, not placed.
+        if job.killed.is_some() {
+            return false;
+        }
         // A system job's instance runs on its own agent and nowhere else.
         if job.is_system() && job.pinned_agent(task.instance) != Some(p.agent) {
             return false;
@@ -877,6 +954,7 @@ impl ClusterState {
 
     /// Runs one lifecycle transition on a task and carries out its effects, in order.
     pub(crate) fn step(&mut self, id: TaskId, event: &Event, at: Timestamp, out: &mut Applied) {
+        crate::work::add(1);
         let Some(task) = self.tasks.get(&id) else {
             return;
         };
@@ -1027,28 +1105,42 @@ impl ClusterState {
         out.new_pending = true;
     }
 
+    /// A killed job whose tasks all ended is forgotten: at once when it has at most
+    /// [`FORGET_SLICE_INSTANCES`] instances, otherwise by `ForgetJobSlice` commands (the reaper
+    /// loop), so that the command that ended its last task does not also forget 100,000.
     fn forget_job_if_over(&mut self, job: &JobKey) {
         let Some(j) = self.jobs.get(job) else { return };
-        if j.killed.is_none() {
+        if j.killed.is_none() || !j.is_over() {
             return;
         }
-        // Every remembered task, not only each instance's current one: a task of an instance an
-        // update removed, or a replacement stopping beside a copy taken back, still holds its
-        // agent's resources until it ends. Counted, not scanned: this runs once per ended task.
-        if j.live_tasks > 0 {
-            return;
+        if j.history.len() <= FORGET_SLICE_INSTANCES as usize {
+            self.forget_instances(job, FORGET_SLICE_INSTANCES);
         }
-        let j = self.jobs.remove(job).expect("exists");
-        for ids in j.history.values() {
+    }
+
+    /// Forgets the tasks of at most `instances_max` instances of a job that is over (highest
+    /// instance first), and the job itself once none is left. True: the job is gone.
+    fn forget_instances(&mut self, job: &JobKey, instances_max: u32) -> bool {
+        let Some(j) = self.jobs.get_mut(job) else { return true };
+        debug_assert!(j.is_over(), "only a job that is over is forgotten");
+        let (priority, ord) = (j.spec.priority, j.ord);
+        for _ in 0..instances_max {
+            let Some((_, ids)) = j.history.pop_last() else { break };
+            crate::work::add(1 + ids.len() as u64);
             for id in ids {
-                if let Some(t) = self.tasks.remove(id) {
+                if let Some(t) = self.tasks.remove(&id) {
                     self.counts[state_index(t.state)] -= 1;
-                    if self.pending.remove(id) {
-                        self.queue.remove(&(-i64::from(j.spec.priority), j.ord, t.seq, *id));
+                    if self.pending.remove(&id) {
+                        self.queue.remove(&(-i64::from(priority), ord, t.seq, id));
                     }
                 }
             }
         }
+        if j.history.is_empty() {
+            self.jobs.remove(job);
+            return true;
+        }
+        false
     }
 
     /// Recomputes everything marked "derived" from the primary records (after loading a snapshot).

@@ -663,7 +663,7 @@ impl ClusterState {
         let verb = if version < t.job_version { "rolling back" } else { "updating" };
         let by = format!("{verb} to version {version}");
         self.step(id, &Event::Kill { by }, at, out);
-        let t = self.tasks.get_mut(&id).expect("exists");
+        let Some(t) = self.tasks.get_mut(&id) else { return };
         t.restart_when_stopped = true;
         if t.state.is_terminal() {
             self.restart_instance(id, 0, 0, at, out);

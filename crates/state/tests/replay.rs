@@ -79,6 +79,17 @@ enum Op {
     KillJob {
         name: u8,
     },
+    /// One slice of a kill, from an instance, of at most a few instances (a cursor may be stale).
+    KillJobSlice {
+        name: u8,
+        from_instance: u32,
+        instances_max: u32,
+    },
+    /// One slice of forgetting (refused unless the job is over).
+    ForgetJobSlice {
+        name: u8,
+        instances_max: u32,
+    },
     Wait {
         ms: u64,
     },
@@ -242,6 +253,12 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (any::<usize>(), any::<u64>()).prop_map(|(agent_pick, task)| Op::UpdateUnknown { agent_pick, task }),
         2 => (any::<usize>(), prop::bool::weighted(0.1)).prop_map(|(pick, unknown)| Op::KillTask { pick, unknown }),
         1 => (0..JOBS_MAX).prop_map(|name| Op::KillJob { name }),
+        1 => (0..JOBS_MAX, 0u32..4, 0u32..3).prop_map(|(name, from_instance, instances_max)| Op::KillJobSlice {
+            name,
+            from_instance,
+            instances_max
+        }),
+        1 => (0..JOBS_MAX, 0u32..3).prop_map(|(name, instances_max)| Op::ForgetJobSlice { name, instances_max }),
         2 => (0u64..30_000).prop_map(|ms| Op::Wait { ms }),
         1 => any::<usize>().prop_map(|agent_pick| Op::Unreachable { agent_pick }),
         1 => any::<usize>().prop_map(|agent_pick| Op::Remove { agent_pick }),
@@ -315,6 +332,10 @@ fn first_fit(state: &ClusterState, now: u64, count_plan: bool) -> Vec<Placement>
             continue;
         }
         let job = &state.jobs[&task.job];
+        // A job being killed in slices keeps pending tasks until its slice stops them.
+        if job.killed.is_some() {
+            continue;
+        }
         let spec = &job.spec.task;
         let job_type = job.spec.job_type;
         // A system task goes on its own agent only.
@@ -572,6 +593,20 @@ fn command(state: &ClusterState, now: u64, op: &Op) -> Option<(Command, Expect)>
         Op::KillJob { name } => {
             expect.rejected = !state.jobs.contains_key(&job_key(*name)) || state.frozen.is_some();
             Command::KillJob { job: job_key(*name), by: "test".into() }
+        }
+        Op::KillJobSlice { name, from_instance, instances_max } => {
+            expect.rejected =
+                !state.jobs.contains_key(&job_key(*name)) || state.frozen.is_some() || *instances_max == 0;
+            Command::KillJobSlice {
+                job: job_key(*name),
+                by: "test".into(),
+                from_instance: *from_instance,
+                instances_max: *instances_max,
+            }
+        }
+        Op::ForgetJobSlice { name, instances_max } => {
+            expect.rejected = !state.jobs.get(&job_key(*name)).is_some_and(|j| j.is_over()) || *instances_max == 0;
+            Command::ForgetJobSlice { job: job_key(*name), instances_max: *instances_max }
         }
         Op::Wait { .. } => return None,
         Op::Unreachable { agent_pick } => Command::AgentsUnreachable { agents: vec![pick(&agents, *agent_pick)?] },
