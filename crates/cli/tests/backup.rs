@@ -241,7 +241,7 @@ fn backup_then_restore_into_a_new_master_gives_an_identical_dump() {
         serde_json::from_slice(&capstan_raw(&["admin", "backup", "inspect", path, "--output", "json"]).stdout).unwrap();
     assert_eq!((info["jobs"].as_u64(), info["tasks"].as_u64(), info["agents"].as_u64()), (Some(4), Some(6), Some(2)));
     assert_eq!(info["backup_format_version"], 1);
-    assert_eq!(info["snapshot_format_version"], 4);
+    assert_eq!(info["snapshot_format_version"], capstan_state::codec::SNAPSHOT_FORMAT_VERSION);
     assert_eq!(info["checksum"].as_str().map(str::len), Some(8));
     let offline = capstan_raw(&["admin", "backup", "inspect", path, "--dump"]);
     assert!(offline.status.success(), "{}", stderr_of(&offline));
@@ -333,14 +333,15 @@ fn damaged_and_future_backups_are_refused_and_nothing_changes() {
 
     let truncated = altered(&file, "truncated.backup", |b| b.truncate(len * 2 / 3));
     let flipped = altered(&file, "flipped.backup", |b| b[len - 40] ^= 0x04);
-    let future_backup = forged(&file, "future-backup.backup", 2, 4);
-    let future_state = forged(&file, "future-state.backup", 1, 5);
+    let current = capstan_state::codec::SNAPSHOT_FORMAT_VERSION;
+    let future_backup = forged(&file, "future-backup.backup", 2, current);
+    let future_state = forged(&file, "future-state.backup", 1, current + 1);
     let not_a_backup = altered(&file, "not.backup", |b| *b = b"{\"jobs\": {}}\n".to_vec());
     let cases: [(&PathBuf, &[&str]); 5] = [
         (&truncated, &["truncated", &format!("it has {} bytes, but {len} bytes were written", len * 2 / 3)]),
         (&flipped, &["damaged", "checksum mismatch"]),
         (&future_backup, &["backup format version 2", "only up to version 1"]),
-        (&future_state, &["format version 5", "only up to version 4"]),
+        (&future_state, &[&format!("format version {}", current + 1), &format!("only up to version {current}")]),
         (&not_a_backup, &["not a Capstan backup"]),
     ];
     for (file, words) in cases {
