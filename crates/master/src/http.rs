@@ -367,7 +367,12 @@ async fn task_logs(
             ))
         }
     };
-    let mut url = format!("{address}/v1/sandboxes/{id}/logs?stream={stream}&follow={}", q.follow.unwrap_or(false));
+    // Only to the agent's own registered host and port, over http, on the logs route, with a
+    // path and query built from parsed values (a task id, one of two names, a bool, a number).
+    let agent = parse_agent_address(&address).map_err(|e| {
+        ApiFailure::new(StatusCode::BAD_GATEWAY, "bad_agent_address", format!("{e}; the agent must register again"))
+    })?;
+    let mut url = format!("{}/v1/sandboxes/{id}/logs?stream={stream}&follow={}", agent.base, q.follow.unwrap_or(false));
     if let Some(n) = q.tail {
         url.push_str(&format!("&tail={n}"));
     }
@@ -536,6 +541,9 @@ async fn register_agent(State(app): State<AppState>, body: Bytes) -> ApiResult<J
         return Err(shed(&app, "registration", 2));
     };
     let req: RegisterRequest = parse_body(&body)?;
+    // The master's log proxy calls this address: only a plain http://HOST:PORT is taken.
+    parse_agent_address(&req.info.address)
+        .map_err(|e| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_agent_address", format!("{e}; not registered")))?;
     let id = req.info.id;
     app.core.submit(Command::RegisterAgent { info: req.info }).await?;
     let applied = app

@@ -31,6 +31,7 @@ async fn master() -> (tempfile::TempDir, capstan_master::MasterHandle) {
         liveness: Default::default(),
         ha: Default::default(),
         backup: Default::default(),
+        net: Default::default(),
     })
     .await
     .unwrap();

@@ -25,6 +25,7 @@ async fn hundred_tasks_run_then_die_on_twenty_sim_agents() {
         liveness: Default::default(),
         ha: Default::default(),
         backup: Default::default(),
+        net: Default::default(),
     })
     .await
     .unwrap();
@@ -95,6 +96,7 @@ async fn heartbeats_go_out_at_the_masters_pace_and_never_cause_a_registration_st
         liveness: Default::default(),
         ha: Default::default(),
         backup: Default::default(),
+        net: Default::default(),
     })
     .await
     .unwrap();

@@ -91,6 +91,7 @@ pub async fn start_master(data_dir: PathBuf, liveness: LivenessConfig) -> capsta
         liveness,
         ha: Default::default(),
         backup: Default::default(),
+        net: Default::default(),
     })
     .await
     .expect("master starts")
