@@ -31,6 +31,8 @@ pub struct AppState {
     pub liveness: Arc<Liveness>,
     pub events: Arc<Events>,
     pub admission: Arc<Admission>,
+    /// The master's data directory (a restore's upload is written there).
+    pub data_dir: std::path::PathBuf,
 }
 
 /// Back-pressure: how many requests of each costly kind are served at once. A request over the
@@ -43,6 +45,8 @@ pub struct Admission {
     /// Large answers (task and job lists): held until the body is sent, so that slow readers
     /// cannot make the master hold more than this many such answers.
     pub lists: Arc<tokio::sync::Semaphore>,
+    /// Restores: one at a time (each streams up to 2 GiB to a file and installs a whole state).
+    pub restores: tokio::sync::Semaphore,
 }
 
 /// Requests of each kind served at once.
@@ -60,6 +64,7 @@ impl Default for Admission {
             updates: tokio::sync::Semaphore::new(MAX_UPDATE_BATCHES),
             heartbeats: tokio::sync::Semaphore::new(MAX_HEARTBEATS),
             lists: Arc::new(tokio::sync::Semaphore::new(MAX_LIST_ANSWERS)),
+            restores: tokio::sync::Semaphore::new(1),
         }
     }
 }
@@ -129,6 +134,10 @@ impl ApiFailure {
             retry_after: None,
             no_leader: false,
         }
+    }
+    /// What the error says, in words.
+    pub fn message(&self) -> &str {
+        &self.body.error.message
     }
     fn details(mut self, details: Vec<serde_json::Value>) -> ApiFailure {
         self.body.error.details = details;

@@ -293,6 +293,7 @@ async fn begin_term(shared: &Arc<Shared>, standby: Option<standby::Standby>) -> 
         liveness: liveness.clone(),
         events: shared.events.clone(),
         admission: shared.admission.clone(),
+        data_dir: shared.config.data_dir.clone(),
     };
     let events = shared.events.clone();
     let loops = vec![
