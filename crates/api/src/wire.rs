@@ -636,6 +636,11 @@ pub struct RestoreView {
     pub replaced_agents: u64,
 }
 
+/// A list page's answer header: the cursor to pass as `next=` for the following page (absent on
+/// the last page). List routes (`/v1/tasks`, `/v1/jobs`) answer one page with `?limit=N`
+/// (default 1,000 when only `next` is given, at most 5,000), and the whole list without either.
+pub const NEXT_HEADER: &str = "x-capstan-next";
+
 /// An agent's address as the master may use it: `http://HOST:PORT` and nothing more (no user,
 /// path, query or fragment). The master calls agents only at this base, on routes it builds itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
