@@ -159,8 +159,11 @@ fn connection_error(e: &io::Error) -> bool {
 /// Serves `service` on `listener` until the task is aborted. Never returns on its own.
 pub async fn serve<S, B>(listener: TcpListener, service: S, config: ServeConfig)
 where
-    S: tower::Service<http::Request<TimeoutBody<Incoming>>, Response = http::Response<B>, Error = std::convert::Infallible>
-        + Clone
+    S: tower::Service<
+            http::Request<TimeoutBody<Incoming>>,
+            Response = http::Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,

@@ -163,7 +163,10 @@ impl ArrivingBackup {
             return Err(ApiFailure::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
-                format!("the body has more than {} bytes, the most a restore takes; nothing was changed", self.max_bytes),
+                format!(
+                    "the body has more than {} bytes, the most a restore takes; nothing was changed",
+                    self.max_bytes
+                ),
             ));
         }
         // The envelope's checksum covers the version (bytes 4..8) and the payload (12..).
@@ -239,7 +242,9 @@ impl ArrivingBackup {
         }
         let version = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
         if version == 0 {
-            return Err(bad_backup(BackupError::NotABackup { detail: "backup format version 0 was never written".into() }));
+            return Err(bad_backup(BackupError::NotABackup {
+                detail: "backup format version 0 was never written".into(),
+            }));
         }
         if version > backup::BACKUP_FORMAT_VERSION {
             return Err(bad_backup(BackupError::TooNew { found: version, supported: backup::BACKUP_FORMAT_VERSION }));
@@ -247,7 +252,9 @@ impl ArrivingBackup {
         let header_len = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes")) as usize;
         if header_len > BACKUP_HEADER_BYTES_MAX {
             return Err(bad_backup(BackupError::Header {
-                detail: format!("it says it is {header_len} bytes, more than the {BACKUP_HEADER_BYTES_MAX} a header may have"),
+                detail: format!(
+                    "it says it is {header_len} bytes, more than the {BACKUP_HEADER_BYTES_MAX} a header may have"
+                ),
             }));
         }
         let state_at = backup::ENVELOPE_BYTES + 8 + header_len;
@@ -262,8 +269,8 @@ impl ArrivingBackup {
                 detail: format!("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"),
             }));
         }
-        let header: BackupHeader =
-            serde_json::from_slice(header_json).map_err(|e| bad_backup(BackupError::Header { detail: e.to_string() }))?;
+        let header: BackupHeader = serde_json::from_slice(header_json)
+            .map_err(|e| bad_backup(BackupError::Header { detail: e.to_string() }))?;
         if header.backup_format_version != version {
             return Err(bad_backup(BackupError::Inconsistent {
                 detail: format!(
@@ -350,13 +357,8 @@ async fn receive_backup(app: &AppState, body: Body) -> Result<Inspected, ApiFail
             format!("cannot write the restore upload {}: {e}; nothing was changed", path.display()),
         )
     };
-    let mut file = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .await
-        .map_err(unwritable)?;
+    let mut file =
+        tokio::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).await.map_err(unwritable)?;
     let mut arriving = ArrivingBackup::new(RESTORE_BODY_MAX_BYTES as u64);
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {

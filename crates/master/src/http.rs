@@ -64,6 +64,8 @@ pub const LIST_SMALL_ITEMS_MAX: usize = 100;
 pub const ANSWER_SMALL_BYTES: usize = 64 * 1024;
 /// Bytes of large answers rendered but not yet sent, at most (slow readers hold them).
 pub const ANSWER_BYTES_IN_FLIGHT_MAX: usize = 256 << 20;
+/// Tasks rendered per hold of the state's read lock in a large list.
+pub const RENDER_BATCH_ITEMS: usize = 1_000;
 /// Items of a list page when `next` is given without `limit`, and the most a `limit` may ask.
 pub const LIST_PAGE_ITEMS_DEFAULT: usize = 1_000;
 pub const LIST_PAGE_ITEMS_MAX: usize = 5_000;
@@ -245,9 +247,7 @@ impl PageQuery {
     /// `LIST_PAGE_ITEMS_MAX`.
     fn items(&self) -> ApiResult<usize> {
         match (self.limit, &self.next) {
-            (Some(0), _) => {
-                Err(ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", "limit must be at least 1"))
-            }
+            (Some(0), _) => Err(ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", "limit must be at least 1")),
             (Some(n), _) => Ok(n.min(LIST_PAGE_ITEMS_MAX)),
             (None, Some(_)) => Ok(LIST_PAGE_ITEMS_DEFAULT),
             (None, None) => Ok(usize::MAX),
@@ -271,14 +271,16 @@ async fn list_jobs(State(app): State<AppState>, Query(page): Query<PageQuery>) -
     };
     let jobs_count = app.core.state.read().jobs.len();
     let permit = render_permit(&app, jobs_count.min(items))?;
-    let (views, next): (Vec<JobView>, Option<String>) = {
+    let render_app = app.clone();
+    let (bytes, next) = rendered(permit, move || {
+        let app = render_app;
         let state = app.core.state.read();
         let unplaced = app.unplaced.lock();
         let range = match &after {
             Some(k) => state.jobs.range((std::ops::Bound::Excluded(k.clone()), std::ops::Bound::Unbounded)),
             None => state.jobs.range::<JobKey, _>(..),
         };
-        let mut views = Vec::new();
+        let mut views: Vec<JobView> = Vec::new();
         let mut next = None;
         for (_, j) in range {
             if views.len() == items {
@@ -287,9 +289,10 @@ async fn list_jobs(State(app): State<AppState>, Query(page): Query<PageQuery>) -
             }
             views.push(job_view(&state, j, &unplaced));
         }
-        (views, next)
-    };
-    Ok(answer(&app, &views, permit, next))
+        (serde_json::to_vec(&views), next)
+    })
+    .await?;
+    Ok(answer(&app, bytes, next))
 }
 
 /// A place among the large lists being rendered, for a list of `items` items (none needed for a
@@ -301,22 +304,26 @@ fn render_permit(app: &AppState, items: usize) -> ApiResult<Option<tokio::sync::
     app.admission.lists.clone().try_acquire_owned().map(Some).map_err(|_| shed(app, "list", 1))
 }
 
-/// Renders `value` to bytes and gives back the render place (`_rendering`) before anything is
-/// sent. A large answer then holds its size in `answer_kib` until its body is sent (or its
-/// client is gone); if that budget is spent, 503 to retry. `next`: the cursor of the next page.
-fn answer<T: serde::Serialize>(
-    app: &AppState,
-    value: &T,
-    _rendering: Option<tokio::sync::OwnedSemaphorePermit>,
-    next: Option<String>,
-) -> Response {
-    let bytes = match serde_json::to_vec(value) {
-        Ok(b) => Bytes::from(b),
-        Err(e) => {
-            return ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()).into_response();
-        }
+/// Runs `render` (JSON of a list, and what else it returns) — on a blocking thread when it is
+/// large (it holds a render place), so that the async workers keep serving — then gives the
+/// render place back, before anything is sent.
+async fn rendered<R: Send + 'static>(
+    place: Option<tokio::sync::OwnedSemaphorePermit>,
+    render: impl FnOnce() -> (serde_json::Result<Vec<u8>>, R) + Send + 'static,
+) -> ApiResult<(Bytes, R)> {
+    let internal = |e: String| ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
+    let (bytes, extra) = match &place {
+        Some(_) => tokio::task::spawn_blocking(render).await.map_err(|e| internal(e.to_string()))?,
+        None => render(),
     };
-    drop(_rendering);
+    drop(place);
+    Ok((Bytes::from(bytes.map_err(|e| internal(e.to_string()))?), extra))
+}
+
+/// The answer of a rendered list. A large one holds its size in `answer_kib` until its body is
+/// sent (or its client is gone); if that budget is spent, 503 to retry. `next`: the cursor of
+/// the next page.
+fn answer(app: &AppState, bytes: Bytes, next: Option<String>) -> Response {
     let mut resp = if bytes.len() <= ANSWER_SMALL_BYTES {
         ([(header::CONTENT_TYPE, "application/json")], bytes).into_response()
     } else {
@@ -439,12 +446,22 @@ async fn list_tasks(
         let permit = render_permit(&app, keys.len())?;
         (keys, next, permit)
     };
-    let views: Vec<TaskView> = {
-        let state = app.core.state.read();
-        let usage = app.usage.lock();
-        chosen.iter().filter_map(|k| state.tasks.get(&k.3)).map(|t| task_view(&state, t, &usage)).collect()
-    };
-    Ok(answer(&app, &views, permit, next))
+    let render_app = app.clone();
+    let (bytes, ()) = rendered(permit, move || {
+        let app = render_app;
+        // The read lock is taken per batch, so that the writer (and the readers queued behind
+        // it) never waits for a whole large list; each task is seen whole.
+        let mut views: Vec<TaskView> = Vec::with_capacity(chosen.len());
+        for batch in chosen.chunks(RENDER_BATCH_ITEMS) {
+            let state = app.core.state.read();
+            for t in batch.iter().filter_map(|k| state.tasks.get(&k.3)) {
+                views.push(task_view(&state, t, &app.usage.lock()));
+            }
+        }
+        (serde_json::to_vec(&views), ())
+    })
+    .await?;
+    Ok(answer(&app, bytes, next))
 }
 
 async fn get_task(State(app): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<TaskView>> {
