@@ -97,7 +97,7 @@ pub fn raise_nofile_limit() -> Option<u64> {
             lim = raised;
         }
     }
-    Some(lim.rlim_cur as u64)
+    Some(lim.rlim_cur)
 }
 
 /// The total connection cap: `configured`, lowered so that the descriptor limit `nofile` keeps
@@ -142,10 +142,21 @@ impl Drop for IpSlot {
     }
 }
 
-/// What a client over its address's cap reads before the connection closes.
-const TOO_MANY_FROM_YOU: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\nconnection: close\r\n\
-content-type: application/json\r\ncontent-length: 119\r\n\r\n\
-{\"error\":{\"code\":\"too_many_connections\",\"message\":\"too many open connections from your address\",\"details\":[]}}";
+/// What a client over its address's cap of `max` reads before the connection closes.
+fn too_many_from_you(max: usize) -> Vec<u8> {
+    let body = serde_json::json!({"error": {
+        "code": "too_many_connections",
+        "message": format!("more than {max} open connections from your address; close idle ones and retry"),
+        "details": [],
+    }})
+    .to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\nconnection: close\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
 
 /// Whether an accept error is about one connection (go on at once) rather than the process
 /// (out of descriptors or memory: wait, then go on).
@@ -182,6 +193,7 @@ where
     let body_stall = Duration::from_millis(config.body_read_stall_timeout_ms);
     let write_stall = Duration::from_millis(config.write_stall_timeout_ms);
     let mut capped_said = false;
+    let refusal = too_many_from_you(config.connections_per_ip_max);
     loop {
         // A slot first: at the cap, connections wait in the kernel's backlog, not in our memory.
         let slot = match slots.clone().try_acquire_owned() {
@@ -210,7 +222,7 @@ where
         };
         let Some(ip_slot) = per_ip.take(peer.ip(), config.connections_per_ip_max) else {
             // Best effort, never waiting: the answer fits the socket's buffer.
-            let _ = stream.try_write(TOO_MANY_FROM_YOU);
+            let _ = stream.try_write(&refusal);
             drop(stream);
             continue;
         };
@@ -315,7 +327,8 @@ mod tests {
 
     #[test]
     fn the_refusal_is_a_whole_http_answer() {
-        let text = std::str::from_utf8(TOO_MANY_FROM_YOU).unwrap();
+        let bytes = too_many_from_you(7);
+        let text = std::str::from_utf8(&bytes).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         assert!(head.contains(&format!("content-length: {}", body.len())), "{head} / {}", body.len());
         let _: serde_json::Value = serde_json::from_str(body).unwrap();

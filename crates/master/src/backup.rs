@@ -600,8 +600,7 @@ mod tests {
 
     #[test]
     fn a_backup_checked_as_it_arrives_agrees_with_the_whole_check() {
-        let mut state = capstan_state::ClusterState::default();
-        state.index = 7;
+        let state = capstan_state::ClusterState { index: 7, ..Default::default() };
         let good = backup::encode(&state, capstan_model::Timestamp(1), "t");
         let mut flipped = good.clone();
         let last = flipped.len() - 1;
@@ -637,8 +636,7 @@ mod tests {
         head.extend_from_slice(&[0; 8]);
         assert!(a.feed(&head).is_err(), "a newer backup format is refused before its body");
         // A header that claims more than the limit is refused before the state arrives.
-        let mut state = capstan_state::ClusterState::default();
-        state.index = 1;
+        let state = capstan_state::ClusterState { index: 1, ..Default::default() };
         let good = backup::encode(&state, capstan_model::Timestamp(1), "t");
         let mut a = ArrivingBackup::new(good.len() as u64 - 1);
         let head_len = 20 + u32::from_le_bytes(good[12..16].try_into().unwrap()) as usize;
