@@ -455,6 +455,44 @@ fn eight_slow_readers_of_a_large_list_do_not_lock_out_a_one_task_list() {
     drop(stalled);
 }
 
+/// The master's open sockets (its listener included).
+fn sockets_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:")))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn readers_that_stop_reading_are_cut_off_after_the_write_stall_timeout() {
+    let m = Master::start();
+    for i in 0..3 {
+        m.create_job(&format!("big/prod/j{i}"), 10_000);
+    }
+    let before = sockets_of(m.pid());
+    let stalled: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = TcpStream::connect(m.addr).unwrap();
+            s.write_all(b"GET /v1/tasks HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            s
+        })
+        .collect();
+    wait_until(SOON, "the master holds the stalled readers' connections", || {
+        let now = sockets_of(m.pid());
+        ensure(now >= before + stalled.len(), (before, now))
+    });
+    // Nothing is read: once a write has waited the write-stall timeout, the master closes them.
+    let stall = Duration::from_millis(capstan_api::serve::WRITE_STALL_TIMEOUT_MS);
+    wait_until(stall + Duration::from_secs(30), "the stalled readers' connections are closed", || {
+        let now = sockets_of(m.pid());
+        ensure(now <= before, (before, now))
+    });
+    drop(stalled);
+}
+
 #[test]
 fn health_says_503_while_the_master_replays_its_log() {
     let mut m = Master::start();
