@@ -365,9 +365,14 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<AgentHandle> {
     let addr = listener.local_addr()?;
     let hostname = resources::hostname();
     let address = config.advertise.clone().unwrap_or_else(|| {
-        let host = if addr.ip().is_unspecified() { hostname.clone() } else { addr.ip().to_string() };
-        format!("http://{host}:{}", addr.port())
+        if addr.ip().is_unspecified() {
+            format!("http://{hostname}:{}", addr.port())
+        } else {
+            format!("http://{addr}")
+        }
     });
+    // The master registers only a plain http://HOST:PORT: say so here rather than at every retry.
+    capstan_api::wire::parse_agent_address(&address).map_err(|e| anyhow::anyhow!("--advertise: {e}"))?;
     let mut attributes = config.attributes.clone();
     attributes.entry("hostname".into()).or_insert_with(|| hostname.clone());
     attributes.insert(
@@ -380,11 +385,7 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<AgentHandle> {
     let agent = Arc::new(agent);
     agent.recover()?;
     let router = http::router(agent.clone());
-    let mut loops = vec![tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!("agent HTTP server stopped: {e}");
-        }
-    })];
+    let mut loops = vec![tokio::spawn(capstan_api::serve::serve(listener, router, Default::default()))];
     // Registration waits for a master; the API (logs of tasks that run here) serves meanwhile,
     // and `start` returns at once so that the caller can say where.
     let a = agent.clone();

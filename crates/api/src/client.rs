@@ -45,6 +45,9 @@ enum Body {
     Raw(bytes::Bytes),
 }
 
+/// Items per page when the client reads a whole list (`Client::tasks`, `Client::jobs`).
+pub const LIST_PAGE_ITEMS: usize = 1_000;
+
 #[derive(Clone, Debug)]
 pub struct Client {
     addrs: Vec<String>,
@@ -261,7 +264,31 @@ impl Client {
     }
 
     pub async fn jobs(&self) -> Result<Vec<JobView>, ApiError> {
-        self.get("/v1/jobs").await
+        self.get_all("/v1/jobs").await
+    }
+
+    /// Every item of a list route, a page of `LIST_PAGE_ITEMS` at a time, following each page's
+    /// [`NEXT_HEADER`] (a master that does not page answers everything at once, without it).
+    /// Pages are read one after the other, not as one snapshot: an item added meanwhile before
+    /// the cursor is not seen, and none is seen twice.
+    async fn get_all<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>, ApiError> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let mut all = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let page_path = match &next {
+                None => format!("{path}{sep}limit={LIST_PAGE_ITEMS}"),
+                Some(n) => format!("{path}{sep}limit={LIST_PAGE_ITEMS}&next={n}"),
+            };
+            let resp = self.send(reqwest::Method::GET, &page_path, None, Duration::from_secs(30)).await?;
+            let following = resp.headers().get(NEXT_HEADER).and_then(|v| v.to_str().ok()).map(String::from);
+            let page: Vec<T> = Self::decode(resp).await?;
+            all.extend(page);
+            match following {
+                Some(n) if next.as_ref() != Some(&n) => next = Some(n),
+                _ => return Ok(all),
+            }
+        }
     }
 
     pub async fn job(&self, key: &str) -> Result<JobView, ApiError> {
@@ -289,7 +316,7 @@ impl Client {
             q.push(format!("state={s}"));
         }
         let qs = if q.is_empty() { String::new() } else { format!("?{}", q.join("&")) };
-        self.get(&format!("/v1/tasks{qs}")).await
+        self.get_all(&format!("/v1/tasks{qs}")).await
     }
 
     pub async fn task(&self, id: TaskId) -> Result<TaskView, ApiError> {

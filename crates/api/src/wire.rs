@@ -635,3 +635,66 @@ pub struct RestoreView {
     pub replaced_tasks: u64,
     pub replaced_agents: u64,
 }
+
+/// A list page's answer header: the cursor to pass as `next=` for the following page (absent on
+/// the last page). List routes (`/v1/tasks`, `/v1/jobs`) answer one page with `?limit=N`
+/// (default 1,000 when only `next` is given, at most 5,000), and the whole list without either.
+pub const NEXT_HEADER: &str = "x-capstan-next";
+
+/// An agent's address as the master may use it: `http://HOST:PORT` and nothing more (no user,
+/// path, query or fragment). The master calls agents only at this base, on routes it builds itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentAddress {
+    /// `http://HOST:PORT`, IPv6 hosts in brackets.
+    pub base: String,
+}
+
+/// Checks an agent's registered address; the error says what is wrong and what to use instead.
+pub fn parse_agent_address(text: &str) -> Result<AgentAddress, String> {
+    let hint = "use http://HOST:PORT (the agent's --advertise)";
+    let url = reqwest::Url::parse(text).map_err(|e| format!("agent address {text:?} is not a URL ({e}); {hint}"))?;
+    if url.scheme() != "http" {
+        return Err(format!("agent address {text:?} has scheme {:?}, not http; {hint}", url.scheme()));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("agent address {text:?} carries a user or password; {hint}"));
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("agent address {text:?} has a path, query or fragment; {hint}"));
+    }
+    let (Some(host), Some(port)) = (url.host(), url.port_or_known_default()) else {
+        return Err(format!("agent address {text:?} has no host or port; {hint}"));
+    };
+    Ok(AgentAddress { base: format!("http://{host}:{port}") })
+}
+
+#[cfg(test)]
+mod agent_address_tests {
+    use super::parse_agent_address;
+
+    #[test]
+    fn only_plain_http_host_port_is_an_agent_address() {
+        for (text, base) in [
+            ("http://10.0.0.1:7071", "http://10.0.0.1:7071"),
+            ("http://host-1.example:7071/", "http://host-1.example:7071"),
+            ("http://[::1]:7071", "http://[::1]:7071"),
+            ("http://h", "http://h:80"),
+        ] {
+            assert_eq!(parse_agent_address(text).unwrap().base, base, "{text}");
+        }
+        for text in [
+            "https://h:1",
+            "file:///etc/passwd",
+            "http://u:p@h:1",
+            "http://h:1/admin",
+            "http://h:1/?x=1",
+            "http://h:1#f",
+            "h:1",
+            "",
+            "gopher://h:70",
+        ] {
+            let e = parse_agent_address(text).unwrap_err();
+            assert!(e.contains("http://HOST:PORT"), "{text}: {e}");
+        }
+    }
+}

@@ -267,6 +267,13 @@ struct MasterArgs {
     store: Option<String>,
     #[arg(long)]
     allow_root_tasks: bool,
+    /// Open HTTP connections at most (lowered to what the file descriptor limit allows).
+    #[arg(long, default_value_t = capstan_api::serve::CONNECTIONS_MAX)]
+    max_connections: usize,
+    /// Open HTTP connections at most from one client address (agents, the CLI and scripts on
+    /// one host share it; raise it for `capstan sim` fleets, which all come from one address).
+    #[arg(long, default_value_t = capstan_api::serve::CONNECTIONS_PER_IP_MAX)]
+    max_connections_per_ip: usize,
     #[command(flatten)]
     liveness: LivenessFlags,
     /// The URL the other masters send clients to while this one leads (default: http://BIND,
@@ -476,6 +483,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 backup,
                 jobs,
+                net: capstan_api::serve::ServeConfig {
+                    connections_max: a.max_connections,
+                    connections_per_ip_max: a.max_connections_per_ip,
+                    ..Default::default()
+                },
             })
             .await?;
             println!("capstan master serving at {}", m.url());
@@ -547,6 +559,7 @@ pub async fn start_dev(
         ha: Default::default(),
         backup: Default::default(),
         jobs,
+        net: Default::default(),
     })
     .await?;
     let mut config = capstan_agent::AgentConfig {

@@ -1,20 +1,21 @@
 //! Backup and restore on the master: `GET /v1/admin/backup` (the backup file of the state now),
-//! `POST /v1/admin/restore?dry_run=&force=&source=` (a backup file as the raw body: checked from
-//! end to end before anything changes), `GET /v1/admin/dump` (the state as canonical JSON), and
+//! `POST /v1/admin/restore?dry_run=&force=&source=` (a backup file as the raw body: streamed to a
+//! file in the data directory and checked as it arrives, refused from its first bytes when they
+//! are not a backup's, one restore at a time; checked from end to end before anything changes), `GET /v1/admin/dump` (the state as canonical JSON), and
 //! the periodic backups loop (`--backup-dir`, `--backup-interval`, `--backup-keep`).
 //! The file format and its checks are `capstan_state::backup`; docs/backup.md has the rules.
 
 use crate::core::{now, Core};
 use crate::http::{ApiFailure, AppState};
 use anyhow::Context as _;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use capstan_api::wire::{BackupInfo, RestoreView};
-use capstan_state::backup::{self, Inspected, Restored};
+use capstan_state::backup::{self, BackupError, BackupHeader, Inspected, Restored};
 use serde::Deserialize;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -115,14 +116,291 @@ struct RestoreQuery {
     source: Option<String>,
 }
 
+/// The file a restore's body is written to while it arrives, in the master's data directory.
+pub const RESTORE_UPLOAD_FILE: &str = "restore.upload";
+/// The longest JSON header a backup may have (real ones are a few hundred bytes).
+pub const BACKUP_HEADER_BYTES_MAX: usize = 64 * 1024;
+
+fn bad_backup(e: BackupError) -> ApiFailure {
+    ApiFailure::new(StatusCode::BAD_REQUEST, "bad_backup", format!("{e}; nothing was changed"))
+}
+
+/// Checks a backup file as its bytes arrive (layout: `capstan_state::backup`), so that what is not
+/// a backup is refused from its first bytes, and memory does not grow with the file: only its
+/// head (envelope and header, bounded) is kept; checksums are computed on the way.
+pub struct ArrivingBackup {
+    max_bytes: u64,
+    received: u64,
+    /// The bytes before the state: envelope, header length and checksum, header.
+    head: Vec<u8>,
+    /// Once the head is complete: the header, where the state starts, the whole file's length.
+    header: Option<(BackupHeader, u64, u64)>,
+    /// CRC-32 of bytes 4..8 and 12.. (the envelope's), and of the state (the header's).
+    crc: crc32fast::Hasher,
+    state_crc: crc32fast::Hasher,
+    /// The state's first two bytes (its format version).
+    state_version: Vec<u8>,
+}
+
+impl ArrivingBackup {
+    pub fn new(max_bytes: u64) -> ArrivingBackup {
+        ArrivingBackup {
+            max_bytes,
+            received: 0,
+            head: Vec::new(),
+            header: None,
+            crc: crc32fast::Hasher::new(),
+            state_crc: crc32fast::Hasher::new(),
+            state_version: Vec::new(),
+        }
+    }
+
+    /// Takes the next bytes of the file; refuses as soon as they show it cannot be a backup.
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<(), ApiFailure> {
+        let start = self.received;
+        self.received += chunk.len() as u64;
+        if self.received > self.max_bytes {
+            return Err(ApiFailure::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "the body has more than {} bytes, the most a restore takes; nothing was changed",
+                    self.max_bytes
+                ),
+            ));
+        }
+        // The envelope's checksum covers the version (bytes 4..8) and the payload (12..).
+        for (from, to) in [(4u64, 8u64), (12, u64::MAX)] {
+            let (a, b) = (from.max(start), to.min(self.received));
+            if a < b {
+                self.crc.update(&chunk[(a - start) as usize..(b - start) as usize]);
+            }
+        }
+        let mut rest = chunk;
+        if self.header.is_none() {
+            // Up to the header's length field first; then (below) up to the end of the header.
+            let want = self.head_len().unwrap_or(16);
+            let take = rest.len().min(want.saturating_sub(self.head.len()));
+            self.head.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            self.check_head()?;
+            // The header's length may just have become known: take the rest of the head.
+            if self.header.is_none() && !rest.is_empty() {
+                if let Some(want) = self.head_len() {
+                    let take = rest.len().min(want - self.head.len());
+                    self.head.extend_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                    self.check_head()?;
+                }
+            }
+        }
+        if let Some((header, _, expected)) = &self.header {
+            if self.received > *expected {
+                return Err(bad_backup(BackupError::Inconsistent {
+                    detail: format!(
+                        "more bytes arrived than the {expected} the header says were written (bytes after the end)"
+                    ),
+                }));
+            }
+            self.state_crc.update(rest);
+            if self.state_version.len() < 2 {
+                let take = rest.len().min(2 - self.state_version.len());
+                self.state_version.extend_from_slice(&rest[..take]);
+                if self.state_version.len() == 2 {
+                    let found = u16::from_le_bytes([self.state_version[0], self.state_version[1]]);
+                    if found != header.snapshot_format_version {
+                        return Err(bad_backup(BackupError::Inconsistent {
+                            detail: format!(
+                                "the header says snapshot format version {}, the state itself {:?}",
+                                header.snapshot_format_version,
+                                Some(found)
+                            ),
+                        }));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The length of the head, once its length field arrived.
+    fn head_len(&self) -> Option<usize> {
+        let len = u32::from_le_bytes(self.head.get(12..16)?.try_into().ok()?) as usize;
+        Some(backup::ENVELOPE_BYTES + 8 + len)
+    }
+
+    /// Checks what the head holds so far, in the order `backup::inspect` does where it can.
+    fn check_head(&mut self) -> Result<(), ApiFailure> {
+        let h = &self.head;
+        if h.len() >= 4 && h[..4] != backup::MAGIC {
+            return Err(bad_backup(BackupError::NotABackup {
+                detail: format!("it starts with {:02x?}, not the magic {:02x?} (\"CPSN\")", &h[..4], backup::MAGIC),
+            }));
+        }
+        if h.len() < 16 {
+            return Ok(());
+        }
+        let version = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
+        if version == 0 {
+            return Err(bad_backup(BackupError::NotABackup {
+                detail: "backup format version 0 was never written".into(),
+            }));
+        }
+        if version > backup::BACKUP_FORMAT_VERSION {
+            return Err(bad_backup(BackupError::TooNew { found: version, supported: backup::BACKUP_FORMAT_VERSION }));
+        }
+        let header_len = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes")) as usize;
+        if header_len > BACKUP_HEADER_BYTES_MAX {
+            return Err(bad_backup(BackupError::Header {
+                detail: format!(
+                    "it says it is {header_len} bytes, more than the {BACKUP_HEADER_BYTES_MAX} a header may have"
+                ),
+            }));
+        }
+        let state_at = backup::ENVELOPE_BYTES + 8 + header_len;
+        if h.len() < state_at {
+            return Ok(());
+        }
+        let header_json = &h[backup::ENVELOPE_BYTES + 8..state_at];
+        let stored = u32::from_le_bytes(h[16..20].try_into().expect("4 bytes"));
+        let computed = crc32fast::hash(header_json);
+        if computed != stored {
+            return Err(bad_backup(BackupError::Header {
+                detail: format!("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"),
+            }));
+        }
+        let header: BackupHeader = serde_json::from_slice(header_json)
+            .map_err(|e| bad_backup(BackupError::Header { detail: e.to_string() }))?;
+        if header.backup_format_version != version {
+            return Err(bad_backup(BackupError::Inconsistent {
+                detail: format!(
+                    "the envelope says backup format version {version}, the header {}",
+                    header.backup_format_version
+                ),
+            }));
+        }
+        if header.snapshot_format_version > capstan_state::codec::SNAPSHOT_FORMAT_VERSION {
+            return Err(bad_backup(BackupError::State(capstan_state::codec::CodecError::TooNew {
+                what: "a state snapshot",
+                found: header.snapshot_format_version,
+                supported: capstan_state::codec::SNAPSHOT_FORMAT_VERSION,
+            })));
+        }
+        let expected = state_at as u64 + header.state_bytes;
+        if expected > self.max_bytes {
+            return Err(ApiFailure::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "the backup says it is {expected} bytes; a restore takes at most {}; nothing was changed",
+                    self.max_bytes
+                ),
+            ));
+        }
+        self.header = Some((header, state_at as u64, expected));
+        Ok(())
+    }
+
+    /// The body ended: every check that needs the whole file but not its decoding.
+    pub fn finish(self) -> Result<(), ApiFailure> {
+        let found = self.received;
+        let Some((header, _, expected)) = self.header else {
+            // The file ended within its head (small): the full check names the problem.
+            return match backup::inspect(&self.head) {
+                Err(e) => Err(bad_backup(e)),
+                Ok(_) => Ok(()),
+            };
+        };
+        let stored = u32::from_le_bytes(self.head[8..12].try_into().expect("4 bytes"));
+        let computed = self.crc.finalize();
+        if found < expected {
+            return Err(bad_backup(BackupError::Truncated { found, expected }));
+        }
+        if stored != computed {
+            return Err(bad_backup(BackupError::Checksum { stored, computed, bytes: found - 8 }));
+        }
+        let state_crc32 = self.state_crc.finalize();
+        if state_crc32 != header.state_crc32 {
+            return Err(bad_backup(BackupError::Inconsistent {
+                detail: format!(
+                    "the state's checksum is {state_crc32:#010x}, the header says {:#010x}",
+                    header.state_crc32
+                ),
+            }));
+        }
+        Ok(())
+    }
+}
+
+/// The upload file; removed when dropped, however the restore ends.
+struct Upload(PathBuf);
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Streams the body to `RESTORE_UPLOAD_FILE` (0600) in the data directory, checking it as it
+/// arrives, then reads the file (only once every checksum matched) and inspects it whole.
+async fn receive_backup(app: &AppState, body: Body) -> Result<Inspected, ApiFailure> {
+    use futures::StreamExt as _;
+    use tokio::io::AsyncWriteExt as _;
+    let path = app.data_dir.join(RESTORE_UPLOAD_FILE);
+    let _ = std::fs::create_dir_all(&app.data_dir);
+    let _ = std::fs::remove_file(&path);
+    let upload = Upload(path.clone());
+    let unwritable = |e: std::io::Error| {
+        ApiFailure::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "unavailable",
+            format!("cannot write the restore upload {}: {e}; nothing was changed", path.display()),
+        )
+    };
+    let mut file =
+        tokio::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).await.map_err(unwritable)?;
+    let mut arriving = ArrivingBackup::new(RESTORE_BODY_MAX_BYTES as u64);
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiFailure::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("the backup could not be received whole: {e}; nothing was changed"),
+            )
+        })?;
+        arriving.feed(&chunk)?;
+        file.write_all(&chunk).await.map_err(unwritable)?;
+    }
+    arriving.finish()?;
+    file.flush().await.map_err(unwritable)?;
+    drop(file);
+    let checked = tokio::task::spawn_blocking(move || {
+        let bytes = std::fs::read(&upload.0)?;
+        drop(upload);
+        Ok::<_, std::io::Error>(backup::inspect(&bytes))
+    })
+    .await
+    .map_err(internal)?
+    .map_err(unwritable)?;
+    checked.map_err(bad_backup)
+}
+
 async fn restore(
     State(app): State<AppState>,
     Query(q): Query<RestoreQuery>,
-    body: Bytes,
+    body: Body,
 ) -> Result<Json<RestoreView>, ApiFailure> {
-    let checked = tokio::task::spawn_blocking(move || backup::inspect(&body)).await.map_err(internal)?;
-    let mut inspected = checked
-        .map_err(|e| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_backup", format!("{e}; nothing was changed")))?;
+    // One at a time: a second restore is refused at once, before its body is read.
+    let Ok(_one) = app.admission.restores.try_acquire() else {
+        return Err(ApiFailure::new(
+            StatusCode::CONFLICT,
+            "restore_in_progress",
+            "another restore is in progress on this master; wait until it is answered, then try again; nothing was \
+             changed",
+        ));
+    };
+    let mut inspected = receive_backup(&app, body).await?;
     let info = backup_info(&inspected);
     let (jobs, tasks, agents) = {
         let s = app.core.state.read();
@@ -308,6 +586,61 @@ mod tests {
         let v = backup::BACKUP_FORMAT_VERSION;
         let decoded = capstan_store::envelope::decode(&bytes, v, || "a backup".into()).unwrap();
         assert_eq!((decoded.version, decoded.payload.len()), (v, bytes.len() - backup::ENVELOPE_BYTES));
+    }
+
+    /// What a streamed check says of `bytes` fed in `chunk`-byte pieces: Ok, or the message.
+    fn streamed(bytes: &[u8], chunk: usize) -> Result<(), String> {
+        let mut a = ArrivingBackup::new(1 << 30);
+        let message = |f: ApiFailure| f.message().to_string();
+        for piece in bytes.chunks(chunk.max(1)) {
+            a.feed(piece).map_err(message)?;
+        }
+        a.finish().map_err(message)
+    }
+
+    #[test]
+    fn a_backup_checked_as_it_arrives_agrees_with_the_whole_check() {
+        let state = capstan_state::ClusterState { index: 7, ..Default::default() };
+        let good = backup::encode(&state, capstan_model::Timestamp(1), "t");
+        let mut flipped = good.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        let mut future = good.clone();
+        future[4] = 9;
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("good", good.clone()),
+            ("truncated", good[..good.len() - 1].to_vec()),
+            ("cut in the header", good[..30].to_vec()),
+            ("trailing", [good.clone(), vec![0]].concat()),
+            ("flipped", flipped),
+            ("future", future),
+            ("not a backup", b"{\"jobs\": {}}".to_vec()),
+            ("empty", vec![]),
+        ];
+        for (what, bytes) in cases {
+            let whole = backup::inspect(&bytes).map(|_| ());
+            for chunk in [1, 3, 16, 4096, bytes.len()] {
+                let got = streamed(&bytes, chunk);
+                assert_eq!(got.is_ok(), whole.is_ok(), "{what} in pieces of {chunk}: {got:?} vs {whole:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn what_is_not_a_backup_is_refused_from_its_first_bytes() {
+        let mut a = ArrivingBackup::new(1 << 30);
+        assert!(a.feed(b"GARB").is_err(), "four bytes that are not the magic are enough");
+        let mut a = ArrivingBackup::new(1 << 30);
+        let mut head = backup::MAGIC.to_vec();
+        head.extend_from_slice(&2u32.to_le_bytes());
+        head.extend_from_slice(&[0; 8]);
+        assert!(a.feed(&head).is_err(), "a newer backup format is refused before its body");
+        // A header that claims more than the limit is refused before the state arrives.
+        let state = capstan_state::ClusterState { index: 1, ..Default::default() };
+        let good = backup::encode(&state, capstan_model::Timestamp(1), "t");
+        let mut a = ArrivingBackup::new(good.len() as u64 - 1);
+        let head_len = 20 + u32::from_le_bytes(good[12..16].try_into().unwrap()) as usize;
+        assert!(a.feed(&good[..head_len]).is_err(), "a backup larger than the limit is refused from its header");
     }
 
     #[test]

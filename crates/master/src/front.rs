@@ -1,6 +1,8 @@
 //! The door of a master: whatever its role, it listens; it serves the API while it leads, and
 //! otherwise redirects (307) to the leader, or answers 503 with `Retry-After` while no master
-//! leads. `GET /v1/leader`, `GET /v1/health` and `GET /metrics` are answered by every master.
+//! leads. `GET /v1/leader`, `GET /v1/health` and `GET /metrics` are answered by every master;
+//! health is 200 only while the master serves (leads, or follows a known leader), 503 with the
+//! reason while it loads its state or no master leads.
 //!
 //! A term's routes (`http::router`) are built when the term begins and dropped when it ends, so
 //! nothing of a past term can answer for the present one.
@@ -118,10 +120,7 @@ async fn dispatch(State(front): State<Arc<Front>>, req: Request) -> Response {
     }
     let path = req.uri().path();
     if req.method() == axum::http::Method::GET && path == "/v1/health" {
-        let view = front.view();
-        return Json(serde_json::json!({"status": "ok", "role": view.role, "leader": view.leader,
-            "version": env!("CARGO_PKG_VERSION")}))
-        .into_response();
+        return health(&front, &role);
     }
     if req.method() == axum::http::Method::GET && path == "/metrics" {
         let text = front.metrics.render(&capstan_state::ClusterState::default());
@@ -154,6 +153,38 @@ async fn dispatch(State(front): State<Arc<Front>>, req: Request) -> Response {
                 "no_leader",
                 format!("no master leads yet ({} is {}); retry in a second", front.me, front.view().role),
             );
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp.headers_mut().insert(LEADER_HEADER, HeaderValue::from_static("none"));
+            resp
+        }
+    }
+}
+
+/// `GET /v1/health` when no term of this master serves: 200 only while it serves (a follower
+/// that knows the leader serves by sending clients there); 503 with the reason while it loads its
+/// state or no master leads, because then it refuses everything else too.
+fn health(front: &Front, role: &Role) -> Response {
+    let view = front.view();
+    let not_serving = match role {
+        Role::Following { leader: Some(_) } => None,
+        Role::Following { leader: None } => {
+            Some(("no_leader", format!("no master leads yet ({} follows); retry in a second", front.me)))
+        }
+        Role::Starting | Role::Leading { .. } => Some((
+            "starting",
+            format!(
+                "this master ({}) is loading the cluster state from its store (replaying its log) and serves \
+                 nothing else until it is done; retry in a second",
+                front.me
+            ),
+        )),
+    };
+    match not_serving {
+        None => Json(serde_json::json!({"status": "ok", "role": view.role, "leader": view.leader,
+            "version": env!("CARGO_PKG_VERSION")}))
+        .into_response(),
+        Some((code, message)) => {
+            let mut resp = failure(StatusCode::SERVICE_UNAVAILABLE, code, message);
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             resp.headers_mut().insert(LEADER_HEADER, HeaderValue::from_static("none"));
             resp

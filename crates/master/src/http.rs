@@ -31,6 +31,8 @@ pub struct AppState {
     pub liveness: Arc<Liveness>,
     pub events: Arc<Events>,
     pub admission: Arc<Admission>,
+    /// The master's data directory (a restore's upload is written there).
+    pub data_dir: std::path::PathBuf,
 }
 
 /// Back-pressure: how many requests of each costly kind are served at once. A request over the
@@ -42,9 +44,14 @@ pub struct Admission {
     /// Status-update batches waiting for a turn (at most [`MAX_UPDATE_BATCHES_WAITING`]).
     pub updates_waiting: std::sync::atomic::AtomicUsize,
     pub heartbeats: tokio::sync::Semaphore,
-    /// Large answers (task and job lists): held until the body is sent, so that slow readers
-    /// cannot make the master hold more than this many such answers.
+    /// Large lists being rendered (CPU): held while the answer is built, never while it is sent.
     pub lists: Arc<tokio::sync::Semaphore>,
+    /// Bytes (in KiB) of large answers rendered and not yet sent: held until the body is sent or
+    /// its client gone, so that slow readers hold at most this much memory. Small answers do not
+    /// count, so they never wait behind large ones.
+    pub answer_kib: Arc<tokio::sync::Semaphore>,
+    /// Restores: one at a time (each streams up to 2 GiB to a file and installs a whole state).
+    pub restores: tokio::sync::Semaphore,
 }
 
 /// Requests of each kind served at once.
@@ -57,7 +64,19 @@ pub const MAX_UPDATE_BATCHES_WAITING: usize = 1_024;
 /// The longest a status-update batch waits for its turn before it is shed.
 pub const UPDATE_TURN_WAIT_MS: u64 = 2_000;
 pub const MAX_HEARTBEATS: usize = 512;
+/// Large lists rendered at once (a list of at most `LIST_SMALL_ITEMS_MAX` items needs no place).
 pub const MAX_LIST_ANSWERS: usize = 8;
+/// A list answer of at most this many items is small: rendered without a place among the large.
+pub const LIST_SMALL_ITEMS_MAX: usize = 100;
+/// An answer of at most this many bytes is sent without counting against `ANSWER_BYTES_IN_FLIGHT_MAX`.
+pub const ANSWER_SMALL_BYTES: usize = 64 * 1024;
+/// Bytes of large answers rendered but not yet sent, at most (slow readers hold them).
+pub const ANSWER_BYTES_IN_FLIGHT_MAX: usize = 256 << 20;
+/// Tasks rendered per hold of the state's read lock in a large list.
+pub const RENDER_BATCH_ITEMS: usize = 1_000;
+/// Items of a list page when `next` is given without `limit`, and the most a `limit` may ask.
+pub const LIST_PAGE_ITEMS_DEFAULT: usize = 1_000;
+pub const LIST_PAGE_ITEMS_MAX: usize = 5_000;
 /// Status updates in one batch at most.
 pub const MAX_UPDATES_PER_BATCH: usize = 10_000;
 
@@ -69,6 +88,8 @@ impl Default for Admission {
             updates_waiting: std::sync::atomic::AtomicUsize::new(0),
             heartbeats: tokio::sync::Semaphore::new(MAX_HEARTBEATS),
             lists: Arc::new(tokio::sync::Semaphore::new(MAX_LIST_ANSWERS)),
+            answer_kib: Arc::new(tokio::sync::Semaphore::new(ANSWER_BYTES_IN_FLIGHT_MAX / 1024)),
+            restores: tokio::sync::Semaphore::new(1),
         }
     }
 }
@@ -138,6 +159,10 @@ impl ApiFailure {
             retry_after: None,
             no_leader: false,
         }
+    }
+    /// What the error says, in words.
+    pub fn message(&self) -> &str {
+        &self.body.error.message
     }
     fn details(mut self, details: Vec<serde_json::Value>) -> ApiFailure {
         self.body.error.details = details;
@@ -219,41 +244,119 @@ async fn create_job(State(app): State<AppState>, body: Bytes) -> ApiResult<(Stat
     Ok((StatusCode::CREATED, Json(CreatedJob { job, tasks: applied.created })))
 }
 
-async fn list_jobs(State(app): State<AppState>) -> ApiResult<Response> {
-    let permit = list_permit(&app)?;
-    let views: Vec<JobView> = {
+#[derive(Deserialize, Default)]
+struct PageQuery {
+    limit: Option<usize>,
+    next: Option<String>,
+}
+
+impl PageQuery {
+    /// How many items this page holds at most: all without `limit` or `next` (the unpaginated
+    /// answer older clients expect), else `limit` (default `LIST_PAGE_ITEMS_DEFAULT`) up to
+    /// `LIST_PAGE_ITEMS_MAX`.
+    fn items(&self) -> ApiResult<usize> {
+        match (self.limit, &self.next) {
+            (Some(0), _) => Err(ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", "limit must be at least 1")),
+            (Some(n), _) => Ok(n.min(LIST_PAGE_ITEMS_MAX)),
+            (None, Some(_)) => Ok(LIST_PAGE_ITEMS_DEFAULT),
+            (None, None) => Ok(usize::MAX),
+        }
+    }
+}
+
+fn bad_cursor(next: &str) -> ApiFailure {
+    ApiFailure::new(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        format!("next={next:?} is not a cursor this master gave (the {NEXT_HEADER} header of the previous page)"),
+    )
+}
+
+async fn list_jobs(State(app): State<AppState>, Query(page): Query<PageQuery>) -> ApiResult<Response> {
+    let items = page.items()?;
+    let after: Option<JobKey> = match &page.next {
+        Some(n) => Some(n.parse().map_err(|_| bad_cursor(n))?),
+        None => None,
+    };
+    let jobs_count = app.core.state.read().jobs.len();
+    let permit = render_permit(&app, jobs_count.min(items))?;
+    let render_app = app.clone();
+    let (bytes, next) = rendered(permit, move || {
+        let app = render_app;
         let state = app.core.state.read();
         let unplaced = app.unplaced.lock();
-        state.jobs.values().map(|j| job_view(&state, j, &unplaced)).collect()
-    };
-    Ok(held_json(&views, permit))
+        let range = match &after {
+            Some(k) => state.jobs.range((std::ops::Bound::Excluded(k.clone()), std::ops::Bound::Unbounded)),
+            None => state.jobs.range::<JobKey, _>(..),
+        };
+        let mut views: Vec<JobView> = Vec::new();
+        let mut next = None;
+        for (_, j) in range {
+            if views.len() == items {
+                next = views.last().map(|v: &JobView| v.job.to_string());
+                break;
+            }
+            views.push(job_view(&state, j, &unplaced));
+        }
+        (serde_json::to_vec(&views), next)
+    })
+    .await?;
+    Ok(answer(&app, bytes, next))
 }
 
-/// A place among the large answers served at once, or a 503 to retry.
-fn list_permit(app: &AppState) -> ApiResult<tokio::sync::OwnedSemaphorePermit> {
-    app.admission.lists.clone().try_acquire_owned().map_err(|_| shed(app, "list", 1))
+/// A place among the large lists being rendered, for a list of `items` items (none needed for a
+/// small one), or a 503 to retry.
+fn render_permit(app: &AppState, items: usize) -> ApiResult<Option<tokio::sync::OwnedSemaphorePermit>> {
+    if items <= LIST_SMALL_ITEMS_MAX {
+        return Ok(None);
+    }
+    app.admission.lists.clone().try_acquire_owned().map(Some).map_err(|_| shed(app, "list", 1))
 }
 
-/// A JSON answer that keeps `permit` until its body has been sent (or the client went away), so
-/// that answers waiting on slow readers count against the limit of large answers.
-fn held_json<T: serde::Serialize>(value: &T, permit: tokio::sync::OwnedSemaphorePermit) -> Response {
-    let bytes = match serde_json::to_vec(value) {
-        Ok(b) => Bytes::from(b),
-        Err(e) => {
-            return ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()).into_response();
-        }
+/// Runs `render` (JSON of a list, and what else it returns) — on a blocking thread when it is
+/// large (it holds a render place), so that the async workers keep serving — then gives the
+/// render place back, before anything is sent.
+async fn rendered<R: Send + 'static>(
+    place: Option<tokio::sync::OwnedSemaphorePermit>,
+    render: impl FnOnce() -> (serde_json::Result<Vec<u8>>, R) + Send + 'static,
+) -> ApiResult<(Bytes, R)> {
+    let internal = |e: String| ApiFailure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
+    let (bytes, extra) = match &place {
+        Some(_) => tokio::task::spawn_blocking(render).await.map_err(|e| internal(e.to_string()))?,
+        None => render(),
     };
-    // In chunks: the server asks for the next one only once it could write the last, so the
-    // permit (in the stream's state) goes when the last chunk is taken or the client is gone.
-    const CHUNK: usize = 64 * 1024;
-    let body = futures::stream::unfold((bytes, permit), |(mut rest, permit)| async move {
-        if rest.is_empty() {
-            return None;
-        }
-        let chunk = rest.split_to(rest.len().min(CHUNK));
-        Some((Ok::<Bytes, std::convert::Infallible>(chunk), (rest, permit)))
-    });
-    ([(header::CONTENT_TYPE, "application/json")], Body::from_stream(body)).into_response()
+    drop(place);
+    Ok((Bytes::from(bytes.map_err(|e| internal(e.to_string()))?), extra))
+}
+
+/// The answer of a rendered list. A large one holds its size in `answer_kib` until its body is
+/// sent (or its client is gone); if that budget is spent, 503 to retry. `next`: the cursor of
+/// the next page.
+fn answer(app: &AppState, bytes: Bytes, next: Option<String>) -> Response {
+    let mut resp = if bytes.len() <= ANSWER_SMALL_BYTES {
+        ([(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+    } else {
+        let kib = u32::try_from(bytes.len().div_ceil(1024)).unwrap_or(u32::MAX);
+        let Ok(held) = app.admission.answer_kib.clone().try_acquire_many_owned(kib) else {
+            return shed(app, "large answer", 1).into_response();
+        };
+        // In chunks: the server asks for the next one only once it could write the last, so the
+        // budget (in the stream's state) goes back when the last chunk is taken or the client
+        // is gone (a client that stops reading is cut off by the server's write-stall timeout).
+        const CHUNK: usize = 64 * 1024;
+        let body = futures::stream::unfold((bytes, held), |(mut rest, held)| async move {
+            if rest.is_empty() {
+                return None;
+            }
+            let chunk = rest.split_to(rest.len().min(CHUNK));
+            Some((Ok::<Bytes, std::convert::Infallible>(chunk), (rest, held)))
+        });
+        ([(header::CONTENT_TYPE, "application/json")], Body::from_stream(body)).into_response()
+    };
+    if let Some(v) = next.and_then(|n| axum::http::HeaderValue::from_str(&n).ok()) {
+        resp.headers_mut().insert(NEXT_HEADER, v);
+    }
+    resp
 }
 
 async fn get_job(
@@ -286,8 +389,37 @@ struct TaskQuery {
     state: Option<String>,
 }
 
-async fn list_tasks(State(app): State<AppState>, Query(q): Query<TaskQuery>) -> ApiResult<Response> {
-    let permit = list_permit(&app)?;
+/// Where a task sorts in `/v1/tasks`: job, instance, creation, id; a page's cursor is its last
+/// task's key, `CREATED_MS.INSTANCE.ID.JOB`.
+type TaskKey = (JobKey, u32, u64, TaskId);
+
+fn task_key(t: &Task) -> TaskKey {
+    ((*t.job).clone(), t.instance, t.created_at.0, t.id)
+}
+
+fn task_cursor(k: &TaskKey) -> String {
+    format!("{}.{}.{}.{}", k.2, k.1, k.3, k.0)
+}
+
+fn parse_task_cursor(text: &str) -> Option<TaskKey> {
+    let mut parts = text.splitn(4, '.');
+    let created: u64 = parts.next()?.parse().ok()?;
+    let instance: u32 = parts.next()?.parse().ok()?;
+    let id: TaskId = parts.next()?.parse().ok()?;
+    let job: JobKey = parts.next()?.parse().ok()?;
+    Some((job, instance, created, id))
+}
+
+async fn list_tasks(
+    State(app): State<AppState>,
+    Query(q): Query<TaskQuery>,
+    Query(page): Query<PageQuery>,
+) -> ApiResult<Response> {
+    let items = page.items()?;
+    let after = match &page.next {
+        Some(n) => Some(parse_task_cursor(n).ok_or_else(|| bad_cursor(n))?),
+        None => None,
+    };
     let job: Option<JobKey> = match &q.job {
         Some(j) => Some(j.parse().map_err(|e: capstan_model::ids::JobKeyError| {
             ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", e.0)
@@ -298,21 +430,48 @@ async fn list_tasks(State(app): State<AppState>, Query(q): Query<TaskQuery>) -> 
         Some(s) => Some(s.parse().map_err(|e: String| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_request", e))?),
         None => None,
     };
-    let state = app.core.state.read();
     let keep = |t: &&Task| wanted.is_none_or(|w| t.state == w);
-    let mut views: Vec<TaskView> = match &job {
-        Some(k) => {
-            let j = state
-                .jobs
-                .get(k)
-                .ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no job {k}")))?;
-            state.tasks_of(j).filter(keep).map(|t| task_view(&state, t, &app.usage.lock())).collect()
-        }
-        None => state.tasks.values().filter(keep).map(|t| task_view(&state, t, &app.usage.lock())).collect(),
+    // The page's tasks, chosen by key under the read lock; only they are rendered.
+    let (chosen, next, permit) = {
+        let state = app.core.state.read();
+        let mut keys: Vec<TaskKey> = match &job {
+            Some(k) => {
+                let j = state
+                    .jobs
+                    .get(k)
+                    .ok_or_else(|| ApiFailure::new(StatusCode::NOT_FOUND, "not_found", format!("no job {k}")))?;
+                state.tasks_of(j).filter(keep).map(task_key).collect()
+            }
+            None => state.tasks.values().filter(keep).map(task_key).collect(),
+        };
+        keys.sort_unstable();
+        let from = match &after {
+            Some(a) => keys.partition_point(|k| k <= a),
+            None => 0,
+        };
+        let end = from.saturating_add(items).min(keys.len());
+        let next = (end < keys.len() && end > from).then(|| task_cursor(&keys[end - 1]));
+        keys.truncate(end);
+        keys.drain(..from);
+        let permit = render_permit(&app, keys.len())?;
+        (keys, next, permit)
     };
-    views.sort_by(|a, b| (&a.job, a.instance, &a.created_at).cmp(&(&b.job, b.instance, &b.created_at)));
-    drop(state);
-    Ok(held_json(&views, permit))
+    let render_app = app.clone();
+    let (bytes, ()) = rendered(permit, move || {
+        let app = render_app;
+        // The read lock is taken per batch, so that the writer (and the readers queued behind
+        // it) never waits for a whole large list; each task is seen whole.
+        let mut views: Vec<TaskView> = Vec::with_capacity(chosen.len());
+        for batch in chosen.chunks(RENDER_BATCH_ITEMS) {
+            let state = app.core.state.read();
+            for t in batch.iter().filter_map(|k| state.tasks.get(&k.3)) {
+                views.push(task_view(&state, t, &app.usage.lock()));
+            }
+        }
+        (serde_json::to_vec(&views), ())
+    })
+    .await?;
+    Ok(answer(&app, bytes, next))
 }
 
 async fn get_task(State(app): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<TaskView>> {
@@ -377,7 +536,12 @@ async fn task_logs(
             ))
         }
     };
-    let mut url = format!("{address}/v1/sandboxes/{id}/logs?stream={stream}&follow={}", q.follow.unwrap_or(false));
+    // Only to the agent's own registered host and port, over http, on the logs route, with a
+    // path and query built from parsed values (a task id, one of two names, a bool, a number).
+    let agent = parse_agent_address(&address).map_err(|e| {
+        ApiFailure::new(StatusCode::BAD_GATEWAY, "bad_agent_address", format!("{e}; the agent must register again"))
+    })?;
+    let mut url = format!("{}/v1/sandboxes/{id}/logs?stream={stream}&follow={}", agent.base, q.follow.unwrap_or(false));
     if let Some(n) = q.tail {
         url.push_str(&format!("&tail={n}"));
     }
@@ -546,6 +710,9 @@ async fn register_agent(State(app): State<AppState>, body: Bytes) -> ApiResult<J
         return Err(shed(&app, "registration", 2));
     };
     let req: RegisterRequest = parse_body(&body)?;
+    // The master's log proxy calls this address: only a plain http://HOST:PORT is taken.
+    parse_agent_address(&req.info.address)
+        .map_err(|e| ApiFailure::new(StatusCode::BAD_REQUEST, "bad_agent_address", format!("{e}; not registered")))?;
     let id = req.info.id;
     app.core.submit(Command::RegisterAgent { info: req.info }).await?;
     let applied = app

@@ -41,6 +41,8 @@ pub struct MasterConfig {
     pub backup: backup::BackupSchedule,
     /// Batch job retention, cron interval minimum.
     pub jobs: reaper::JobSettings,
+    /// The HTTP server's connection caps and timeouts.
+    pub net: capstan_api::serve::ServeConfig,
 }
 
 impl MasterConfig {
@@ -55,6 +57,7 @@ impl MasterConfig {
             ha: Default::default(),
             backup: Default::default(),
             jobs: Default::default(),
+            net: Default::default(),
         }
     }
 }
@@ -140,6 +143,7 @@ pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
     config.liveness.check().map_err(|e| anyhow::anyhow!(e))?;
     config.ha.check().map_err(|e| anyhow::anyhow!(e))?;
     config.backup.check().map_err(|e| anyhow::anyhow!(e))?;
+    config.net.check().map_err(|e| anyhow::anyhow!(e))?;
     let opened = open_store(&config)?;
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
@@ -154,11 +158,7 @@ pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
     let front = Arc::new(front::Front::new(me, opened.store.describe(), metrics));
     let events = Arc::new(events::Events::default());
     let router = front::router(front.clone());
-    let server = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!("HTTP server stopped: {e}");
-        }
-    });
+    let server = tokio::spawn(capstan_api::serve::serve(listener, router, config.net.clone()));
     let solo = opened.etcd.is_none();
     let shared = Arc::new(Shared {
         policy: Arc::new(ValidationPolicy {
@@ -172,7 +172,8 @@ pub async fn start(config: MasterConfig) -> anyhow::Result<MasterHandle> {
         election,
         events: events.clone(),
         admission: Default::default(),
-        http: reqwest::Client::new(),
+        // The log proxy's client: it follows no redirect (an agent could point it anywhere).
+        http: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?,
     });
     // On the embedded store this master leads at once: wait for its first term, so that a
     // caller (capstan dev, tests) finds a working master.
@@ -299,6 +300,7 @@ async fn begin_term(shared: &Arc<Shared>, standby: Option<standby::Standby>) -> 
         liveness: liveness.clone(),
         events: shared.events.clone(),
         admission: shared.admission.clone(),
+        data_dir: shared.config.data_dir.clone(),
     };
     let events = shared.events.clone();
     let loops = vec![

@@ -47,6 +47,8 @@ impl MasterProcess {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--bind", "127.0.0.1:0"])
+            // Every simulated agent connects from this one address.
+            .args(["--max-connections-per-ip", "1000000"])
             .args(args)
             .env("NO_COLOR", "1")
             .stdin(std::process::Stdio::null())

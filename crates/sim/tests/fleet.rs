@@ -26,6 +26,7 @@ async fn hundred_tasks_run_then_die_on_twenty_sim_agents() {
         ha: Default::default(),
         backup: Default::default(),
         jobs: Default::default(),
+        net: Default::default(),
     })
     .await
     .unwrap();
@@ -97,6 +98,7 @@ async fn heartbeats_go_out_at_the_masters_pace_and_never_cause_a_registration_st
         ha: Default::default(),
         backup: Default::default(),
         jobs: Default::default(),
+        net: Default::default(),
     })
     .await
     .unwrap();

@@ -92,6 +92,7 @@ pub async fn start_master(data_dir: PathBuf, liveness: LivenessConfig) -> capsta
         ha: Default::default(),
         backup: Default::default(),
         jobs: Default::default(),
+        net: Default::default(),
     })
     .await
     .expect("master starts")
