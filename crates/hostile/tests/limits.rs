@@ -404,3 +404,25 @@ fn a_loop_volume_survives_an_agent_kill9_and_leftover_images_are_removed() {
         ensure(left == (false, None, false), left)
     });
 }
+
+#[test]
+fn capstan_dev_holds_disk_by_loop_volumes_when_asked() {
+    if !privileged("capstan_dev_holds_disk_by_loop_volumes_when_asked") {
+        return;
+    }
+    let c = Cluster::start_with("", &["--disk-enforcement", "loop-volume"]);
+    let _unmount = UnmountBelow(c.sandboxes().parent().unwrap().to_path_buf());
+    let agents = c.get("/v1/agents");
+    assert_eq!(agents[0]["attributes"]["disk_enforcement"], "loop_volume", "the dev agent says so: {agents}");
+    let spec = job("www/prod/disk-dev", json!({"command": DD_PAST_DISK, "disk": format!("{DISK_MIB}MiB")}), None);
+    let task = c.create_job(&spec).remove(0);
+    let results = dd_results(&c, &task);
+    assert!(results.iter().all(|(_, status, _)| *status != 0), "both writes hit ENOSPC: {results:?}");
+    assert!(results.iter().map(|r| r.2).sum::<u64>() <= DISK_MIB << 20, "{results:?}");
+    let (status, _) = c.request("DELETE", "/v1/jobs/www/prod/disk-dev", None).unwrap();
+    assert!((200..300).contains(&status));
+    wait_until(SOON, "the task has ended (or is forgotten with its job)", || match c.task(&task)? {
+        Some(t) if !is_terminal(&t) => Err(format!("{}", t["state"])),
+        _ => Ok(()),
+    });
+}
