@@ -426,3 +426,29 @@ fn capstan_dev_holds_disk_by_loop_volumes_when_asked() {
         _ => Ok(()),
     });
 }
+
+#[test]
+fn recover_cleanup_unmounts_and_deletes_the_volumes_it_moves_aside() {
+    if !privileged("recover_cleanup_unmounts_and_deletes_the_volumes_it_moves_aside") {
+        return;
+    }
+    let mut c = Cluster::start_split_with(&LOOP_VOLUME_AGENT);
+    let _unmount = UnmountBelow(c.sandboxes().parent().unwrap().to_path_buf());
+    let spec = job("www/prod/disk-cleanup", json!({"command": DD_PAST_DISK, "disk": format!("{DISK_MIB}MiB")}), None);
+    let task = c.create_job(&spec).remove(0);
+    dd_results(&c, &task);
+    let image = c.sandboxes().parent().unwrap().join("volumes").join(format!("{task}.img"));
+    assert!(image.exists() && mounted_on(&c.work(&task)).is_some());
+    c.kill9_agent();
+    c.start_agent(&["--recover", "cleanup"]);
+    // The service's replacement task may get a volume of its own; the old task's must be gone.
+    let agent_dir = c.sandboxes().parent().unwrap().to_path_buf();
+    let left: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|m| Path::new(m).starts_with(&agent_dir) && m.contains(task.as_str()))
+        .collect();
+    assert!(left.is_empty(), "the old task's volume is unmounted wherever it was moved: {left:?}");
+    assert!(!image.exists(), "the image of the task moved aside is deleted");
+}
