@@ -5,8 +5,8 @@
 //! what must, stops what the master wants gone, and learns whether the cluster is frozen),
 //! `send_updates` (status updates from the durable queue in batches, retried until acknowledged),
 //! `heartbeat` (tells the master every heartbeat interval that the agent lives and what it has),
-//! `usage` (measures running tasks, enforces disk quotas), `gc` (removes old sandboxes), and one
-//! watcher per task (waits for its supervisor and turns what it sees into updates).
+//! `usage` (measures running tasks, enforces disk quotas), `gc` (removes old sandboxes and their
+//! disk volumes), and one watcher per task (waits for its supervisor and turns what it sees into updates).
 //!
 //! Every call to the master is retried with jittered backoff (`retry`); a master that sheds load
 //! (503, 429) is given at least a second, and a re-registration after an outage waits a random
@@ -14,6 +14,8 @@
 //!
 //! On start the agent reads its checkpoint (`checkpoint`): a damaged or newer file stops it with a
 //! message naming the file, unless the operator asked for `--recover=cleanup`.
+//! How disk limits are held (project quota, a loop volume per task, check-and-kill) is chosen at
+//! start in `disk`.
 
 pub mod checkpoint;
 mod disk;

@@ -179,13 +179,14 @@ impl LoopVolumes {
     }
 }
 
-/// Detaches whatever is mounted on `path` (lazily: a process of the host still inside it keeps
+/// Detaches whatever is mounted on `path` itself (a symbolic link there is not followed: the path
+/// must appear as is in the mount table, and the unmount refuses a link; lazily: a process of the host still inside it keeps
 /// its view until it leaves; the loop device goes once nothing holds it). No mount: nothing.
 pub fn unmount(path: &Path) -> Result<(), String> {
     if !is_mount_point(path) {
         return Ok(());
     }
-    nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
+    nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW)
         .map_err(|e| format!("cannot unmount {}: {e}", path.display()))
 }
 
