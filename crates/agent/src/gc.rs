@@ -1,7 +1,8 @@
 //! Sandbox garbage collection: every `gc_interval`, the sandboxes of tasks that ended *and*
 //! whose end the master acknowledged are removed when older than `sandbox_max_age`, or, oldest
 //! first, while the data directory's file system has less free space than
-//! `sandbox_min_free_percent`. A running task's sandbox is never removed. Old
+//! `sandbox_min_free_percent`. A sandbox's disk volume (`loop-volume`) is unmounted and its image
+//! deleted before the sandbox goes. A running task's sandbox is never removed. Old
 //! `sandboxes.cleanup-*` directories (left by `--recover=cleanup`) go after `sandbox_max_age`.
 
 use crate::Agent;
@@ -89,6 +90,7 @@ fn remove(agent: &Agent, task: TaskId) {
     if !agent.forget_ended(task) {
         return;
     }
+    agent.remove_volume(task);
     let dir = agent.sandbox(task);
     match std::fs::remove_dir_all(&dir) {
         Ok(()) => tracing::info!(%task, "removed sandbox {}", dir.display()),

@@ -5,8 +5,8 @@
 //! what must, stops what the master wants gone, and learns whether the cluster is frozen),
 //! `send_updates` (status updates from the durable queue in batches, retried until acknowledged),
 //! `heartbeat` (tells the master every heartbeat interval that the agent lives and what it has),
-//! `usage` (measures running tasks, enforces disk quotas), `gc` (removes old sandboxes), and one
-//! watcher per task (waits for its supervisor and turns what it sees into updates).
+//! `usage` (measures running tasks, enforces disk quotas), `gc` (removes old sandboxes and their
+//! disk volumes), and one watcher per task (waits for its supervisor and turns what it sees into updates).
 //!
 //! Every call to the master is retried with jittered backoff (`retry`); a master that sheds load
 //! (503, 429) is given at least a second, and a re-registration after an outage waits a random
@@ -14,8 +14,11 @@
 //!
 //! On start the agent reads its checkpoint (`checkpoint`): a damaged or newer file stops it with a
 //! message naming the file, unless the operator asked for `--recover=cleanup`.
+//! How disk limits are held (project quota, a loop volume per task, check-and-kill) is chosen at
+//! start in `disk`.
 
 pub mod checkpoint;
+mod disk;
 mod gc;
 pub mod health;
 mod heartbeat;
@@ -26,6 +29,7 @@ pub mod updates;
 pub mod usage;
 
 pub use checkpoint::{CheckpointError, RecoverMode};
+pub use disk::{DiskEnforcement, VOLUMES_DIR};
 
 use anyhow::Context as _;
 use capstan_api::{Client, HeartbeatRequest, Order, RegisterRequest, StopOrder};
@@ -48,7 +52,8 @@ use tokio::task::JoinHandle;
 use updates::UpdateQueue;
 
 /// The agent attribute that says how disk limits are enforced here: `project_quota` (the file
-/// system refuses writes past the limit) or `check_and_kill` (measured every
+/// system refuses writes past the limit), `loop_volume` (a size-limited volume per task refuses
+/// them) or `check_and_kill` (measured every
 /// [`AgentConfig::disk_check_interval`], the task killed when over). Jobs may constrain on it.
 pub const DISK_ENFORCEMENT_ATTRIBUTE: &str = "disk_enforcement";
 
@@ -78,6 +83,8 @@ pub struct AgentConfig {
     /// How often the sandboxes of running tasks without a project quota are measured against
     /// their disk limit (the check-and-kill fallback).
     pub disk_check_interval: Duration,
+    /// What holds tasks to their disk limit (see [`DiskEnforcement`]).
+    pub disk_enforcement: DiskEnforcement,
     /// How often ended sandboxes are considered for removal.
     pub gc_interval: Duration,
     /// Sandboxes of ended (and reported) tasks older than this are removed.
@@ -112,6 +119,7 @@ impl AgentConfig {
             recover: RecoverMode::Reattach,
             usage_interval: Self::DEFAULT_USAGE_INTERVAL,
             disk_check_interval: Self::DEFAULT_DISK_CHECK_INTERVAL,
+            disk_enforcement: DiskEnforcement::Auto,
             gc_interval: Self::DEFAULT_GC_INTERVAL,
             sandbox_max_age: Self::DEFAULT_SANDBOX_MAX_AGE,
             sandbox_min_free_percent: Self::DEFAULT_SANDBOX_MIN_FREE_PERCENT,
@@ -257,6 +265,11 @@ pub struct Agent {
     /// Project quotas of the sandboxes' file system, when it has them (detected at start): the
     /// disk limit is then enforced by the kernel; otherwise by the check-and-kill in `usage`.
     quotas: Option<capstan_containerizer::ProjectQuotas>,
+    /// The per-task volumes (DATA/volumes): made at launch when `volume_per_task`, removed with
+    /// their sandboxes in any case (they may be left from a start with another enforcement).
+    volumes: capstan_containerizer::LoopVolumes,
+    /// `--disk-enforcement=loop-volume`: every launch with a disk limit gets a volume.
+    volume_per_task: bool,
 }
 
 pub struct AgentHandle {
@@ -342,23 +355,12 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<AgentHandle> {
     let containerizer = Containerizer::new(cz)?;
     let (id, updates) = open_checkpoint(&config, &containerizer)?;
     let sandboxes = config.data_dir.join(SANDBOXES_DIR);
-    let quotas = match capstan_containerizer::ProjectQuotas::detect(&sandboxes) {
-        Ok(quotas) => {
-            tracing::info!(
-                "disk limits enforced by project quotas on the file system of {} (writes past a task's disk fail)",
-                sandboxes.display()
-            );
-            Some(quotas)
-        }
-        Err(why) => {
-            tracing::warn!(
-                "disk limits enforced by check-and-kill every {:?} (a task may write past its disk until the next \
-                 check): no project quotas: {why}",
-                config.disk_check_interval
-            );
-            None
-        }
-    };
+    let enforcer = disk::choose(
+        config.disk_enforcement,
+        &sandboxes,
+        &config.data_dir.join(VOLUMES_DIR),
+        config.disk_check_interval,
+    )?;
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
         .with_context(|| format!("cannot listen on {}", config.bind))?;
@@ -375,15 +377,16 @@ pub async fn start(config: AgentConfig) -> anyhow::Result<AgentHandle> {
     capstan_api::wire::parse_agent_address(&address).map_err(|e| anyhow::anyhow!("--advertise: {e}"))?;
     let mut attributes = config.attributes.clone();
     attributes.entry("hostname".into()).or_insert_with(|| hostname.clone());
-    attributes.insert(
-        DISK_ENFORCEMENT_ATTRIBUTE.into(),
-        if quotas.is_some() { "project_quota" } else { "check_and_kill" }.into(),
-    );
+    attributes.insert(DISK_ENFORCEMENT_ATTRIBUTE.into(), enforcer.attribute().into());
     let info = AgentInfo { id, hostname, address, capacity, attributes, version: env!("CARGO_PKG_VERSION").into() };
     let mut agent = Agent::new(config, info, containerizer, sandboxes, updates);
-    agent.quotas = quotas;
+    agent.volume_per_task = matches!(enforcer, disk::Enforcer::Volumes);
+    if let disk::Enforcer::Quotas(quotas) = enforcer {
+        agent.quotas = Some(quotas);
+    }
     let agent = Arc::new(agent);
     agent.recover()?;
+    agent.sweep_volumes();
     let router = http::router(agent.clone());
     let mut loops = vec![tokio::spawn(capstan_api::serve::serve(listener, router, Default::default()))];
     // Registration waits for a master; the API (logs of tasks that run here) serves meanwhile,
@@ -432,6 +435,8 @@ impl Agent {
             registrations: AtomicU64::new(0),
             loops: Mutex::new(Vec::new()),
             quotas: None,
+            volumes: capstan_containerizer::LoopVolumes::at(&config.data_dir.join(VOLUMES_DIR)),
+            volume_per_task: false,
             config,
         }
     }
@@ -922,13 +927,16 @@ impl Agent {
         // In the task table before its first update: a heartbeat whose `as_of_seq` covers the
         // update lists the task.
         let stops = self.track(task, order.spec.disk.0);
-        if self.limit_disk(task, &sandbox, order.spec.disk.0) {
-            if let Some(l) = self.tasks.lock().get_mut(&task) {
-                l.disk_quota_enforced = true;
-            }
-        }
         self.updates.push(task, Report::Starting);
-        match self.containerizer.launch(&sandbox, &spec) {
+        let launched = self.limit_disk(task, &sandbox, order.spec.disk.0).and_then(|quota| {
+            if quota {
+                if let Some(l) = self.tasks.lock().get_mut(&task) {
+                    l.disk_quota_enforced = true;
+                }
+            }
+            self.containerizer.launch(&sandbox, &spec).map_err(|e| e.to_string())
+        });
+        match launched {
             Ok(handle) => {
                 self.watch(task, handle, stops);
                 if let Some(check) = order.health_check.clone().map(health::bounded) {
@@ -948,25 +956,76 @@ impl Agent {
         }
     }
 
-    /// Where the file system has project quotas: creates the task's sandbox directory (before the
-    /// containerizer fills it, so that everything below it counts) and holds it to `disk_bytes`.
-    /// False (said in the log) when the check-and-kill must enforce the limit instead.
-    fn limit_disk(&self, task: TaskId, sandbox: &std::path::Path, disk_bytes: u64) -> bool {
-        let Some(quotas) = &self.quotas else { return false };
+    /// Before the containerizer lays out the sandbox: with `loop-volume`, makes the task's volume
+    /// of `disk_bytes` and mounts it on the sandbox's work directory (an error fails the launch:
+    /// no silent fallback); where the file system has project quotas, creates the sandbox
+    /// directory (so that everything below it counts) and holds it to `disk_bytes`. True when a
+    /// project quota holds it; false (said in the log) when the check-and-kill must do so.
+    fn limit_disk(&self, task: TaskId, sandbox: &std::path::Path, disk_bytes: u64) -> Result<bool, String> {
         if disk_bytes == 0 {
-            return false;
+            return Ok(false);
         }
+        if self.volume_per_task {
+            let work = capstan_containerizer::sandbox::work_dir(sandbox);
+            self.volumes.create(&task.to_string(), &work, disk_bytes).map_err(|e| {
+                format!(
+                    "cannot make the task's disk volume of {disk_bytes} bytes (--disk-enforcement=loop-volume): {e}"
+                )
+            })?;
+            tracing::debug!(%task, "work directory on a volume of {disk_bytes} bytes");
+            return Ok(false);
+        }
+        let Some(quotas) = &self.quotas else { return Ok(false) };
         let limited = std::fs::create_dir_all(sandbox)
             .map_err(|e| format!("creating {}: {e}", sandbox.display()))
             .and_then(|()| quotas.limit(sandbox, task.0, disk_bytes));
         match limited {
             Ok(project) => {
                 tracing::debug!(%task, project, "sandbox held to {disk_bytes} bytes by its project quota");
-                true
+                Ok(true)
             }
             Err(e) => {
                 tracing::warn!(%task, "no project quota for the sandbox, check-and-kill instead: {e}");
-                false
+                Ok(false)
+            }
+        }
+    }
+
+    /// Unmounts and deletes the volume of `task` (if it has one), before its sandbox goes.
+    pub(crate) fn remove_volume(&self, task: TaskId) {
+        let work = capstan_containerizer::sandbox::work_dir(&self.sandbox(task));
+        if let Err(e) = self.volumes.remove(&task.to_string(), &work) {
+            tracing::warn!(%task, "cannot remove the task's disk volume: {e}");
+        }
+    }
+
+    /// At start: unmounts the volumes and deletes the images of tasks that no longer have a
+    /// sandbox here (collected, or moved aside by `--recover=cleanup`), and mounts again the
+    /// volume of a sandbox whose mount is gone (after a reboot). Mounted volumes of existing
+    /// sandboxes are left as they are.
+    fn sweep_volumes(&self) {
+        let kept: HashSet<String> =
+            checkpoint::task_sandboxes(&self.sandboxes).into_iter().map(|(task, _)| task.to_string()).collect();
+        let removed = self.volumes.sweep(
+            &self.config.data_dir,
+            |mount| {
+                mount
+                    .parent()
+                    .and_then(|s| Some((s.parent()? == self.sandboxes, s.file_name()?.to_str()?)))
+                    .is_some_and(|(here, name)| here && kept.contains(name))
+            },
+            |name| kept.contains(name),
+        );
+        if !removed.is_empty() {
+            tracing::info!("removed disk volumes of tasks no longer here: {}", removed.join(", "));
+        }
+        for name in self.volumes.names() {
+            let work = capstan_containerizer::sandbox::work_dir(&self.sandboxes.join(&name));
+            match self.volumes.remount(&name, &work) {
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("cannot mount the disk volume of task {name} again on {}: {e}", work.display())
+                }
             }
         }
     }

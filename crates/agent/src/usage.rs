@@ -20,8 +20,20 @@ fn measure(agent: &Agent, task: TaskId, at: Timestamp) -> TaskUsage {
         nr_throttled: u.nr_throttled,
         mem_bytes: u.mem_bytes,
         mem_peak_bytes: u.mem_peak_bytes,
-        disk_bytes: capstan_containerizer::disk_usage_bytes(&agent.sandbox(task)),
+        disk_bytes: sandbox_disk_bytes(&agent.sandbox(task)),
         at: capstan_api::rfc3339(at),
+    }
+}
+
+/// Bytes a task's sandbox holds on disk, its work directory's volume included when it has one
+/// (`loop-volume`; the walk stays on one file system).
+fn sandbox_disk_bytes(sandbox: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let work = capstan_containerizer::sandbox::work_dir(sandbox);
+    let own = capstan_containerizer::disk_usage_bytes(sandbox);
+    match (std::fs::symlink_metadata(sandbox), std::fs::symlink_metadata(&work)) {
+        (Ok(s), Ok(w)) if w.is_dir() && s.dev() != w.dev() => own + capstan_containerizer::disk_usage_bytes(&work),
+        _ => own,
     }
 }
 
@@ -83,7 +95,7 @@ pub(crate) async fn disk_loop(agent: Arc<Agent>) {
             checked
                 .into_iter()
                 .filter_map(|(task, limit)| {
-                    let used = capstan_containerizer::disk_usage_bytes(&a.sandbox(task));
+                    let used = sandbox_disk_bytes(&a.sandbox(task));
                     (used > limit).then_some((task, limit, used))
                 })
                 .collect::<Vec<_>>()

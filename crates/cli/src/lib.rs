@@ -213,6 +213,13 @@ struct AgentFlags {
     /// measured against its disk limit (a task over it is killed).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     disk_check_interval: std::time::Duration,
+    /// What holds a task to its disk limit: `project-quota` (the sandboxes' file system refuses
+    /// writes past it), `loop-volume` (a size-limited ext4 volume per task mounted on its work
+    /// directory refuses them; needs root, mkfs.ext4, loop devices; a mkfs per launch),
+    /// `check-and-kill` (measured every --disk-check-interval, killed when over) or `auto`:
+    /// project quotas where available, else check-and-kill.
+    #[arg(long, default_value = "auto")]
+    disk_enforcement: capstan_agent::DiskEnforcement,
     /// How often sandboxes of ended tasks are considered for removal.
     #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
     sandbox_gc_interval: std::time::Duration,
@@ -236,6 +243,7 @@ impl AgentFlags {
         c.recover = self.recover;
         c.usage_interval = self.usage_interval;
         c.disk_check_interval = self.disk_check_interval;
+        c.disk_enforcement = self.disk_enforcement;
         c.gc_interval = self.sandbox_gc_interval;
         c.sandbox_max_age = self.sandbox_max_age;
         c.sandbox_min_free_percent = self.sandbox_min_free;

@@ -20,6 +20,7 @@ pub mod logs;
 pub mod records;
 pub mod sandbox;
 mod supervisor;
+mod volume;
 
 pub use cgroups::{CgroupLimits, CgroupMode, TaskCgroup};
 pub use disk::{disk_usage_bytes, project_id, set_project_id, ProjectQuotas, DISK_USAGE_MAX_DEPTH};
@@ -34,3 +35,7 @@ pub use sandbox::{
     logs_dir, work_dir, GidsExhausted, LogDir, LOGS_DIR, SANDBOX_GID_FIRST, SANDBOX_GID_LAST, TMP_DIR, WORK_DIR,
 };
 pub use supervisor::{supervise_main, EXIT_SANDBOX_BUSY};
+pub use volume::{
+    is_mount_point, mount_points_below, unmount, LoopVolumes, VOLUMES_DIR_MODE, VOLUME_FS_TYPE, VOLUME_IMAGE_MODE,
+    VOLUME_MIN_BYTES,
+};

@@ -1,6 +1,7 @@
 //! Limits a tenant's job must not escape, against real daemons: command health checks run inside
 //! their task's cgroup (memory counted, nothing outlives the job), checks at most once a second,
-//! and the disk limit (project quotas where the file system has them, check-and-kill otherwise).
+//! and the disk limit (project quotas where the file system has them, a loop-mounted volume per
+//! task with `--disk-enforcement loop-volume`, check-and-kill otherwise).
 
 #[path = "../../cli/tests/common/mod.rs"]
 mod common;
@@ -264,4 +265,190 @@ fn disk_writes_stop_at_the_limit_on_a_file_system_with_project_quotas() {
     c.wait_task_state(&task, "KILLED", SOON);
     c.kill9();
     drop(volume);
+}
+
+/// Flags of an agent that holds tasks to their disk by a volume each and collects the sandboxes
+/// of ended tasks within a second or two.
+const LOOP_VOLUME_AGENT: [&str; 6] =
+    ["--disk-enforcement", "loop-volume", "--sandbox-gc-interval", "1s", "--sandbox-max-age", "1s"];
+
+/// The task of the loop-volume tests (disk 16 MiB): writes 64 MiB into its work directory, then
+/// 64 MiB into its /tmp, and says on stdout how each `dd` ended and how much each file holds.
+const DD_PAST_DISK: &str = "dd if=/dev/zero of=big bs=1M count=64 2>/dev/null; echo work $? $(stat -c %s big); \
+     dd if=/dev/zero of=/tmp/big bs=1M count=64 2>/dev/null; echo tmp $? $(stat -c %s /tmp/big); exec sleep 600";
+
+/// (mount id, file system type) of what is mounted on `path`, from /proc/self/mountinfo.
+fn mounted_on(path: &Path) -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let want = path.to_str().expect("a UTF-8 path").replace(' ', "\\040");
+    info.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let fs_type = f.iter().skip_while(|x| **x != "-").nth(1)?;
+        (f.get(4) == Some(&want.as_str())).then(|| (f[0].to_string(), fs_type.to_string()))
+    })
+}
+
+/// Lazily unmounts, when dropped, every file system mounted below `0` (what a failed test left).
+struct UnmountBelow(PathBuf);
+
+impl Drop for UnmountBelow {
+    fn drop(&mut self) {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for mount_point in info.lines().filter_map(|l| l.split(' ').nth(4)) {
+            if Path::new(mount_point).starts_with(&self.0) {
+                let _ = Command::new("umount").arg("-l").arg(mount_point).status();
+            }
+        }
+    }
+}
+
+/// What the task of [`DD_PAST_DISK`] said: (where, dd's exit status, bytes in the file).
+fn dd_results(c: &Cluster, task: &str) -> Vec<(String, i32, u64)> {
+    wait_until(SOON * 2, "both writes have ended", || {
+        let out = std::fs::read_to_string(c.log_file(task, "stdout")).map_err(|e| e.to_string())?;
+        let lines: Vec<(String, i32, u64)> = out
+            .lines()
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                Some((w.first()?.to_string(), w.get(1)?.parse().ok()?, w.get(2)?.parse().ok()?))
+            })
+            .collect();
+        ensure(lines.len() == 2, &out).map(|()| lines)
+    })
+}
+
+/// Bytes the host file system holds for `path` (allocated blocks, like `du -sx`: mounts below
+/// it are not entered).
+fn du_bytes(path: &Path) -> u64 {
+    let out = Command::new("du").args(["-s", "-x", "-B1"]).arg(path).output().expect("du runs");
+    text(&out.stdout).split_whitespace().next().and_then(|n| n.parse().ok()).expect("du's number")
+}
+
+const DISK_MIB: u64 = 16;
+
+#[test]
+fn disk_writes_stop_at_the_limit_on_a_loop_volume() {
+    if !privileged("disk_writes_stop_at_the_limit_on_a_loop_volume") {
+        return;
+    }
+    let c = Cluster::start_split_with(&LOOP_VOLUME_AGENT);
+    let _unmount = UnmountBelow(c.sandboxes().parent().unwrap().to_path_buf());
+    let agents = c.get("/v1/agents");
+    assert_eq!(agents[0]["attributes"]["disk_enforcement"], "loop_volume", "the agent says so: {agents}");
+    let spec = job("www/prod/disk-volume", json!({"command": DD_PAST_DISK, "disk": format!("{DISK_MIB}MiB")}), None);
+    let task = c.create_job(&spec).remove(0);
+    let results = dd_results(&c, &task);
+    let disk_bytes = DISK_MIB << 20;
+    let mut total = 0;
+    for (place, status, bytes) in &results {
+        assert_ne!(*status, 0, "the write into {place} failed (ENOSPC) instead of going on: {results:?}");
+        total += bytes;
+    }
+    assert!(total <= disk_bytes, "{total} bytes written in the work directory and /tmp against {disk_bytes}");
+    assert!(total >= disk_bytes / 2, "the volume held most of its size ({total} of {disk_bytes} bytes)");
+    let t = c.task(&task).unwrap().unwrap();
+    assert_eq!(t["state"], "RUNNING", "held by its volume, the task is not killed for disk: {t}");
+    // The volume: ext4 on the work directory, the image root's alone outside the sandbox, and
+    // nothing of the writes on the host's file system beyond the image.
+    let work = c.work(&task);
+    assert_eq!(mounted_on(&work).map(|m| m.1).as_deref(), Some("ext4"), "the work directory is a mount");
+    let volumes = c.sandboxes().parent().unwrap().join("volumes");
+    let image = volumes.join(format!("{task}.img"));
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(&image).expect("the task's image");
+    assert_eq!((meta.uid(), meta.permissions().mode() & 0o7777), (0, 0o600), "the image is root's alone");
+    assert_eq!(std::fs::metadata(&volumes).unwrap().permissions().mode() & 0o7777, 0o700);
+    assert!(meta.blocks() * 512 <= disk_bytes, "the image holds {} bytes, at most its size", meta.blocks() * 512);
+    let outside = du_bytes(&c.sandbox(&task));
+    assert!(outside < 1 << 20, "the sandbox outside the volume holds {outside} bytes");
+    let wstat = std::fs::metadata(&work).unwrap();
+    assert_eq!(wstat.permissions().mode() & 0o7777, 0o700, "the work directory keeps its mode");
+    assert_ne!(wstat.uid(), 0, "the work directory is the task user's");
+    // Killed and collected: the mount and the image go with the sandbox.
+    let (status, _) = c.request("DELETE", "/v1/jobs/www/prod/disk-volume", None).unwrap();
+    assert!((200..300).contains(&status));
+    wait_until(SOON * 2, "the sandbox, its mount and its image are gone", || {
+        let left = (c.sandbox(&task).exists(), mounted_on(&work), image.exists());
+        ensure(left == (false, None, false), left)
+    });
+}
+
+#[test]
+fn a_loop_volume_survives_an_agent_kill9_and_leftover_images_are_removed() {
+    if !privileged("a_loop_volume_survives_an_agent_kill9_and_leftover_images_are_removed") {
+        return;
+    }
+    let mut c = Cluster::start_split_with(&LOOP_VOLUME_AGENT);
+    let _unmount = UnmountBelow(c.sandboxes().parent().unwrap().to_path_buf());
+    let spec = job("www/prod/disk-restart", json!({"command": DD_PAST_DISK, "disk": format!("{DISK_MIB}MiB")}), None);
+    let task = c.create_job(&spec).remove(0);
+    let before = dd_results(&c, &task);
+    let work = c.work(&task);
+    let mount = mounted_on(&work).expect("the work directory is a mount");
+    c.kill9_agent();
+    // An image of a task that no longer exists (its sandbox gone while the agent was away).
+    let volumes = c.sandboxes().parent().unwrap().join("volumes");
+    let stray = volumes.join("99999.img");
+    std::fs::write(&stray, b"left over").unwrap();
+    c.start_agent(&[]);
+    c.wait_task_state(&task, "RUNNING", SOON);
+    assert_eq!(mounted_on(&work), Some(mount), "the same mount, not a new one");
+    let big = std::fs::metadata(work.join("big")).expect("the task's file is still there").len();
+    assert_eq!(big, before[0].2, "the task's file is intact");
+    wait_until(SOON, "the leftover image is removed", || ensure(!stray.exists(), &stray));
+    let (status, _) = c.request("DELETE", "/v1/jobs/www/prod/disk-restart", None).unwrap();
+    assert!((200..300).contains(&status));
+    let image = volumes.join(format!("{task}.img"));
+    wait_until(SOON * 2, "the sandbox, its mount and its image are gone", || {
+        let left = (c.sandbox(&task).exists(), mounted_on(&work), image.exists());
+        ensure(left == (false, None, false), left)
+    });
+}
+
+#[test]
+fn capstan_dev_holds_disk_by_loop_volumes_when_asked() {
+    if !privileged("capstan_dev_holds_disk_by_loop_volumes_when_asked") {
+        return;
+    }
+    let c = Cluster::start_with("", &["--disk-enforcement", "loop-volume"]);
+    let _unmount = UnmountBelow(c.sandboxes().parent().unwrap().to_path_buf());
+    let agents = c.get("/v1/agents");
+    assert_eq!(agents[0]["attributes"]["disk_enforcement"], "loop_volume", "the dev agent says so: {agents}");
+    let spec = job("www/prod/disk-dev", json!({"command": DD_PAST_DISK, "disk": format!("{DISK_MIB}MiB")}), None);
+    let task = c.create_job(&spec).remove(0);
+    let results = dd_results(&c, &task);
+    assert!(results.iter().all(|(_, status, _)| *status != 0), "both writes hit ENOSPC: {results:?}");
+    assert!(results.iter().map(|r| r.2).sum::<u64>() <= DISK_MIB << 20, "{results:?}");
+    let (status, _) = c.request("DELETE", "/v1/jobs/www/prod/disk-dev", None).unwrap();
+    assert!((200..300).contains(&status));
+    wait_until(SOON, "the task has ended (or is forgotten with its job)", || match c.task(&task)? {
+        Some(t) if !is_terminal(&t) => Err(format!("{}", t["state"])),
+        _ => Ok(()),
+    });
+}
+
+#[test]
+fn recover_cleanup_unmounts_and_deletes_the_volumes_it_moves_aside() {
+    if !privileged("recover_cleanup_unmounts_and_deletes_the_volumes_it_moves_aside") {
+        return;
+    }
+    let mut c = Cluster::start_split_with(&LOOP_VOLUME_AGENT);
+    let _unmount = UnmountBelow(c.sandboxes().parent().unwrap().to_path_buf());
+    let spec = job("www/prod/disk-cleanup", json!({"command": DD_PAST_DISK, "disk": format!("{DISK_MIB}MiB")}), None);
+    let task = c.create_job(&spec).remove(0);
+    dd_results(&c, &task);
+    let image = c.sandboxes().parent().unwrap().join("volumes").join(format!("{task}.img"));
+    assert!(image.exists() && mounted_on(&c.work(&task)).is_some());
+    c.kill9_agent();
+    c.start_agent(&["--recover", "cleanup"]);
+    // The service's replacement task may get a volume of its own; the old task's must be gone.
+    let agent_dir = c.sandboxes().parent().unwrap().to_path_buf();
+    let left: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|m| Path::new(m).starts_with(&agent_dir) && m.contains(task.as_str()))
+        .collect();
+    assert!(left.is_empty(), "the old task's volume is unmounted wherever it was moved: {left:?}");
+    assert!(!image.exists(), "the image of the task moved aside is deleted");
 }
