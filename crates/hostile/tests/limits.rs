@@ -252,7 +252,7 @@ fn disk_writes_stop_at_the_limit_on_a_file_system_with_project_quotas() {
     let spec = job("www/prod/disk-quota", json!({"command": FILL, "disk": "16MiB"}), None);
     let task = c.create_job(&spec).remove(0);
     let result = wait_until(SOON * 2, "the task's writes stop at its limit", || {
-        std::fs::read_to_string(c.sandbox(&task).join("result")).map_err(|e| e.to_string())
+        std::fs::read_to_string(c.work(&task).join("result")).map_err(|e| e.to_string())
     });
     let (written, error) = result.split_once(' ').unwrap_or((&result, ""));
     let written: u64 = written.parse().unwrap();
