@@ -222,12 +222,16 @@ impl Core {
         self.end_term(reason.to_string());
     }
 
-    /// Marks the term over (the first reason wins) and wakes the leadership loop.
+    /// Marks the term over (the first reason wins) and wakes the leadership loop and every agent
+    /// waiting for its orders (they find the core closed and go to the next leader).
     fn end_term(&self, reason: String) {
         self.end_reason.lock().get_or_insert(reason);
         self.closed.store(true, Ordering::SeqCst);
         self.term_over.notify_waiters();
         self.term_over.notify_one();
+        for n in self.agent_notify.lock().values() {
+            n.notify_waiters();
+        }
     }
 
     /// Why the term ended, once it has.
@@ -245,9 +249,6 @@ impl Core {
     pub fn close(&self, reason: &str) {
         self.end_term(reason.to_string());
         self.queue.lock().take();
-        for n in self.agent_notify.lock().values() {
-            n.notify_waiters();
-        }
         self.pending_changed.notify_one();
     }
 
@@ -450,13 +451,15 @@ impl Core {
         }
     }
 
-    /// Waits for `timeout` or until a command changed anything for this agent.
+    /// Waits for `timeout`, until a command changed anything for this agent, or until the term
+    /// ends (also when it ended before the wait began: a long poll on a past term would hold the
+    /// agent away from the new leader for its whole timeout).
     pub async fn wait_agent(&self, agent: AgentId, timeout: Duration, is_ready: impl Fn(&ClusterState) -> bool) {
         let notify = self.agent_notify(agent);
         let notified = notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if is_ready(&self.state.read()) {
+        if self.is_closed() || is_ready(&self.state.read()) {
             return;
         }
         let _ = tokio::time::timeout(timeout, notified).await;

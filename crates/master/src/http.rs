@@ -828,6 +828,10 @@ async fn agent_orders(
     if !fresh {
         app.core.wait_agent(agent, wait, |s| s.agents.get(&agent).is_none_or(|a| a.orders_version != known)).await;
     }
+    if app.core.is_closed() {
+        // The term ended while the agent waited: no orders from it; the agent asks the leader.
+        return Err(CoreError::Closed.into());
+    }
     let state = app.core.state.read();
     let a = state.agents.get(&agent).ok_or_else(|| {
         ApiFailure::new(
