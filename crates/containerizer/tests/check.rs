@@ -318,9 +318,16 @@ async fn what_a_passing_check_left_with_setsid_is_in_the_tasks_cgroup_and_dies_w
     }
     let sb = sandbox();
     let group = TaskGroup::new(0x7e57_0003, 64 << 20);
-    let out =
-        as_root_in("setsid -f sh -c 'echo $$ > escaped.pid; exec sleep 600'", &sb.path, 5 * SECOND, &group.dirs())
-            .await;
+    // The check passes only once the escaped sleep is in its own session (its pid file is
+    // written after `setsid`): before that, the end of the check's process group could take it.
+    let out = as_root_in(
+        "setsid -f sh -c 'echo $$ > escaped.pid.tmp && mv escaped.pid.tmp escaped.pid; exec sleep 600'; \
+         while [ ! -s escaped.pid ]; do sleep 0.01; done",
+        &sb.path,
+        5 * SECOND,
+        &group.dirs(),
+    )
+    .await;
     assert!(out.ok, "{out:?}");
     // A deadline that fails the test, generous for a loaded machine (the sleep starts at once).
     let until = Instant::now() + 30 * SECOND;
