@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let Some((&choice, rest)) = data.split_first() else { return };
     let Ok(text) = std::str::from_utf8(rest) else { return };
-    let policy = ValidationPolicy { allow_root: choice & 2 != 0 };
+    let policy = ValidationPolicy { allow_root: choice & 2 != 0, ..Default::default() };
     let decoded = if choice & 1 == 0 { parse_toml(text, &policy) } else { parse_json(text, &policy) };
     if let Ok(spec) = decoded {
         let json = serde_json::to_string(&spec).expect("a decoded spec serializes");
