@@ -314,22 +314,10 @@ fn backup_head(state_bytes: u64) -> Vec<u8> {
     head.extend_from_slice(&BACKUP_FORMAT_VERSION.to_le_bytes());
     head.extend_from_slice(&0u32.to_le_bytes());
     head.extend_from_slice(&(json.len() as u32).to_le_bytes());
-    head.extend_from_slice(&crc32(&json).to_le_bytes());
+    head.extend_from_slice(&crc32fast::hash(&json).to_le_bytes());
     head.extend_from_slice(&json);
     head.extend_from_slice(&capstan_state::codec::SNAPSHOT_FORMAT_VERSION.to_le_bytes());
     head
-}
-
-/// CRC-32 (IEEE), bit by bit.
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for b in bytes {
-        crc ^= u32::from(*b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
 }
 
 /// Opens a restore of `total` bytes and sends its first `first` bytes.
