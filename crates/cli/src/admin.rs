@@ -1,7 +1,7 @@
 //! `capstan admin …`: operator actions on the whole cluster.
 
 use crate::output::{self, Output};
-use crate::{mutate, ClientArgs};
+use crate::{mutate, operator, ClientArgs};
 use anyhow::Context as _;
 use capstan_api::{
     AdminStatus, ApiError, Client, EventView, EventsPage, FreezeRequest, OperatorRequest, QuotaRequest, QuotaView,
@@ -150,17 +150,6 @@ fn non_blank(s: &str) -> Result<String, String> {
     } else {
         Ok(s.trim().to_string())
     }
-}
-
-/// Who presses the button: `$USER@hostname` (`$LOGNAME` or the uid's name when `$USER` is not set).
-pub(crate) fn operator() -> String {
-    let from_env = |name| std::env::var(name).ok().filter(|v: &String| !v.trim().is_empty());
-    let user = from_env("USER").or_else(|| from_env("LOGNAME")).unwrap_or_else(|| {
-        let uid = nix::unistd::getuid();
-        nix::unistd::User::from_uid(uid).ok().flatten().map_or_else(|| format!("uid{uid}"), |u| u.name)
-    });
-    let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into());
-    format!("{user}@{host}")
 }
 
 /// Settings as their flags of `capstan master` write them.

@@ -90,7 +90,7 @@ fn parse_start(text: &str, now: SystemTime) -> anyhow::Result<String> {
 pub async fn drain(id: &str, by: Option<String>, undrain: bool, c: &ClientArgs) -> anyhow::Result<()> {
     let client = Client::new(&c.addr);
     let agent = resolve_agent(&client, id).await?;
-    let req = OperatorRequest { by: by.unwrap_or_else(crate::admin::operator) };
+    let req = OperatorRequest { by: by.unwrap_or_else(crate::operator) };
     let view = if undrain {
         mutate(&client, client.undrain_agent(agent, &req)).await?
     } else {
@@ -139,7 +139,7 @@ pub async fn maintenance(cmd: MaintenanceCmd, client: &Client, out: Output) -> a
                 agents: ids,
                 start: parse_start(&start, now)?,
                 duration_ms: duration.as_millis() as u64,
-                by: by.unwrap_or_else(crate::admin::operator),
+                by: by.unwrap_or_else(crate::operator),
             };
             let w = mutate(client, client.schedule_maintenance(&req)).await?;
             out.print(&w, || {
@@ -158,7 +158,7 @@ pub async fn maintenance(cmd: MaintenanceCmd, client: &Client, out: Output) -> a
             out.print(&windows, || maintenance_table(&windows, now));
         }
         MaintenanceCmd::Cancel { id, by } => {
-            let req = OperatorRequest { by: by.unwrap_or_else(crate::admin::operator) };
+            let req = OperatorRequest { by: by.unwrap_or_else(crate::operator) };
             let w = mutate(client, client.cancel_maintenance(id, &req)).await?;
             out.print(&w, || format!("maintenance window {} cancelled", w.id));
         }

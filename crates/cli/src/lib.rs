@@ -710,6 +710,17 @@ async fn cmd_agent_list(c: &ClientArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Who presses the button: `$USER@hostname` (`$LOGNAME` or the uid's name when `$USER` is not set).
+pub(crate) fn operator() -> String {
+    let from_env = |name| std::env::var(name).ok().filter(|v: &String| !v.trim().is_empty());
+    let user = from_env("USER").or_else(|| from_env("LOGNAME")).unwrap_or_else(|| {
+        let uid = nix::unistd::getuid();
+        nix::unistd::User::from_uid(uid).ok().flatten().map_or_else(|| format!("uid{uid}"), |u| u.name)
+    });
+    let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into());
+    format!("{user}@{host}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
 //! Tables for people, JSON for scripts.
 
+use capstan_api::wire::{JobUpdatesView, UpdateView};
 use capstan_api::{AgentView, JobView, TaskView};
 use comfy_table::{presets::UTF8_FULL, Table};
 use serde::Serialize;
@@ -138,7 +139,7 @@ pub fn job_status(j: &JobView, tasks: &[TaskView]) -> String {
         out.push_str(&cron_section(c, SystemTime::now()));
     }
     if let Some(u) = &j.update {
-        out.push_str(&crate::update::job_status_lines(u));
+        out.push_str(&job_status_lines(u));
     }
     out.push('\n');
     out.push_str(&task_table(tasks));
@@ -277,6 +278,91 @@ pub fn masters_table(rows: &[serde_json::Value]) -> String {
         t.add_row(vec![text(&r["me"]), text(&r["role"]), text(&r["leader"]), epoch, store, text(&r["since"])]);
     }
     t.to_string()
+}
+
+// ---- rolling updates
+
+/// Width of an update's progress bar, in characters.
+const BAR_WIDTH: usize = 20;
+
+/// `[batch 2/3] [########------------] 2/6 done  #2 RUNNING healthy v2 up 1.2s/2s  #3 STARTING v2`
+pub fn progress_line(u: &UpdateView) -> String {
+    let done = u.done.len();
+    let total = (u.total as usize).max(1);
+    let filled = (done * BAR_WIDTH / total).min(BAR_WIDTH);
+    let bar = format!("{}{}", "#".repeat(filled), "-".repeat(BAR_WIDTH - filled));
+    let state = match &u.paused_by {
+        Some(by) => format!("paused by {by}"),
+        None => u.state.clone(),
+    };
+    let mut line = format!(
+        "[{state} batch {}/{}] [{bar}] {done}/{} done v{}→v{}",
+        u.batches, u.batches_total, u.total, u.from_version, u.to_version
+    );
+    if !u.failed.is_empty() {
+        line.push_str(&format!(" failed {:?}", u.failed));
+    }
+    for i in &u.batch {
+        line.push_str(&format!("  #{} {}", i.instance, i.state.map_or("-".to_string(), |s| s.to_string())));
+        if let Some(h) = &i.health {
+            line.push_str(&format!(" {h}"));
+        }
+        if let Some(v) = i.version {
+            line.push_str(&format!(" v{v}"));
+        }
+        if let Some(up) = i.up_ms {
+            line.push_str(&format!(" up {:.1}s/{:.1}s", up as f64 / 1000.0, u.watch_ms as f64 / 1000.0));
+        }
+    }
+    if u.batch.is_empty() || u.state == "awaiting_promote" {
+        line.push_str(&format!("  ({})", u.message));
+    }
+    line
+}
+
+pub fn final_line(u: &UpdateView) -> String {
+    let secs = u.duration_ms.unwrap_or(0) as f64 / 1000.0;
+    format!(
+        "update {} of {} {} after {secs:.1}s (version {} → {}; {} of {} instance(s) replaced in {} batch(es)): {}",
+        u.id,
+        u.job,
+        u.state,
+        u.from_version,
+        u.to_version,
+        u.done.len(),
+        u.total,
+        u.batches,
+        u.message
+    )
+}
+
+pub fn update_status_text(v: &JobUpdatesView) -> String {
+    let mut out = format!("job {} at version {}\n", v.job, v.version);
+    match &v.active {
+        Some(u) => out.push_str(&format!(
+            "in progress: update {} by {} since {}\n  {}\n",
+            u.id,
+            u.by,
+            u.started_at,
+            progress_line(u)
+        )),
+        None => out.push_str("no update in progress\n"),
+    }
+    if !v.history.is_empty() {
+        out.push_str("history (newest first):\n");
+        for u in &v.history {
+            out.push_str(&format!(
+                "  update {}: v{} → v{} by {} at {}: {} ({})\n",
+                u.id, u.from_version, u.to_version, u.by, u.started_at, u.state, u.message
+            ));
+        }
+    }
+    out
+}
+
+/// The lines `capstan job status` adds for an update in progress.
+pub fn job_status_lines(u: &UpdateView) -> String {
+    format!("update    {} by {}: v{} → v{}\n          {}\n", u.id, u.by, u.from_version, u.to_version, progress_line(u))
 }
 
 #[cfg(test)]

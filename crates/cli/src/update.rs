@@ -2,10 +2,10 @@
 //! per change: the batch, a bar, each instance of the batch), or `--detach`; and the operator's
 //! `promote`, `pause`, `resume`, `abort`, `rollback`, `status` of a job's update.
 
-use crate::output::Output;
+use crate::output::{final_line, progress_line, update_status_text, Output};
 use crate::{job_key, mutate, read_job_file, ClientArgs};
 use anyhow::bail;
-use capstan_api::wire::{JobUpdatesView, UpdateRequest, UpdateView};
+use capstan_api::wire::UpdateRequest;
 use capstan_api::Client;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
@@ -13,8 +13,6 @@ use std::time::Duration;
 
 /// How often a followed update is polled.
 const FOLLOW_POLL: Duration = Duration::from_millis(500);
-/// Width of the progress bar, in characters.
-const BAR_WIDTH: usize = 20;
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -60,7 +58,7 @@ pub struct KeyArgs {
 
 pub async fn cmd_update(args: UpdateArgs, c: &ClientArgs) -> anyhow::Result<()> {
     let client = Client::new(&c.addr);
-    let by = |b: Option<String>| b.unwrap_or_else(crate::admin::operator);
+    let by = |b: Option<String>| b.unwrap_or_else(crate::operator);
     let action = |name: &'static str, k: KeyArgs| (name, k);
     let (name, k) = match args.cmd {
         None => {
@@ -91,7 +89,7 @@ pub async fn cmd_update(args: UpdateArgs, c: &ClientArgs) -> anyhow::Result<()> 
         Some(UpdateCmd::Status { key }) => {
             let key = job_key(&key)?;
             let v = client.job_updates(&key).await?;
-            c.output.print(&v, || status_text(&v));
+            c.output.print(&v, || update_status_text(&v));
             return Ok(());
         }
         Some(UpdateCmd::Watch { key }) => {
@@ -159,84 +157,4 @@ async fn follow(client: &Client, key: &str, id: u32, output: Output) -> anyhow::
         }
         tokio::time::sleep(FOLLOW_POLL).await;
     }
-}
-
-/// `[batch 2/3] [########------------] 2/6 done  #2 RUNNING healthy v2 up 1.2s/2s  #3 STARTING v2`
-pub fn progress_line(u: &UpdateView) -> String {
-    let done = u.done.len();
-    let total = (u.total as usize).max(1);
-    let filled = (done * BAR_WIDTH / total).min(BAR_WIDTH);
-    let bar = format!("{}{}", "#".repeat(filled), "-".repeat(BAR_WIDTH - filled));
-    let state = match &u.paused_by {
-        Some(by) => format!("paused by {by}"),
-        None => u.state.clone(),
-    };
-    let mut line = format!(
-        "[{state} batch {}/{}] [{bar}] {done}/{} done v{}→v{}",
-        u.batches, u.batches_total, u.total, u.from_version, u.to_version
-    );
-    if !u.failed.is_empty() {
-        line.push_str(&format!(" failed {:?}", u.failed));
-    }
-    for i in &u.batch {
-        line.push_str(&format!("  #{} {}", i.instance, i.state.map_or("-".to_string(), |s| s.to_string())));
-        if let Some(h) = &i.health {
-            line.push_str(&format!(" {h}"));
-        }
-        if let Some(v) = i.version {
-            line.push_str(&format!(" v{v}"));
-        }
-        if let Some(up) = i.up_ms {
-            line.push_str(&format!(" up {:.1}s/{:.1}s", up as f64 / 1000.0, u.watch_ms as f64 / 1000.0));
-        }
-    }
-    if u.batch.is_empty() || u.state == "awaiting_promote" {
-        line.push_str(&format!("  ({})", u.message));
-    }
-    line
-}
-
-pub fn final_line(u: &UpdateView) -> String {
-    let secs = u.duration_ms.unwrap_or(0) as f64 / 1000.0;
-    format!(
-        "update {} of {} {} after {secs:.1}s (version {} → {}; {} of {} instance(s) replaced in {} batch(es)): {}",
-        u.id,
-        u.job,
-        u.state,
-        u.from_version,
-        u.to_version,
-        u.done.len(),
-        u.total,
-        u.batches,
-        u.message
-    )
-}
-
-fn status_text(v: &JobUpdatesView) -> String {
-    let mut out = format!("job {} at version {}\n", v.job, v.version);
-    match &v.active {
-        Some(u) => out.push_str(&format!(
-            "in progress: update {} by {} since {}\n  {}\n",
-            u.id,
-            u.by,
-            u.started_at,
-            progress_line(u)
-        )),
-        None => out.push_str("no update in progress\n"),
-    }
-    if !v.history.is_empty() {
-        out.push_str("history (newest first):\n");
-        for u in &v.history {
-            out.push_str(&format!(
-                "  update {}: v{} → v{} by {} at {}: {} ({})\n",
-                u.id, u.from_version, u.to_version, u.by, u.started_at, u.state, u.message
-            ));
-        }
-    }
-    out
-}
-
-/// The lines `capstan job status` adds for an update in progress.
-pub fn job_status_lines(u: &UpdateView) -> String {
-    format!("update    {} by {}: v{} → v{}\n          {}\n", u.id, u.by, u.from_version, u.to_version, progress_line(u))
 }
