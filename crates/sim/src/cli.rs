@@ -146,7 +146,7 @@ pub async fn run(cmd: SimCmd) -> anyhow::Result<()> {
                 FleetConfig::capacity_from(resources.as_deref()).map_err(|e| anyhow::anyhow!("--resources: {e}"))?;
             let (racks, pods) = FleetConfig::parse_spread(&attributes_spread)
                 .map_err(|e| anyhow::anyhow!("--attributes-spread: {e}"))?;
-            check_nofile(count)?;
+            crate::os::check_nofile(count)?;
             let master = if master.contains("://") { master } else { format!("http://{master}") };
             let fleet = Fleet::start(FleetConfig { master: master.clone(), count, capacity, racks, pods });
             eprintln!("{count} simulated agents starting against {master}; Ctrl-C stops them");
@@ -184,18 +184,4 @@ pub async fn run(cmd: SimCmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-/// Raises the open-file limit to the hard limit and says so when it is too low for `agents`.
-pub fn check_nofile(agents: usize) -> anyhow::Result<u64> {
-    let limit = crate::os::raise_nofile_limit().map_err(|e| anyhow::anyhow!("cannot raise RLIMIT_NOFILE: {e}"))?;
-    let needed = crate::os::nofile_needed(agents);
-    if limit.soft < needed {
-        eprintln!(
-            "warning: the open-file limit is {} (hard limit {}), but {agents} simulated agents need about {needed}; \
-             raise the hard limit (ulimit -Hn, /etc/security/limits.conf or LimitNOFILE=) or expect connection errors",
-            limit.soft, limit.hard
-        );
-    }
-    Ok(limit.soft)
 }

@@ -83,6 +83,20 @@ pub fn cpu_seconds_by_thread(pid: u32) -> BTreeMap<String, f64> {
     out
 }
 
+/// Raises the open-file limit to the hard limit and says so when it is too low for `agents`.
+pub fn check_nofile(agents: usize) -> anyhow::Result<u64> {
+    let limit = raise_nofile_limit().map_err(|e| anyhow::anyhow!("cannot raise RLIMIT_NOFILE: {e}"))?;
+    let needed = nofile_needed(agents);
+    if limit.soft < needed {
+        eprintln!(
+            "warning: the open-file limit is {} (hard limit {}), but {agents} simulated agents need about {needed}; \
+             raise the hard limit (ulimit -Hn, /etc/security/limits.conf or LimitNOFILE=) or expect connection errors",
+            limit.soft, limit.hard
+        );
+    }
+    Ok(limit.soft)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -210,7 +210,7 @@ async fn measure(args: PlacementArgs) -> anyhow::Result<()> {
         FleetConfig::capacity_from(args.resources.as_deref()).map_err(|e| anyhow::anyhow!("--resources: {e}"))?;
     let (racks, pods) =
         FleetConfig::parse_spread(&args.attributes_spread).map_err(|e| anyhow::anyhow!("--attributes-spread: {e}"))?;
-    let nofile = crate::cli::check_nofile(args.agents)?;
+    let nofile = crate::os::check_nofile(args.agents)?;
     let slots = jobs::slots_per_agent(args.tasks, args.agents as u64, args.constraints);
     let (mut cpus_milli, mut mem_bytes) = jobs::task_size_for(&capacity, slots);
     if let Some(c) = args.cpus_per_task {

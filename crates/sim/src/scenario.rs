@@ -352,7 +352,7 @@ pub async fn master_pause(config: MasterPauseConfig) -> anyhow::Result<MasterPau
             humantime::format_duration(config.replace_after)
         );
     }
-    crate::cli::check_nofile(config.agents)?;
+    crate::os::check_nofile(config.agents)?;
     let base = config.dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&base).with_context(|| format!("cannot create {}", base.display()))?;
     let tmp = tempfile::Builder::new().prefix("capstan-scenario-master-pause-").tempdir_in(&base)?;
