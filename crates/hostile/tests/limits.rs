@@ -152,7 +152,15 @@ fn a_task_writing_past_its_disk_without_project_quotas_is_killed_for_disk_soon_a
         return;
     }
     let c = Cluster::start();
-    let agents = c.get("/v1/agents");
+    // The master answers before the agent has registered: wait for it.
+    let agents = wait_until(SOON, "the agent registers", || {
+        let agents = c.get("/v1/agents");
+        if agents.as_array().is_some_and(|a| !a.is_empty()) {
+            Ok(agents)
+        } else {
+            Err(agents.to_string())
+        }
+    });
     let enforcement = agents[0]["attributes"]["disk_enforcement"].clone();
     if enforcement == "project_quota" {
         eprintln!("\n!!!!! SKIPPED the check-and-kill test: this host's sandboxes have project quotas !!!!!\n");
@@ -170,8 +178,11 @@ fn a_task_writing_past_its_disk_without_project_quotas_is_killed_for_disk_soon_a
     assert!(reason.contains("over disk quota"), "killed for disk, and said so: {ended}");
     // Checked every second at 16 MiB/s: at most a few seconds' writes past the 16 MiB. The old
     // check, every 5 s with the usage report, let it write far more.
-    let written: u64 =
-        std::fs::read_to_string(c.sandbox(&task).join("written")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    // The task writes in its work directory; a count that cannot be read fails the test.
+    let written: u64 = std::fs::read_to_string(c.work(&task).join("written"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the task's count of MiB written in {}", c.work(&task).display()));
     assert!(written <= 16 + 3 * 16, "{written} MiB written against a 16 MiB disk before the kill");
 }
 
